@@ -1,0 +1,3 @@
+from papo.cli import main
+
+raise SystemExit(main())

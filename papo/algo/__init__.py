@@ -1,0 +1,31 @@
+"""The mathematics of GRPO, DAPO and PAPO as pure functions on tensors.
+
+Nothing in this package imports a model, a tokenizer or the trainer: every function takes tensors with the
+shapes written next to its arguments and returns tensors, so each can be tested against hand-computed values.
+"""
+
+from papo.algo.advantages import ADV_ESTIMATORS, group_advantages, group_index
+from papo.algo.aggregation import AGG_MODES, aggregate, masked_mean
+from papo.algo.filtering import FilterResult, dapo_group_filter
+from papo.algo.kl import KL_ESTIMATORS, entropy_from_logits, kl_estimate
+from papo.algo.objective import LossConfig, papo_loss
+from papo.algo.perception import (
+    APPLY_MODES,
+    GAMMA_SCHEDULES,
+    double_entropy_loss,
+    kl_prcp_coef_at,
+    kl_prcp_tokens,
+    kl_prcp_weights,
+    perception_loss,
+    sampled_entropy,
+    token_top_p_mask,
+)
+from papo.algo.policy import PolicyLossOutput, ppo_clip_loss
+
+__all__ = [
+    "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS",
+    "FilterResult", "LossConfig", "PolicyLossOutput",
+    "aggregate", "dapo_group_filter", "double_entropy_loss", "entropy_from_logits", "group_advantages",
+    "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean",
+    "papo_loss", "perception_loss", "ppo_clip_loss", "sampled_entropy", "token_top_p_mask",
+]
