@@ -1,0 +1,45 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from papo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_papo_mask_writes_same_size_masked_copy(tmp_path, capsys):
+    src = tmp_path / "scene.png"
+    Image.new("RGB", (280, 140), (200, 10, 10)).save(src)
+    assert main(["mask", str(src), "--out", str(tmp_path / "out"), "--ratio", "0.6", "--seed", "1"]) == 0
+    masked = Image.open(tmp_path / "out" / "scene.masked.png")
+    assert masked.size == (280, 140)
+    black = (np.asarray(masked) == 0).all(-1).mean()
+    assert 0.4 < black < 0.8
+    assert "black pixels" in capsys.readouterr().out
+
+
+def test_papo_mask_missing_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["mask", str(tmp_path / "nope.png"), "--out", str(tmp_path)]) == 2
+    assert "nope.png" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "papo", "--help"], capture_output=True, text=True, check=True)
+    assert "mask" in out.stdout
+
+
+def test_demo_example_runs_and_learns(tmp_path):
+    """The `make demo` job at a reduced size: GRPO and PAPO both improve held-out accuracy."""
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "perception_bandit.py"), "--steps", "150",
+                    "--eval-every", "150", "--out", str(out)], check=True, capture_output=True)
+    import json
+
+    rows = json.loads((out / "metrics.json").read_text())
+    for method in {r["method"] for r in rows}:
+        first, last = [r for r in rows if r["method"] == method]
+        assert last["accuracy"] > first["accuracy"] + 0.2, (method, first, last)
+    assert (out / "masking.png").exists()
