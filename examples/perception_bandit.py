@@ -122,12 +122,13 @@ def main() -> None:
 
     runs = {
         "GRPO": LossConfig(kl_prcp_coef=0.0),
-        f"PAPO (gamma={args.gamma})": LossConfig(kl_prcp_coef=args.gamma),
+        "PAPO": LossConfig(kl_prcp_coef=args.gamma),
     }
     rows = [row for name, cfg in runs.items() for row in train(name, cfg, args, heldout, heldout_masked)]
     (out / "metrics.json").write_text(json.dumps(rows, indent=1))
 
-    table = Table(title=f"Perception bandit: held-out greedy accuracy (1000 scenes), {args.steps} steps, seed {args.seed}")
+    table = Table(title=f"Perception bandit: held-out greedy accuracy (1000 scenes), {args.steps} steps, "
+                        f"PAPO gamma={args.gamma}, seed {args.seed}")
     for col in ("method", "step", "accuracy", "masked acc.", "perception gap", "train reward", "KL_prcp"):
         table.add_column(col, justify="right")
     for r in rows:
