@@ -15,7 +15,8 @@ from papo import __version__
 def _cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from papo.masking import MaskingConfig, corrupt_images, to_rgb
+    from papo.images import to_rgb
+    from papo.masking import MaskingConfig, corrupt_images
 
     cfg = MaskingConfig(strategy=args.strategy, ratio=args.ratio, patch_size=args.patch_size, noise_std=args.noise_std)
     out = Path(args.out)

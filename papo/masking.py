@@ -18,11 +18,9 @@ Also here:
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,43 +28,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from papo.images import to_rgb
+
 MaskFn = Callable[[Image.Image, np.random.Generator], Image.Image]
 STRATEGIES = ("random", "full", "noise")
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def to_rgb(image: Any, source: str = "image") -> Image.Image:
-    """Decode ``image`` (PIL image of any mode, ``{"bytes", "path"}`` dict, raw bytes, a file path or an
-    HxW / HxWxC uint8 array) to a fully loaded RGB PIL image. ``source`` names it in error messages."""
-    if isinstance(image, dict):
-        data, path = image.get("bytes"), image.get("path")
-        if data:
-            image = data
-        elif path:
-            image = path
-        else:
-            raise ValueError(f"{source}: image dict has neither 'bytes' nor 'path'")
-    try:
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(image)))
-        elif isinstance(image, (str, Path)):
-            if not Path(image).is_file():
-                raise FileNotFoundError(f"{source}: image file not found: {image}")
-            image = Image.open(image)
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            raise TypeError(f"{source}: cannot read an image from {type(image).__name__}")
-        image.load()  # decode now: truncated or corrupt data fails here, not deep in a worker
-    except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"{source}: undecodable image ({err})") from err
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"{source}: zero-size image {image.size}")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # ---------------------------------------------------------------- RNG

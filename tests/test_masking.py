@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from papo.images import to_rgb
 from papo.masking import (
     MaskingConfig,
     PatchLayout,
@@ -21,7 +22,6 @@ from papo.masking import (
     random_patch_blackening,
     register_masking,
     saliency_patch_blackening,
-    to_rgb,
 )
 
 

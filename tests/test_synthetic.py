@@ -1,0 +1,158 @@
+import hashlib
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from papo.data.sample import IMAGE_PLACEHOLDER, PAPO_FORMAT_SUFFIX
+from papo.data.synthetic import FAMILIES, SyntheticDataset, dataset_from_spec, make_sample, make_scene
+from papo.data.synthetic.common import COLOURS
+from papo.images import MAX_PIXELS, MIN_PIXELS
+
+TASKS = list(FAMILIES)
+
+
+def _digest(sample):
+    return hashlib.sha1(np.asarray(sample.images[0]).tobytes()).hexdigest()
+
+
+def test_at_least_six_families_with_the_required_kinds():
+    assert len(FAMILIES) >= 6
+    assert {"count", "count_subtract", "closest", "bar_chart", "triangle", "maze"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_per_seed_and_index(task):
+    a, b = make_sample(task, "train", 3, 17), make_sample(task, "train", 3, 17)
+    assert (a.id, a.prompt, a.answer, a.meta) == (b.id, b.prompt, b.answer, b.meta)
+    assert _digest(a) == _digest(b)
+    others = [make_sample(task, "train", 4, 17), make_sample(task, "train", 3, 18), make_sample(task, "val", 3, 17)]
+    assert all(_digest(o) != _digest(a) for o in others)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_sample_format(task):
+    s = make_sample(task, "val", 0, 5)
+    assert s.prompt.startswith(IMAGE_PLACEHOLDER) and s.prompt.count(IMAGE_PLACEHOLDER) == 1
+    assert PAPO_FORMAT_SUFFIX not in s.prompt and PAPO_FORMAT_SUFFIX in s.formatted_prompt()
+    w, h = s.images[0].size
+    assert w % 28 == 0 and h % 28 == 0 and MIN_PIXELS <= w * h <= MAX_PIXELS
+    assert s.answer in FAMILIES[task].answers and s.answer_type in ("int", "word", "choice", "exact")
+    sol = s.meta["solution"]
+    assert sol.startswith("<think>seen: ") and sol.endswith(f"</think> \\boxed{{{s.answer}}}")
+    for key, value in s.meta["facts"].items():  # the trace states every ground-truth fact in key=value form
+        assert f"{key}={value}" in sol
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_are_balanced(task):
+    counts = Counter(make_scene(task, "train", 0, i).answer for i in range(2000))
+    k = len(FAMILIES[task].answers)
+    assert set(counts) == set(FAMILIES[task].answers)
+    expected = 2000 / k
+    assert min(counts.values()) > 0.6 * expected and max(counts.values()) < 1.4 * expected, counts
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_vision_gate_text_only_predictor_is_near_chance(task):
+    """Most frequent answer per question string, fitted on 2,000 train samples, scored on 2,000 val samples."""
+    by_question = defaultdict(Counter)
+    for i in range(2000):
+        sc = make_scene(task, "train", 0, i)
+        by_question[sc.question][sc.answer] += 1
+    prior = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    val = [make_scene(task, "val", 0, i) for i in range(2000)]
+    accuracy = np.mean([prior.get(sc.question) == sc.answer for sc in val])
+    chance = 1 / len(FAMILIES[task].answers)
+    assert accuracy <= 1.5 * chance, (accuracy, chance)
+    assert len(by_question) < 100  # the question text is shared by many images
+
+
+def test_splits_are_disjoint_by_content():
+    digests = {split: {_digest(s) for s in SyntheticDataset("all", split=split, n=140)} for split in ("train", "val", "test")}
+    assert not digests["train"] & digests["val"] and not digests["train"] & digests["test"] and not digests["val"] & digests["test"]
+    assert len(digests["train"]) == 140
+
+
+def test_dataset_cycles_tasks_and_supports_slicing():
+    ds = SyntheticDataset("count+maze", split="test", n=5, seed=2)
+    assert [s.task for s in ds] == ["count", "maze", "count", "maze", "count"]
+    assert [s.id for s in ds[1:3]] == [ds[1].id, ds[2].id]
+    assert ds[-1].id == ds[4].id
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_spec_parsing_and_knobs():
+    ds = dataset_from_spec("synthetic:maze?split=val&n=3&seed=7&size=224&grid=8")
+    s = ds[0]
+    assert (ds.split, len(ds), ds.seed, s.images[0].size) == ("val", 3, 7, (224, 224))
+    assert len(make_scene("maze", "val", 7, 0, grid=8).layout["walls"]) == 8
+    assert len(dataset_from_spec("synthetic:all")) == 1000
+    for bad, match in [("synthetic:mazes", "unknown synthetic task"), ("synthetic:maze?n=x", "must be an integer"),
+                       ("synthetic:maze?size=100", "multiple of 28"), ("synthetic:count?grid=8", "unknown knob"),
+                       ("synthetic:maze?split=dev", "unknown split")]:
+        with pytest.raises(ValueError, match=match):
+            dataset_from_spec(bad)
+
+
+def test_difficulty_knobs_change_content():
+    easy = [len(make_scene("bar_chart", "train", 0, i, min_bars=3, max_bars=3).layout["values"]) for i in range(20)]
+    hard = [len(make_scene("bar_chart", "train", 0, i, min_bars=6, max_bars=6).layout["values"]) for i in range(20)]
+    assert set(easy) == {3} and set(hard) == {6}
+    few = max(len(make_scene("count", "train", 0, i, max_distractors=2).layout["objects"]) for i in range(50))
+    assert few <= 5 + 2
+
+
+# ----------------------------------------------------------- the pixels agree with the answer
+
+
+def _components(mask: np.ndarray) -> int:
+    """Number of 4-connected True regions (BFS on a small mask)."""
+    seen = np.zeros_like(mask)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        count += 1
+        stack = [start]
+        seen[start] = True
+        while stack:
+            r, c = stack.pop()
+            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+    return count
+
+
+def test_count_subtract_pixels_show_the_removed_objects():
+    for i in range(6):
+        s = make_sample("count_subtract", "test", 0, i, size=224)
+        colour = s.prompt.split("Remove all ")[1].split()[0]
+        pixels = np.asarray(s.images[0]).astype(int)
+        mask = (np.abs(pixels - np.array(COLOURS[colour])).sum(-1) < 10)
+        assert _components(mask) == s.meta["facts"][f"{colour} objects"]
+
+
+def test_bar_chart_bar_heights_match_values():
+    s = make_sample("bar_chart", "test", 0, 0)
+    values = s.meta["facts"]
+    colour = np.array(COLOURS[make_scene("bar_chart", "test", 0, 0).layout["colour"]])
+    pixels = np.asarray(s.images[0]).astype(int)
+    bar = np.abs(pixels - colour).sum(-1) < 10
+    cols = np.nonzero(bar.any(0))[0]
+    runs = np.split(cols, np.nonzero(np.diff(cols) > 1)[0] + 1)  # one run of columns per bar
+    unit = 35.0  # (390 - 40) / 10 px on the 448 design grid
+    heights = [round(bar[:, run[len(run) // 2]].sum() / unit) for run in runs]
+    assert heights == list(values.values())
+
+
+def test_maze_start_and_goal_cells_are_coloured():
+    sc = make_scene("maze", "test", 0, 3)
+    s = make_sample("maze", "test", 0, 3)
+    n, cell, origin = len(sc.layout["walls"]), 380 / len(sc.layout["walls"]), 48
+    for (r, c), rgb in ((sc.layout["start"], (40, 170, 60)), (sc.layout["goal"], (220, 40, 40))):
+        centre = (int(origin + (c + 0.5) * cell), int(origin + (r + 0.5) * cell))
+        assert s.images[0].getpixel(centre) == rgb
+    assert n == 6
