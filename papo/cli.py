@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", type=int, default=0, help="draw index: a new mask for the same image and seed")
     p.set_defaults(func=_cmd_mask)
+
+    from papo.data.commands import register as register_data
+
+    register_data(sub)
     return parser
 
 
@@ -53,6 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, no traceback
         print(f"papo {args.command}: error: {err}", file=sys.stderr)
         return 2
