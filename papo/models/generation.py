@@ -1,0 +1,77 @@
+"""Sampling completions with transformers ``generate`` (the portable engine; a faster one plugs in behind the
+same ``Completions`` interface).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from papo.models.inputs import PromptBatch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off (vLLM's -1); PAPO-Eval inherits LLaMA-Factory's top_k=50, set it to reproduce that
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} (use greedy=True)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completions:
+    ids: Tensor  # (B, R) right-padded with pad_id
+    mask: Tensor  # (B, R) 1 up to and including the first EOS
+    finished: Tensor  # (B,) bool: ended with EOS (False: cut at max_new_tokens)
+
+    @property
+    def lengths(self) -> Tensor:  # (B,)
+        return self.mask.sum(-1)
+
+    def token_lists(self) -> list[list[int]]:
+        return [row[: int(n)].tolist() for row, n in zip(self.ids, self.lengths)]
+
+
+def trim_after_eos(tokens: Tensor, eos_ids: list[int], pad_id: int) -> Completions:
+    """Cut (B, L) generated tokens after their first EOS (kept), padding the rest."""
+    is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= tokens == e
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after).long()
+    ids = torch.where(after, torch.full_like(tokens, pad_id), tokens)
+    return Completions(ids, mask, is_eos.any(-1))
+
+
+@torch.no_grad()
+def hf_generate(model: Any, batch: PromptBatch, params: SamplingParams, suppress_ids: list[int], eos_ids: list[int],
+                pad_id: int) -> Completions:
+    """One completion per prompt row (repeat prompts to get several)."""
+    inputs = batch.to(model.device).inputs
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=params.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+        suppress_tokens=suppress_ids or None, use_cache=True,
+    )
+    if params.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    return trim_after_eos(out[:, batch.prompt_len :].cpu(), eos_ids, pad_id)

@@ -1,0 +1,104 @@
+"""Model inputs for prompts (chat template + images) and prompts + completions.
+
+The generic rule that covers Qwen2/2.5/3-VL and LLaVA-style processors: call the processor on the whole batch
+(left padding), treat every tensor shaped like ``input_ids`` as per-token (extend it for completions:
+attention mask with the completion mask, the others such as ``mm_token_type_ids`` with zeros), and pass the
+image tensors through untouched. ``mm_token_type_ids`` must be carried: without it transformers 5.x silently
+falls back to 1-D positions for Qwen and log-probs drift from generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from papo.data.sample import chat_content
+
+
+@dataclass
+class PromptBatch:
+    inputs: dict[str, Tensor]  # processor output; input_ids / attention_mask (B, P), left-padded
+    image_keys: tuple[str, ...]  # keys that carry the images (swapped for the masked branch)
+
+    @property
+    def size(self) -> int:
+        return self.inputs["input_ids"].shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+    def to(self, device: Any) -> "PromptBatch":
+        return PromptBatch({k: v.to(device) for k, v in self.inputs.items()}, self.image_keys)
+
+
+def chat_text(processor: Any, prompt: str, images: Sequence[Any]) -> str:
+    """The chat-templated prompt string, ready for the assistant turn."""
+    messages = [{"role": "user", "content": chat_content(prompt, list(images))}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> PromptBatch:
+    """prompts[i] holds one ``<image>`` per entry of images[i] (already decoded and resized)."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    texts = [chat_text(processor, p, ims) for p, ims in zip(prompts, images)]
+    flat = [im for ims in images for im in ims]
+    enc = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+    image_keys = tuple(k for k in processor.image_processor.model_input_names if k in inputs)
+    return PromptBatch(inputs, image_keys)
+
+
+def pad_completions(completions: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token-id lists: (ids (B, R), mask (B, R)); R >= 1 so empty completions keep a column."""
+    width = max(1, max((len(c) for c in completions), default=0))
+    ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        mask[i, : len(c)] = 1
+    return ids, mask
+
+
+def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Inputs for prompt + completion: ids / mask (B, R) right-padded completions."""
+    b, p = batch.inputs["input_ids"].shape
+    if ids.shape[0] != b or mask.shape != ids.shape:
+        raise ValueError(f"completions {tuple(ids.shape)} / mask {tuple(mask.shape)} do not match {b} prompts")
+    out = {}
+    for key, value in batch.inputs.items():
+        if key == "input_ids":
+            out[key] = torch.cat([value, ids.to(value)], dim=1)
+        elif key == "attention_mask":
+            out[key] = torch.cat([value, mask.to(value)], dim=1)
+        elif key not in batch.image_keys and value.dim() == 2 and tuple(value.shape) == (b, p):
+            out[key] = torch.cat([value, torch.zeros_like(ids, dtype=value.dtype)], dim=1)  # e.g. mm_token_type_ids
+        else:
+            out[key] = value
+    return out
+
+
+def with_images(inputs: dict[str, Tensor], images: PromptBatch) -> dict[str, Tensor]:
+    """The same token ids and positions with other image tensors (PAPO's masked branch). Masking keeps image
+    sizes, so the number of image tokens and the 3-D positions are unchanged."""
+    out = dict(inputs)
+    for key in images.image_keys:
+        if key.endswith("grid_thw") and not torch.equal(inputs[key].cpu(), images.inputs[key].cpu()):
+            raise ValueError(f"masked images changed {key}: the masked branch must keep every image's size")
+        if inputs[key].shape != images.inputs[key].shape:
+            raise ValueError(f"masked {key} has shape {tuple(images.inputs[key].shape)}, expected {tuple(inputs[key].shape)}")
+        out[key] = images.inputs[key].to(inputs[key].device)
+    return out
+
+
+def with_pixel_values(inputs: dict[str, Tensor], pixel_values: Tensor) -> dict[str, Tensor]:
+    """``with_images`` for the patch-aligned fast path, which edits ``pixel_values`` directly."""
+    if inputs["pixel_values"].shape != pixel_values.shape:
+        raise ValueError(f"pixel_values shape {tuple(pixel_values.shape)} != {tuple(inputs['pixel_values'].shape)}")
+    return {**inputs, "pixel_values": pixel_values.to(inputs["pixel_values"])}

@@ -1,0 +1,109 @@
+"""``Policy``: a model, its processor and the token support they share, behind the small interface the
+trainer, SFT and evaluation use (encode prompts, sample, decode, score log-probs, save)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from papo.data.sample import Sample
+from papo.models.generation import Completions, SamplingParams, hf_generate
+from papo.models.inputs import PromptBatch, append_completions, encode_prompts, pad_completions, with_images
+from papo.models.loading import ModelOptions, load_model, load_processor, prepare_model
+from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
+
+DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("papo") / "assets" / "default-model"))
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """``None`` / "default" -> the embedded checkpoint; anything else is a local dir or hub id."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        path = default_model_dir()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded default model is missing from {path}; reinstall papo")
+        return str(path)
+    return str(name_or_path)
+
+
+class Policy:
+    def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        # papo resizes images with PAPO's rule before the processor; None keeps the dataset's pixels
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.suppress_ids = suppressed_token_ids(model, self.tokenizer)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.suppress = suppress_mask(self.suppress_ids, vocab, model.device)
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+        self.eos_ids = sorted({int(e) for e in eos} | {int(self.tokenizer.eos_token_id)})
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | None = None, opts: ModelOptions = ModelOptions(), device: str = "cpu",
+                        min_pixels: int | None = None, max_pixels: int | None = None,
+                        processor_min_pixels: int | None = None, processor_max_pixels: int | None = None) -> "Policy":
+        path = resolve_model(name_or_path)
+        processor = load_processor(path, processor_min_pixels, processor_max_pixels)
+        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def with_options(self, opts: ModelOptions) -> "Policy":
+        self.model = prepare_model(self.model, opts)
+        return self
+
+    # ------------------------------------------------------------- prompts and sampling
+
+    def load_images(self, sample: Sample) -> list[Image.Image]:
+        return sample.load_images(self.min_pixels, self.max_pixels)
+
+    def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> PromptBatch:
+        return encode_prompts(self.processor, prompts, images)
+
+    def generate(self, batch: PromptBatch, params: SamplingParams) -> Completions:
+        return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id)
+
+    def decode(self, completions: Completions) -> list[str]:
+        return self.tokenizer.batch_decode(completions.token_lists(), skip_special_tokens=True)
+
+    def tokenize_completions(self, texts: Sequence[str], add_eos: bool = True) -> tuple[Tensor, Tensor]:
+        """Right-padded (ids, mask) of completion texts, e.g. SFT targets."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + ([self.eos_ids[0]] if add_eos else []) for t in texts]
+        return pad_completions(ids, self.pad_id)
+
+    # ------------------------------------------------------------- scoring
+
+    def logprobs(self, batch: PromptBatch, ids: Tensor, mask: Tensor, temperature: float = 1.0,
+                 images: PromptBatch | None = None, with_entropy: bool = False,
+                 chunk_tokens: int = 2048) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (B, R) of completions ``ids`` after ``batch``'s prompts; ``images`` swaps in other image
+        tensors with the same token ids and positions (the masked branch)."""
+        inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
+        if images is not None:
+            inputs = with_images(inputs, images)
+        return response_logprobs(self.model, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens, with_entropy)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # LoRA: write merged weights, keep the live adapter untouched
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        return out

@@ -1,0 +1,268 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from model_fixtures import mixed_batch, sharpen_vision, tiny_policy
+from papo.masking import PatchLayout, corrupt_images, MaskingConfig, mask_rng, random_mask_pixel_values
+from papo.models.generation import SamplingParams, trim_after_eos
+from papo.models.inputs import append_completions, with_images, with_pixel_values
+from papo.models.loading import ModelOptions, load_processor, model_from_config, prepare_model, set_pixel_bounds, vision_parameters
+from papo.models.logprobs import response_logprobs
+from papo.models.tiny import build_config, build_tokenizer, build_tiny
+
+
+def _tokenizer_hash() -> str:
+    return hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def test_tokenizer_is_deterministic_across_processes_and_has_qwen_specials():
+    code = ("import hashlib; from papo.models.tiny import build_tokenizer; "
+            "print(hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == _tokenizer_hash()
+    tok = build_tokenizer()
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>")]
+    assert ids == sorted(ids) and ids[1] == ids[0] + 1  # Qwen's order
+    text = "<think>seen: red circles=3.</think> \\boxed{3} Ünïcode ✓ 你好"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok.tokenize("123") == ["1", "2", "3"]  # digits split one per token
+
+
+def test_chat_template_renders_the_qwen_format():
+    p = tiny_policy()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert p.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_sizes_and_config_traps():
+    model, processor = build_tiny("tiny")
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.0e6 < n < 2.0e6
+    cfg = build_config("20m", processor.tokenizer)
+    head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
+    assert sum(cfg.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert cfg.vision_config.out_hidden_size == cfg.text_config.hidden_size
+    with pytest.raises(ValueError, match="unknown tiny model size"):
+        build_config("7b", processor.tokenizer)
+
+
+def _sample_with_scores(policy, batch, temperature, max_new_tokens=12, suppress=True):
+    out = policy.model.generate(
+        **batch.inputs, do_sample=True, temperature=temperature, top_k=None, top_p=1.0, max_new_tokens=max_new_tokens,
+        suppress_tokens=policy.suppress_ids if suppress else None, eos_token_id=policy.eos_ids,
+        pad_token_id=policy.pad_id, output_scores=True, return_dict_in_generate=True,
+    )
+    gen = out.sequences[:, batch.prompt_len:]
+    comp = trim_after_eos(gen, policy.eos_ids, policy.pad_id)
+    sampler_logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, gen[..., None]).squeeze(-1)
+    return comp, sampler_logp
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_logprobs_equal_sampler_logprobs_left_padded_mixed_images(temperature):
+    torch.manual_seed(1)
+    policy = tiny_policy()
+    policy.model.eval()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    assert (batch.inputs["attention_mask"][:, 0] == 0).any()  # really left-padded
+    assert len({tuple(g) for g in batch.inputs["image_grid_thw"].tolist()}) == 2  # two image sizes
+    comp, sampler_logp = _sample_with_scores(policy, batch, temperature)
+    with torch.no_grad():
+        logp, _ = policy.logprobs(batch, comp.ids, comp.mask, temperature=temperature)
+    m = comp.mask.bool()
+    assert (logp[m] - sampler_logp[m]).abs().max() < 1e-5
+    assert (logp[~m] == 0).all()
+
+
+def test_chunked_equals_unchunked_and_exact_entropies():
+    torch.manual_seed(2)
+    policy = tiny_policy()
+    policy.model.eval()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    comp = policy.generate(batch, SamplingParams(10))
+    inputs = append_completions(batch, comp.ids, comp.mask)
+    with torch.no_grad():
+        a, ea = response_logprobs(policy.model, inputs, comp.mask, 1.0, policy.suppress, chunk_tokens=3, with_entropy=True)
+        b, eb = response_logprobs(policy.model, inputs, comp.mask, 1.0, policy.suppress, chunk_tokens=4096, with_entropy=True)
+        logits = policy.model(**inputs).logits[:, batch.prompt_len - 1 : -1].float()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ea, eb, atol=1e-6, rtol=0)
+    probs = logits.masked_fill(policy.suppress, float("-inf")).softmax(-1)
+    ref = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    torch.testing.assert_close(ea[comp.mask.bool()], ref[comp.mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_chunked_backward_matches_unchunked_backward():
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    ids, mask = policy.tokenize_completions(["<think>seen: a=1.</think> \\boxed{1}", "\\boxed{2}"])
+    grads = []
+    for chunk in (4, 4096):
+        policy.model.zero_grad()
+        logp, _ = policy.logprobs(batch, ids, mask, chunk_tokens=chunk)
+        logp.sum().backward()
+        grads.append(policy.model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_masked_forward_swaps_only_image_tensors():
+    torch.manual_seed(3)
+    policy = tiny_policy()
+    sharpen_vision(policy)
+    policy.model.eval()
+    samples, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    masked_images = [corrupt_images(ims, MaskingConfig(ratio=0.6), 0, s.id) for s, ims in zip(samples, images)]
+    masked = policy.encode(prompts, masked_images)
+    comp = policy.generate(batch, SamplingParams(8))
+    inputs = append_completions(batch, comp.ids, comp.mask)
+    swapped = with_images(inputs, masked)
+    for key in inputs:
+        if key == "pixel_values":
+            assert not torch.equal(swapped[key], inputs[key])
+        elif key == "image_grid_thw":
+            assert torch.equal(swapped[key], inputs[key])
+        else:
+            assert swapped[key] is inputs[key], key
+    with torch.no_grad():
+        full, _ = policy.logprobs(batch, comp.ids, comp.mask)
+        via_pixels, _ = policy.logprobs(batch, comp.ids, comp.mask, images=masked)
+        # the patch-aligned fast path (images are multiples of 28) gives the same masked log-probs
+        rngs = [mask_rng(0, s.id, 0, 0) for s in samples]
+        fast_pv = random_mask_pixel_values(batch.inputs["pixel_values"], batch.inputs["image_grid_thw"], 0.6, rngs,
+                                           PatchLayout.from_image_processor(policy.processor.image_processor))
+        via_fast, _ = response_logprobs(policy.model, with_pixel_values(inputs, fast_pv), comp.mask, 1.0, policy.suppress)
+    assert (full - via_pixels).abs().max() > 1e-3  # the image matters to this model
+    torch.testing.assert_close(via_fast, via_pixels, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="keep every image's size"):
+        with_images(inputs, policy.encode(prompts, [images[1], images[0]]))
+
+
+def test_policy_that_prefers_image_pad_never_samples_it_and_scoring_works():
+    policy = tiny_policy()
+    image_pad = policy.processor.image_token_id
+    with torch.no_grad():
+        policy.model.lm_head.weight[image_pad] = policy.model.lm_head.weight.abs().max() * 50  # a policy that loves <|image_pad|>
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    # without suppression the sampler emits it and re-scoring crashes: the pitfall is real
+    unsuppressed, _ = _sample_with_scores(policy, batch, 1.0, max_new_tokens=4, suppress=False)
+    assert (unsuppressed.ids == image_pad).any()
+    with pytest.raises(Exception):
+        policy.logprobs(batch, unsuppressed.ids, unsuppressed.mask)
+    comp = policy.generate(batch, SamplingParams(6))
+    assert not (comp.ids == image_pad).any()
+    assert not any((comp.ids == i).any() for i in policy.suppress_ids)
+    logp, _ = policy.logprobs(batch, comp.ids, comp.mask)
+    assert torch.isfinite(logp).all()
+
+
+def test_mm_token_type_ids_are_extended_and_matter():
+    policy = tiny_policy()
+    policy.model.eval()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    comp = policy.generate(batch, SamplingParams(6))
+    inputs = append_completions(batch, comp.ids, comp.mask)
+    assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
+    assert (inputs["mm_token_type_ids"][:, batch.prompt_len:] == 0).all()
+    without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        a, _ = response_logprobs(policy.model, inputs, comp.mask, 1.0, policy.suppress)
+        b, _ = response_logprobs(policy.model, without, comp.mask, 1.0, policy.suppress)
+    assert (a - b).abs().max() > 1e-4  # 1-D fallback positions: silently different log-probs
+
+
+# ----------------------------------------------------------- loading pitfalls and export
+
+
+def test_export_round_trip_offline(tmp_path, monkeypatch):
+    policy = tiny_policy()
+    policy.save(tmp_path)
+    for f in ("config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / f).is_file(), f
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    processor = load_processor(str(tmp_path))
+    assert hasattr(processor, "image_processor") and processor.tokenizer.chat_template
+    _, prompts, images = mixed_batch(policy)
+    a = policy.encode(prompts, images).inputs
+    with torch.no_grad():
+        assert torch.equal(model(**a).logits, policy.model.eval()(**a).logits)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+
+
+def test_autoprocessor_alone_is_not_enough_without_torchvision(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("the pitfall only exists without torchvision")
+    tiny_policy().save(tmp_path)
+    try:
+        p = AutoProcessor.from_pretrained(tmp_path)
+        assert not hasattr(p, "image_processor")  # silently a tokenizer
+    except (ImportError, ValueError, OSError):
+        pass  # or a hard failure: either way papo's loader is needed
+    assert hasattr(load_processor(str(tmp_path)), "image_processor")
+
+
+def test_processor_loader_rejects_a_tokenizer_only_directory(tmp_path):
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises((ValueError, OSError)):
+        load_processor(str(tmp_path))
+
+
+def test_pixel_bounds_never_mutate_class_defaults():
+    default = dict(Qwen2VLImageProcessorPil.size)
+    policy = tiny_policy()
+    set_pixel_bounds(policy.processor, 28 * 28, 112 * 112)
+    assert policy.processor.image_processor.size["longest_edge"] == 112 * 112
+    assert Qwen2VLImageProcessorPil.size == default
+    assert Qwen2VLImageProcessorPil().size["longest_edge"] == default["longest_edge"]
+    # the pitfall papo avoids: constructor min/max_pixels mutate the class-level dict
+    try:
+        Qwen2VLImageProcessorPil(max_pixels=56 * 56)
+        mutated = Qwen2VLImageProcessorPil.size["longest_edge"] == 56 * 56
+    finally:
+        Qwen2VLImageProcessorPil.size = default
+    assert mutated
+
+
+def test_from_config_dtype_does_not_mutate_config():
+    cfg = build_config("tiny", build_tokenizer())
+    before = cfg.to_dict()
+    model = model_from_config(cfg, dtype=torch.bfloat16)
+    assert cfg.to_dict() == before
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_model_options_freeze_vision_and_checkpointing():
+    policy = tiny_policy()
+    model = prepare_model(policy.model, ModelOptions(freeze_vision=True, gradient_checkpointing=True))
+    frozen = vision_parameters(model)
+    assert frozen and all(not p.requires_grad for p in frozen)
+    assert any(p.requires_grad for p in model.parameters())
+    assert model.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ModelOptions(dtype="fp8").torch_dtype()
+
+
+def test_lora_wraps_the_language_model_only():
+    pytest.importorskip("peft")
+    policy = tiny_policy()
+    model = prepare_model(policy.model, ModelOptions(lora_rank=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
