@@ -31,6 +31,26 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from papo.sft import SFTConfig, run_sft
+
+    data = args.data or f"synthetic:{args.task}"
+    cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
+                    eval_k=args.eval_k, device=args.device)
+    run_sft(cfg)
+    return 0
+
+
+def _cmd_model_export(args: argparse.Namespace) -> int:
+    from papo.models.policy import Policy
+
+    policy = Policy.from_pretrained(args.model)
+    out = policy.save(args.out)
+    print(f"wrote {args.model or 'the embedded default model'} as a Hugging Face directory to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papo", description="Perception-Aware Policy Optimization for VLMs")
     parser.add_argument("--version", action="version", version=f"papo {__version__}")
@@ -46,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", type=int, default=0, help="draw index: a new mask for the same image and seed")
     p.set_defaults(func=_cmd_mask)
+
+    p = sub.add_parser("sft", help="supervised warm-start on the synthetic suite's reasoning traces")
+    p.add_argument("--task", default="all", help="synthetic families: all, or names joined by '+'")
+    p.add_argument("--data", help="instead of --task: any dataset whose rows carry a solution")
+    p.add_argument("--model", default="tiny", help="tiny | small | 20m | 100m (random init) or a model dir / hub id")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--image-size", type=int, default=224, help="synthetic image side (a multiple of 28)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-per-task", type=int, default=50, help="held-out test samples per family (0: skip)")
+    p.add_argument("--eval-k", type=int, default=4, help="sampled responses per held-out sample at T=1")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=_cmd_sft)
+
+    model = sub.add_parser("model", help="model utilities")
+    model_cmds = model.add_subparsers(dest="model_command", required=True)
+    p = model_cmds.add_parser("export", help="write a model as a Hugging Face directory (safetensors + processor)")
+    p.add_argument("--model", default=None, help="model dir or hub id (default: the embedded default)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_model_export)
 
     from papo.data.commands import register as register_data
 

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from papo.data.sample import Sample, format_prompt
@@ -34,19 +32,21 @@ TRAIN_FILE = "data.parquet"
 EVAL_FILE = "data.json"
 EVAL_IMAGE_DIR = "images"
 
-IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-# column order: PAPO's three columns first, as in the released parquet
-TRAIN_SCHEMA = pa.schema(
-    [
-        ("problem", pa.string()),
-        ("answer", pa.string()),
-        ("images", pa.list_(IMAGE_STRUCT)),
-        ("id", pa.string()),
-        ("task", pa.string()),
-        ("answer_type", pa.string()),
+
+
+def train_schema():
+    """The PAPO train parquet schema; PAPO's three columns first, as in the released parquet.
+    (pyarrow is imported here so that machines that never write parquet need not install it.)"""
+    import pyarrow as pa
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema([
+        ("problem", pa.string()), ("answer", pa.string()), ("images", pa.list_(image)), ("id", pa.string()),
+        ("task", pa.string()), ("answer_type", pa.string()),
         ("meta", pa.string()),  # json.dumps(sample.meta)
-    ]
-)
+    ])
+
+
 _ROWS_PER_BATCH = 256  # bounds the image bytes held in memory while writing
 _PNG_SAFE_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 _EXT_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -145,13 +145,17 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_papo_train(samples: Iterable[Sample], out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/data.parquet`` in the PAPO train schema (``TRAIN_SCHEMA``); returns its path."""
+    """Write ``out_dir/data.parquet`` in the PAPO train schema (``train_schema()``); returns its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = train_schema()
     path = Path(out_dir) / TRAIN_FILE
     fd, tmp = _atomic_target(path)
     os.close(fd)  # pyarrow opens the path itself
     used: set[str] = set()
     try:
-        with pq.ParquetWriter(tmp, TRAIN_SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, schema) as writer:
             batch: list[dict[str, Any]] = []
             for sample in samples:
                 images = [{"bytes": data, "path": name} for _, name, data in _image_names(sample, used)]
@@ -167,10 +171,10 @@ def write_papo_train(samples: Iterable[Sample], out_dir: str | os.PathLike) -> P
                     }
                 )
                 if len(batch) >= _ROWS_PER_BATCH:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=TRAIN_SCHEMA))
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                     batch = []
             # an empty table still gives the file its schema when there were no samples
-            writer.write_table(pa.Table.from_pylist(batch, schema=TRAIN_SCHEMA))
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,8 @@ _BATCH_ROWS = 256  # parquet / arrow rows turned into Python objects at a time
 def parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
     """Rows of ``files`` in order, read in batches so only one batch is held as Python objects."""
     for file in files:
+        import pyarrow.parquet as pq  # imported here: only parquet sources need pyarrow
+
         for batch in pq.ParquetFile(file).iter_batches(_BATCH_ROWS):
             yield from batch.to_pylist()
 
