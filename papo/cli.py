@@ -37,7 +37,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     data = args.data or f"synthetic:{args.task}"
     cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
-                    eval_k=args.eval_k, device=args.device)
+                    eval_k=args.eval_k, device=args.device,
+                    save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
     run_sft(cfg)
     return 0
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-task", type=int, default=50, help="held-out test samples per family (0: skip)")
     p.add_argument("--eval-k", type=int, default=4, help="sampled responses per held-out sample at T=1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--save-steps", default="", help="comma-separated steps at which to also write DIR/step-N")
     p.set_defaults(func=_cmd_sft)
 
     model = sub.add_parser("model", help="model utilities")

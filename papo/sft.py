@@ -50,6 +50,7 @@ class SFTConfig:
     device: str = "auto"
     log_every: int = 10
     workers: int = int(os.environ.get("PAPO_SFT_WORKERS", -1))  # data-loading processes; -1: one per spare core, up to 8
+    save_steps: tuple[int, ...] = ()  # also write DIR/step-N (with a held-out check) at these steps
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every"):
@@ -94,6 +95,12 @@ class _Batches(torch.utils.data.Dataset):
         tok = self.processor.tokenizer
         ids, mask = pad_completions([tok(s.meta["solution"], add_special_tokens=False)["input_ids"] + [self.eos_id] for s in batch], self.pad_id)
         return prompts, ids, mask
+
+
+def _one_thread(_: int) -> None:
+    # each loader process is one core's worth of work; torch's default of one thread per core in every
+    # process oversubscribes the machine many times over
+    torch.set_num_threads(1)
 
 
 def _workers(requested: int) -> int:
@@ -150,7 +157,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
         batches = _Batches(train, policy.processor, cfg.batch_size, cfg.steps, policy.eos_ids[0], policy.pad_id)
         workers = _workers(cfg.workers)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                             prefetch_factor=4 if workers else None, persistent_workers=False)
+                                             prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
         for step, (prompts, ids, mask) in enumerate(loader):
             logp, _ = policy.logprobs(prompts, ids, mask)
             loss = -(logp * mask.to(logp)).sum() / mask.sum()
@@ -167,6 +174,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             progress.update(bar, advance=1, loss=row["loss"])
+            if step + 1 in cfg.save_steps and step + 1 != cfg.steps:
+                _checkpoint(policy, cfg, out / f"step-{step + 1}", tasks, console)
 
     policy.model.eval()
     policy.save(out)
@@ -179,6 +188,16 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     (out / "sft_result.json").write_text(json.dumps(result, indent=1))
     console.print(f"wrote the model and sft_metrics.jsonl, sft_loss.png, sft_result.json to {out}")
     return result
+
+
+def _checkpoint(policy: Policy, cfg: SFTConfig, path: Path, tasks: list[str], console: Console) -> None:
+    policy.model.eval()
+    policy.save(path)
+    if tasks and cfg.eval_per_task > 0:
+        report = heldout_report(policy, _heldout(cfg, tasks), cfg)
+        (path / "sft_result.json").write_text(json.dumps({"heldout": report}, indent=1))
+        console.print(f"{path.name}: held-out sampled {report['sampled_t1']['per_task']}")
+    policy.model.train()
 
 
 def heldout_table(report: dict) -> Table:

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", required=True, help="SIZE:STEPS[:LR]")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--eval-per-task", type=int, default=50)
     ap.add_argument("--bring-back", type=int, default=2, help="tar this many best model dirs into --results")
     ap.add_argument("--results", default=None, help="where the summary and tars go (default: --out)")
     args = ap.parse_args()
@@ -41,7 +43,7 @@ def main() -> None:
         size, steps, *lr = spec.split(":")
         name = f"{size}-{steps}" + (f"-lr{lr[0]}" if lr else "")
         cmd = [sys.executable, "-m", "papo", "sft", "--model", size, "--steps", steps, "--batch-size", str(args.batch_size),
-               "--out", str(out / name), "--device", "cuda", *(["--lr", lr[0]] if lr else [])]
+               "--eval-per-task", str(args.eval_per_task), "--out", str(out / name), "--device", args.device, *(["--lr", lr[0]] if lr else [])]
         log = (out / f"{name}.log").open("w")
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**__import__("os").environ, "PAPO_SFT_WORKERS": str(args.workers)})
     summary = {}

@@ -1,0 +1,41 @@
+"""Summarise the held-out checks of a `papo sft --save-steps ...` run and pack the best checkpoint.
+
+Criterion (room for RL): most families with sampled T=1 accuracy inside [0.2, 0.8], format followed on at
+least 80% of responses, then the highest mean accuracy.
+
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+
+def key(report: dict) -> tuple:
+    s = report["sampled_t1"]
+    return (sum(0.2 <= a <= 0.8 for a in s["per_task"].values()), s["format_rate"] >= 0.8, s["avg_at_k"])
+
+
+def main(run: Path, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for path in sorted(run.glob("step-*/sft_result.json")) + [run / "sft_result.json"]:
+        if path.exists() and "heldout" in (data := json.loads(path.read_text())):
+            found[path.parent.name if path.parent != run else "final"] = data["heldout"]
+    ranking = sorted(found, key=lambda n: key(found[n]), reverse=True)
+    (results / "checkpoints.json").write_text(json.dumps({"ranking": ranking, "heldout": found}, indent=1))
+    for name in ranking:
+        s = found[name]["sampled_t1"]
+        print(f"{name:>10}  avg {s['avg_at_k']:.3f}  format {s['format_rate']:.2f}  " + "  ".join(f"{t} {a:.2f}" for t, a in s["per_task"].items()))
+    if ranking:
+        best = run if ranking[0] == "final" else run / ranking[0]
+        with tarfile.open(results / "best.tar.gz", "w:gz") as tar:
+            tar.add(best, arcname="model", filter=lambda ti: None if "/step-" in ti.name else ti)
+        print("packed", best)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
