@@ -266,3 +266,27 @@ def test_lora_wraps_the_language_model_only():
     model = prepare_model(policy.model, ModelOptions(lora_rank=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+
+
+# ----------------------------------------------------------- other architectures through the same path
+
+
+@pytest.mark.parametrize("build", ["llava", "qwen3_vl"])
+def test_other_architectures_share_the_generic_path(build, tmp_path):
+    from model_fixtures import llava_policy, qwen3_vl_policy
+
+    torch.manual_seed(4)
+    policy = llava_policy() if build == "llava" else qwen3_vl_policy()
+    policy.model.eval()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    comp, sampler_logp = _sample_with_scores(policy, batch, 1.0, max_new_tokens=8)
+    with torch.no_grad():
+        logp, _ = policy.logprobs(batch, comp.ids, comp.mask)
+    m = comp.mask.bool()
+    assert (logp[m] - sampler_logp[m]).abs().max() < 1e-5
+    policy.save(tmp_path)
+    reloaded = load_processor(str(tmp_path))
+    assert type(reloaded).__name__ == type(policy.processor).__name__
+    if build == "qwen3_vl":  # the masking cell follows the encoder's 16-px patches
+        assert PatchLayout.from_image_processor(reloaded.image_processor).patch_size == 16
