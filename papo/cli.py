@@ -52,6 +52,25 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from papo.score import run_score
+
+    run_score(args.predictions, args.out, args.k)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from papo.eval_run import EvalConfig, run_eval
+
+    cfg = EvalConfig(data=[d for spec in args.data for d in spec.split(",") if d], out=args.out, model=args.model,
+                     k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     max_new_tokens=args.max_new_tokens, limit=args.limit, mask_ratios=args.mask_ratio,
+                     batch_size=args.batch_size, reward=args.reward, seed=args.seed, device=args.device, split=args.split,
+                     columns={"prompt": args.prompt_key, "answer": args.answer_key, "images": args.image_key})
+    run_eval(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papo", description="Perception-Aware Policy Optimization for VLMs")
     parser.add_argument("--version", action="version", version=f"papo {__version__}")
@@ -83,6 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-steps", default="", help="comma-separated steps at which to also write DIR/step-N")
     p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("score", help="score a PAPO-Eval inference JSONL exactly as PAPO-Eval does (avg@k, pass@k)")
+    p.add_argument("--predictions", required=True, help='JSONL lines {"idx", "id", "prompt", "predict", "label"}')
+    p.add_argument("--k", type=int, default=None, help="samples per question (default: the smallest group)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("eval", help="generate k responses per question and score them (PAPO-Eval protocol)")
+    p.add_argument("--model", default=None, help="model dir or hub id (default: the embedded default)")
+    p.add_argument("--data", action="append", required=True,
+                   help="PAPO-Eval data.json, parquet/JSONL, hub id or synthetic:SPEC; comma-separated or repeated")
+    p.add_argument("--split", default=None, help="split for hub ids / synthetic specs (default: train for hub, as given)")
+    p.add_argument("--prompt-key", default=None, help="column holding the question (default: problem/question/prompt)")
+    p.add_argument("--answer-key", default=None, help="column holding the answer (default: answer/label/ground_truth)")
+    p.add_argument("--image-key", default=None, help="column holding the images (default: images/image)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="PAPO-Eval inherits LLaMA-Factory's top_k=50; 0 disables")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--limit", type=int, default=None, help="first N questions per benchmark")
+    p.add_argument("--mask-ratio", type=float, action="append", default=[],
+                   help="also answer with masked images (repeatable; 1.0 = blank images)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--reward", default="papo_math", help="papo_math | math_only | path/to/file.py:function")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_eval)
 
     model = sub.add_parser("model", help="model utilities")
     model_cmds = model.add_subparsers(dest="model_command", required=True)

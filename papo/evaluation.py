@@ -40,7 +40,7 @@ def generate_and_score(
     reward: str = "papo_math",
     masking: MaskingConfig | None = None,  # grade with masked images instead (perception-gap metrics)
     seed: int = 0,
-    on_batch: Callable[[int], None] | None = None,  # progress callback: number of samples finished
+    on_results: Callable[[list[SampleResult]], None] | None = None,  # called after each batch (progress, appending)
 ) -> list[SampleResult]:
     """Each sample's prompt is repeated k times in a row; batches hold up to ``batch_size`` sequences."""
     results: list[SampleResult] = []
@@ -59,10 +59,11 @@ def generate_and_score(
         scores = score_responses(texts, [s.answer for s in chunk for _ in range(k)],
                                  [s.answer_type for s in chunk for _ in range(k)],
                                  [s.meta for s in chunk for _ in range(k)], reward=reward)
-        for i, s in enumerate(chunk):
-            results.append(SampleResult(s, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k], masking is not None))
-        if on_batch:
-            on_batch(len(chunk))
+        batch_results = [SampleResult(s, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k], masking is not None)
+                         for i, s in enumerate(chunk)]
+        results += batch_results
+        if on_results:
+            on_results(batch_results)
     return results
 
 

@@ -1,0 +1,187 @@
+"""``papo eval``: generate k responses per question and score them, per benchmark, resumable.
+
+Protocol defaults follow PAPO-Eval: k = 8 samples at temperature 1.0, top_p 1.0, top_k 50 (LLaMA-Factory's
+default, which PAPO-Eval inherits), 2048 new tokens, images bounded to [32², 768²] pixels, and the last
+``\\boxed{}`` graded by mathruler (``papo_math`` adds typed verifiers for papo's synthetic answers; choose
+``--reward math_only`` for PAPO-Eval's scorer on every row). With ``--mask-ratio`` the same questions are also
+answered with masked images (1.0: blank images), giving masked accuracy and the perception gap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from papo.data.loaders import ColumnMap, load_samples
+from papo.data.synthetic import SPEC_PREFIX
+from papo.evaluation import SampleResult, generate_and_score
+from papo.masking import MaskingConfig
+from papo.metrics import avg_and_pass_at_k
+from papo.models.generation import SamplingParams
+from papo.models.policy import Policy
+
+PAPO_EVAL_MIN_PIXELS = 32 * 32
+PAPO_EVAL_MAX_PIXELS = 768 * 768
+
+
+@dataclass
+class EvalConfig:
+    data: list[str]
+    out: str
+    model: str | None = None  # None: the embedded default
+    k: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    max_new_tokens: int = 2048
+    limit: int | None = None
+    mask_ratios: list[float] = field(default_factory=list)
+    batch_size: int = 64  # sequences per generate call
+    reward: str = "papo_math"
+    seed: int = 0
+    device: str = "auto"
+    split: str | None = None
+    min_pixels: int = PAPO_EVAL_MIN_PIXELS
+    max_pixels: int = PAPO_EVAL_MAX_PIXELS
+    columns: dict[str, str | None] = field(default_factory=dict)  # ColumnMap fields for non-standard datasets
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1, got {self.k}")
+        for r in self.mask_ratios:
+            if not 0 < r <= 1:
+                raise ValueError(f"--mask-ratio must be in (0, 1], got {r}")
+        if not self.data:
+            raise ValueError("--data names no dataset")
+
+
+def benchmark_name(spec: str) -> str:
+    if spec.startswith(SPEC_PREFIX):
+        return "synthetic-" + spec[len(SPEC_PREFIX):].split("?")[0].replace("+", "-")
+    path = Path(spec)
+    if path.exists():
+        return path.parent.name if path.is_file() and path.stem in ("data", "test", "train") else path.stem if path.is_file() else path.name
+    return re.sub(r"[^\w.-]+", "_", spec)
+
+
+def _record(r: SampleResult) -> dict[str, Any]:
+    s = r.sample
+    return {"id": s.id, "task": s.task, "prompt": s.prompt, "answer": s.answer, "answer_type": s.answer_type,
+            "responses": r.responses, "extracted": [x.get("answer") for x in r.scores],
+            "correct": [x["accuracy"] for x in r.scores], "format": [x["format"] for x in r.scores]}
+
+
+def _read_done(path: Path, k: int) -> dict[str, dict]:
+    """Finished records of an interrupted run; a torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if len(rec.get("correct", [])) != k:
+            raise ValueError(f"{path} was written with k={len(rec.get('correct', []))}; rerun with --k {len(rec['correct'])} or a new --out")
+        done[rec["id"]] = rec
+    # rewrite without the torn tail so appends start on a clean line
+    path.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+    return done
+
+
+def _run_split(policy: Policy, samples, path: Path, cfg: EvalConfig, params: SamplingParams,
+               masking: MaskingConfig | None, progress, label: str) -> list[dict]:
+    done = _read_done(path, cfg.k)
+    todo = [s for s in samples if s.id not in done]
+    bar = progress.add_task(label, total=len(samples), completed=len(samples) - len(todo), acc=_mean_acc(done.values()))
+    with path.open("a", encoding="utf-8") as f:
+        def append(batch: list[SampleResult]) -> None:
+            for r in batch:
+                rec = _record(r)
+                done[rec["id"]] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            progress.update(bar, advance=len(batch), acc=_mean_acc(done.values()))
+
+        generate_and_score(policy, todo, params, k=cfg.k, batch_size=cfg.batch_size, reward=cfg.reward,
+                           masking=masking, seed=cfg.seed, on_results=append)
+    return [done[s.id] for s in samples]
+
+
+def _mean_acc(records) -> float:
+    records = list(records)
+    return sum(sum(r["correct"]) / len(r["correct"]) for r in records) / len(records) if records else 0.0
+
+
+def _summary(records: list[dict], k: int) -> dict[str, Any]:
+    avg, passk = avg_and_pass_at_k([r["correct"] for r in records], k)
+    tasks: dict[str, list[float]] = {}
+    for r in records:
+        tasks.setdefault(r["task"] or "-", []).append(sum(r["correct"]) / k)
+    out = {"avg_at_k": avg, "pass_at_k": passk, "k": k, "n": len(records),
+           "format_rate": sum(sum(r["format"]) / k for r in records) / max(1, len(records))}
+    if len(tasks) > 1:
+        out["per_task"] = {t: sum(v) / len(v) for t, v in sorted(tasks.items())}
+    return out
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from papo.sft import resolve_device
+
+    console = Console()
+    torch.manual_seed(cfg.seed)
+    policy = Policy.from_pretrained(cfg.model, device=resolve_device(cfg.device), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    out = Path(cfg.out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    benchmarks: dict[str, Any] = {}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]:.3f}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        for spec in cfg.data:
+            name = benchmark_name(spec)
+            loaded = load_samples(spec, split=cfg.split, limit=cfg.limit, columns=ColumnMap(**cfg.columns))
+            if loaded.report.skipped:
+                console.print(loaded.report.summary())
+            samples = loaded.samples
+            records = _run_split(policy, samples, out / "samples" / f"{name}.jsonl", cfg, params, None, progress, name)
+            result = _summary(records, cfg.k)
+            for ratio in cfg.mask_ratios:
+                masking = MaskingConfig(strategy="full" if ratio >= 1.0 else "random", ratio=ratio)
+                masked = _run_split(policy, samples, out / "samples" / f"{name}.masked-{ratio:g}.jsonl", cfg, params,
+                                    masking, progress, f"{name} masked {ratio:g}")
+                m = _summary(masked, cfg.k)
+                result.setdefault("masked", {})[f"{ratio:g}"] = {
+                    "avg_at_k": m["avg_at_k"], "pass_at_k": m["pass_at_k"], "perception_gap": result["avg_at_k"] - m["avg_at_k"]}
+            benchmarks[name] = result
+    summary = {"benchmarks": benchmarks, "average": sum(b["avg_at_k"] for b in benchmarks.values()) / len(benchmarks),
+               "config": {k: v for k, v in cfg.__dict__.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(summary_table(summary))
+    return summary
+
+
+def summary_table(summary: dict[str, Any]):
+    from rich.table import Table
+
+    benchmarks = summary["benchmarks"]
+    ratios = sorted({r for b in benchmarks.values() for r in b.get("masked", {})}, key=float)
+    k = next(iter(benchmarks.values()))["k"]
+    table = Table(title="papo eval")
+    for col in ["benchmark", "n", f"avg@{k}", f"pass@{k}", "format"] + [f"masked {r} / gap" for r in ratios]:
+        table.add_column(col, justify="right")
+    for name, b in benchmarks.items():
+        cells = [name, str(b["n"]), f"{100 * b['avg_at_k']:.2f}", f"{100 * b['pass_at_k']:.2f}", f"{100 * b['format_rate']:.1f}"]
+        for r in ratios:
+            m = b.get("masked", {}).get(r)
+            cells.append(f"{100 * m['avg_at_k']:.2f} / {100 * m['perception_gap']:+.2f}" if m else "-")
+        table.add_row(*cells)
+    table.add_row("average", "", f"{100 * summary['average']:.2f}", "", "", *([""] * len(ratios)))
+    return table
