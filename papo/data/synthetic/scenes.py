@@ -60,7 +60,14 @@ def _objects(rng: np.random.Generator, kinds: list[tuple[str, str]], grid: int =
     ]
 
 
-class Count(Family):
+class ObjectFamily(Family):
+    """Families whose scene is a list of coloured shapes."""
+
+    def render(self, scene, size, rng):
+        return _render_objects(scene, size)
+
+
+class Count(ObjectFamily):
     name = "count"
     answers = tuple(str(k) for k in range(6))  # 0..5
     knobs = {"max_distractors": 8}
@@ -81,11 +88,9 @@ class Count(Family):
             layout={"objects": _objects(rng, kinds)},
         )
 
-    def render(self, scene, size, rng):
-        return _render_objects(scene, size)
 
 
-class CountSubtract(Family):
+class CountSubtract(ObjectFamily):
     name = "count_subtract"
     answers = tuple(str(k) for k in range(1, 7))  # 1..6 objects left
     knobs = {"max_removed": 4}
@@ -107,11 +112,9 @@ class CountSubtract(Family):
             layout={"objects": _objects(rng, kinds)},
         )
 
-    def render(self, scene, size, rng):
-        return _render_objects(scene, size)
 
 
-class Closest(Family):
+class Closest(ObjectFamily):
     """Relation question: the colour of the object nearest to the only star / circle / ... in the scene."""
 
     name = "closest"
