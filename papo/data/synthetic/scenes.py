@@ -165,6 +165,3 @@ class Closest(ObjectFamily):
                 continue
             objs.append({"colour": pick(rng, COLOURS), "shape": pick(rng, other_shapes), "x": x, "y": y, "r": r})
         return objs
-
-    def render(self, scene, size, rng):
-        return _render_objects(scene, size)
