@@ -1,0 +1,240 @@
+"""One typed config for ``papo train``: YAML presets plus ``--set section.key=value`` overrides.
+
+Every key is validated before any model loads: unknown keys and bad values fail with a message naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
+from papo.masking import MaskingConfig
+
+PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    name: str | None = None  # None: the embedded default; else a local dir or hub id
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+
+
+@dataclass
+class DataSection:
+    train: str = "synthetic:all?size=224"
+    val: str = "synthetic:all?split=val&size=224&n=70"
+    test: str = "synthetic:all?split=test&size=224&n=140"  # before/after table at the end of a run
+    min_pixels: int | None = None  # PAPO's resize rule before the processor (official: 200704 / 1003520)
+    max_pixels: int | None = None
+    max_prompt_length: int = 4096
+
+
+@dataclass
+class RolloutSection:
+    n: int = 8  # G rollouts per prompt (official 5)
+    temperature: float = 1.0
+    top_p: float = 1.0  # official rollouts use 0.99
+    top_k: int = 0
+    max_new_tokens: int = 48  # official 2048
+
+
+@dataclass
+class AlgorithmSection:
+    adv_estimator: str = "grpo"
+    # loss (papo.algo.LossConfig)
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    loss_agg: str = "token-mean"
+    kl_ref_coef: float = 0.01
+    kl_ref_estimator: str = "low_var_kl"
+    kl_prcp_coef: float = 0.02
+    kl_prcp_estimator: str = "low_var_kl"
+    kl_prcp_clip: float | None = None
+    kl_prcp_token_top_p: float | None = None
+    entropy_coef: float = 0.0
+    masked_entropy_coef: float = 0.0
+    entropy_estimator: str = "sampled"
+    masked_grad: bool = False
+    # KL_prcp scheduling and weighting
+    kl_prcp_schedule: str = "fixed"
+    kl_prcp_anneal_ratio: float = 0.5
+    kl_prcp_apply_mode: str = "all"
+    incorrect_weight: float = 0.1
+    # masked image
+    masking_strategy: str = "random"
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 14
+    # DAPO online filtering
+    online_filter: bool = False
+    filter_key: str = "accuracy"
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+    max_filter_rounds: int = 20
+    keep_all_if_empty: bool = False
+
+    def loss_config(self) -> LossConfig:
+        names = {f.name for f in fields(LossConfig)}
+        return LossConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def masking(self) -> MaskingConfig:
+        return MaskingConfig(strategy=self.masking_strategy, ratio=self.mask_ratio, patch_size=self.mask_patch_size)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-5  # official 1e-6 for 3B/7B; tiny models need more
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 120
+    rollout_batch_size: int = 8  # prompts per step (official 384)
+    mini_batch_size: int = 8  # prompts per optimizer update (official 128: 3 updates per step)
+    micro_batch_size: int = 32  # sequences per forward/backward (official 4 per GPU)
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 20  # keep this key name: scripts rely on it
+    keep_last: int = 2
+    val_every: int = 0  # 0: no periodic validation
+    val_k: int = 4
+    log_samples_every: int = 10
+    eval_before_after: bool = True
+    eval_k: int = 4
+    stop_on_hacking: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "papo_g"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        a, t, r = self.algorithm, self.trainer, self.rollout
+        try:
+            a.loss_config()
+            a.masking()
+        except ValueError as err:
+            raise ConfigError(f"algorithm: {err}") from None
+        checks = [
+            (a.adv_estimator in ADV_ESTIMATORS, f"algorithm.adv_estimator must be one of {ADV_ESTIMATORS}"),
+            (a.kl_prcp_schedule in GAMMA_SCHEDULES, f"algorithm.kl_prcp_schedule must be one of {GAMMA_SCHEDULES}"),
+            (a.kl_prcp_apply_mode in APPLY_MODES, f"algorithm.kl_prcp_apply_mode must be one of {APPLY_MODES}"),
+            (a.filter_key in ("accuracy", "overall", "format"), "algorithm.filter_key must be accuracy, overall or format"),
+            (a.max_filter_rounds >= 1, "algorithm.max_filter_rounds must be >= 1"),
+            (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
+            (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
+            (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),
+            (t.mini_batch_size >= 1 and t.rollout_batch_size % t.mini_batch_size == 0,
+             "trainer.rollout_batch_size must be a multiple of trainer.mini_batch_size"),
+            (t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every >= 0 and trainer.keep_last >= 1"),
+            (self.optim.lr > 0 and self.optim.grad_clip > 0, "optim.lr and optim.grad_clip must be > 0"),
+            (set(t.report_to) <= {"tensorboard", "wandb", "none"}, "trainer.report_to: tensorboard, wandb or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Parse a YAML / command-line value into the field's declared type."""
+    types = _types(annotation)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in types):
+        if type(None) in types:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if isinstance(value, str) and str not in types:
+        value = yaml.safe_load(value)
+    for t in types:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if t is list and isinstance(value, (list, str)):
+            return [value] if isinstance(value, str) else list(value)
+    raise ConfigError(f"{key}: {value!r} is not a valid {' or '.join(getattr(t, '__name__', str(t)) for t in types)}")
+
+
+def _types(annotation: str) -> list[type]:
+    names = [a.strip() for a in str(annotation).replace("list[str]", "list").split("|")]
+    table = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
+    return [table[n] for n in names]
+
+
+def apply(cfg: TrainConfig, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if key == "preset":
+        return
+    target = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(target) or not name:
+        known = ", ".join(f.name for f in fields(cfg) if f.name != "preset")
+        raise ConfigError(f"unknown config section in {key!r}; sections: {known}")
+    by_name = {f.name: f for f in fields(target)}
+    if name not in by_name:
+        raise ConfigError(f"unknown config key {key!r}; {section} has: {', '.join(by_name)}")
+    setattr(target, name, _coerce(value, by_name[name].type, key))
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("papo") / "presets" / f"{name}.yaml"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(preset: str = "papo_g", file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Preset YAML, then an optional user YAML (e.g. a saved config.yaml), then ``key=value`` overrides."""
+    cfg = TrainConfig(preset=preset)
+    layers = [yaml.safe_load(preset_path(preset).read_text()) or {}]
+    if file:
+        layers.append(yaml.safe_load(Path(file).read_text()) or {})
+    for layer in layers:
+        for key, value in flatten(layer).items():
+            apply(cfg, key, value)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        apply(cfg, key.strip(), value.strip())
+    return cfg.validate()
