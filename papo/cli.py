@@ -52,6 +52,13 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from papo.run import train_from_args
+
+    train_from_args(args.preset, args.model, args.data, args.set, args.max_steps, args.out, args.resume, args.device)
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from papo.score import run_score
 
@@ -86,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", type=int, default=0, help="draw index: a new mask for the same image and seed")
     p.set_defaults(func=_cmd_mask)
+
+    p = sub.add_parser("train", help="RL training: GRPO, DAPO, PAPO-G, PAPO-D (default: PAPO-G on the embedded model)")
+    p.add_argument("--preset", default="papo_g", help="grpo | papo_g | papo_g_7b | papo_g_no_ref | dapo | papo_d")
+    p.add_argument("--model", default=None, help="model dir or hub id (default: the embedded default)")
+    p.add_argument("--data", default=None, help="training data: file, dir, hub id or synthetic:SPEC")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. algorithm.kl_prcp_coef=0.01")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<time>)")
+    p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sft", help="supervised warm-start on the synthetic suite's reasoning traces")
     p.add_argument("--task", default="all", help="synthetic families: all, or names joined by '+'")
@@ -147,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # papo draws its own progress bars
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, no traceback

@@ -89,13 +89,14 @@ class Policy:
 
     def logprobs(self, batch: PromptBatch, ids: Tensor, mask: Tensor, temperature: float = 1.0,
                  images: PromptBatch | None = None, with_entropy: bool = False,
-                 chunk_tokens: int = 2048) -> tuple[Tensor, Tensor | None]:
+                 chunk_tokens: int = 2048, model: Any = None) -> tuple[Tensor, Tensor | None]:
         """Log-probs (B, R) of completions ``ids`` after ``batch``'s prompts; ``images`` swaps in other image
-        tensors with the same token ids and positions (the masked branch)."""
+        tensors with the same token ids and positions (the masked branch); ``model`` scores with another model
+        that shares the processor (the reference policy)."""
         inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
         if images is not None:
             inputs = with_images(inputs, images)
-        return response_logprobs(self.model, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens, with_entropy)
+        return response_logprobs(model or self.model, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens, with_entropy)
 
     def save(self, out_dir: str | Path) -> Path:
         """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template."""

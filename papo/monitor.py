@@ -1,0 +1,48 @@
+"""KL_prcp-hacking monitor: the collapse signs the PAPO authors document.
+
+In a collapsing run KL_prcp rises sharply (their logged -KL_prcp falls from about -0.03 to -1.2), the
+high-side clip fraction keeps climbing, and both the full-image and the masked-image entropies rise. The
+monitor compares a recent window with the run's early baseline and warns when at least two signs agree.
+"""
+
+from __future__ import annotations
+
+from statistics import mean, median
+from typing import Any
+
+
+class HackingMonitor:
+    def __init__(self, window: int = 10, kl_rise: float = 4.0, kl_floor: float = 0.05, clip_rise: float = 2.0,
+                 entropy_rise: float = 1.3) -> None:
+        self.window, self.kl_rise, self.kl_floor, self.clip_rise, self.entropy_rise = window, kl_rise, kl_floor, clip_rise, entropy_rise
+        self.history: list[dict[str, float]] = []
+
+    def observe(self, row: dict[str, Any]) -> str:
+        """Record a step; return a warning text when the collapse signs appear ("" otherwise)."""
+        keys = ("kl_prcp", "clipfrac_high", "entropy", "masked_entropy")
+        self.history.append({k: float(row[k]) for k in keys if k in row})
+        if len(self.history) < 2 * self.window:
+            return ""
+        base, recent = self.history[: self.window], self.history[-self.window :]
+
+        def level(rows, key):
+            values = [r[key] for r in rows if key in r]
+            return (median(values) if rows is base else mean(values)) if values else None
+
+        signs = []
+        kl_b, kl_r = level(base, "kl_prcp"), level(recent, "kl_prcp")
+        if kl_b is not None and kl_r is not None and kl_r > self.kl_floor and kl_r > self.kl_rise * max(kl_b, 1e-6):
+            signs.append(f"KL_prcp {kl_b:.3g} -> {kl_r:.3g}")
+        cf_b, cf_r = level(base, "clipfrac_high"), level(recent, "clipfrac_high")
+        if cf_b is not None and cf_r is not None and cf_r > 1e-3 and cf_r > self.clip_rise * max(cf_b, 1e-6):
+            signs.append(f"high-side clip fraction {cf_b:.3g} -> {cf_r:.3g}")
+        ents = [(level(base, k), level(recent, k)) for k in ("entropy", "masked_entropy")]
+        if all(b is not None and r is not None and r > self.entropy_rise * b for b, r in ents):
+            signs.append("both entropies rising")
+        return "possible KL_prcp hacking: " + "; ".join(signs) if len(signs) >= 2 else ""
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))

@@ -1,0 +1,176 @@
+"""The ``papo train`` run: outputs, logging, checkpoints, resume, validation and the before/after table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from papo.config import TrainConfig, load_config
+from papo.data.loaders import load_samples
+from papo.evaluation import generate_and_score, summarize
+from papo.models.generation import SamplingParams
+from papo.report import write_report
+from papo.trainer import Trainer, is_finite_row, read_metrics, resume_point, write_config
+
+
+def _heldout(trainer: Trainer, spec: str, k: int) -> dict[str, Any]:
+    samples = load_samples(spec, split="test" if not spec.startswith("synthetic:") else None).samples
+    params = SamplingParams(trainer.cfg.rollout.max_new_tokens, trainer.cfg.rollout.temperature)
+    return summarize(generate_and_score(trainer.policy, samples, params, k=k), k).to_dict()
+
+
+class Loggers:
+    def __init__(self, out: Path, report_to: list[str], config: dict[str, Any]) -> None:
+        self.tb = self.wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("trainer.report_to includes wandb but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project="papo", config=config, dir=str(out))
+
+    def log(self, row: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
+    """A few rollouts of this step with their full and masked images."""
+    exp = trainer.last_experience
+    folder = out / "samples"
+    folder.mkdir(exist_ok=True)
+    exp.images[0][0].save(folder / f"step-{step}-image.png")
+    exp.masked_images[0][0].save(folder / f"step-{step}-masked.png")
+    with (folder / "rollouts.jsonl").open("a") as f:
+        for i in range(min(trainer.cfg.rollout.n, exp.size)):
+            f.write(json.dumps({"step": step, "id": exp.samples[i].id, "prompt": exp.samples[i].prompt,
+                                "answer": exp.samples[i].answer, "response": exp.texts[i],
+                                "reward": exp.scores[i]["overall"], "image": f"step-{step}-image.png"}) + "\n")
+
+
+def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    from papo.sft import resolve_device
+
+    console = console or Console()
+    out_dir = Path(out)
+    torch.manual_seed(cfg.trainer.seed)
+    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device))
+    rows: list[dict[str, Any]] = []
+    before = None
+    if resume and (ckpt := resume_point(out_dir)):
+        trainer.restore(ckpt)
+        rows = read_metrics(out_dir / "metrics.jsonl", up_to=trainer.step_no)
+        # drop steps logged after the checkpoint: a resumed run logs each step exactly once
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        before = json.loads((out_dir / "heldout_before.json").read_text()) if (out_dir / "heldout_before.json").exists() else None
+        console.print(f"resumed from {ckpt} at step {trainer.step_no}")
+    else:
+        if out_dir.exists() and (out_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
+        write_config(cfg, out_dir)
+    t = cfg.trainer
+    if before is None and t.eval_before_after:
+        console.print(f"held-out check before training ({cfg.data.test}, k={t.eval_k})")
+        before = _heldout(trainer, cfg.data.test, t.eval_k)
+        (out_dir / "heldout_before.json").write_text(json.dumps(before, indent=1))
+    loggers = Loggers(out_dir, [r for r in t.report_to if r != "none"], cfg.to_dict())
+    warnings: list[str] = []
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
+               TimeElapsedColumn()]
+    last_good = None
+    with (out_dir / "metrics.jsonl").open("a") as log, Progress(*columns, console=console) as progress:
+        bar = progress.add_task("train", total=t.max_steps, completed=trainer.step_no, reward=0.0, acc=0.0, kl=0.0, sec=0.0)
+        while trainer.step_no < t.max_steps:
+            row = trainer.step()
+            step = row["step"]
+            if t.val_every and step % t.val_every == 0:
+                row["val_accuracy"] = _heldout(trainer, cfg.data.val, t.val_k)["avg_at_k"]
+            if not is_finite_row(row):
+                console.print(f"[yellow]step {step}: non-finite metrics {row}")
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            loggers.log(row)
+            rows.append(row)
+            if t.log_samples_every and step % t.log_samples_every == 0:
+                _log_samples(trainer, out_dir, step)
+            progress.update(bar, completed=step, reward=row["reward"], acc=row["accuracy"], kl=row.get("kl_prcp", 0.0), sec=row["step_s"])
+            if row["hacking_warning"]:
+                warnings.append(f"step {step}: {row['hacking_warning']}")
+                console.print(f"[red]step {step}: {row['hacking_warning']}")
+                if t.stop_on_hacking:
+                    if last_good:
+                        trainer.restore(last_good)
+                        warnings.append(f"stopped; weights rolled back to {last_good.name}")
+                    break
+            elif t.save_every and (step % t.save_every == 0 or step == t.max_steps):
+                last_good = trainer.save()
+    loggers.close()
+    after = None
+    if t.eval_before_after:
+        after = _heldout(trainer, cfg.data.test, t.eval_k)
+        (out_dir / "heldout_after.json").write_text(json.dumps(after, indent=1))
+    trainer.policy.save(out_dir / "final")
+    report = write_report(out_dir, rows, before, after, cfg.to_dict(), warnings)
+    if before and after:
+        console.print(_table(before, after))
+    console.print(f"wrote {report}, metrics.jsonl, checkpoints/ and final/ to {out_dir}")
+    return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
+
+
+def _table(before: dict, after: dict):
+    from rich.table import Table
+
+    table = Table(title=f"held-out avg@{after['k']} before / after ({after['n']} test questions)")
+    for col in ("task", "before", "after", "change"):
+        table.add_column(col, justify="right")
+    for task, a in after.get("per_task", {}).items():
+        b = before["per_task"].get(task, float("nan"))
+        table.add_row(task, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
+    table.add_row("all", f"{before['avg_at_k']:.3f}", f"{after['avg_at_k']:.3f}", f"{after['avg_at_k'] - before['avg_at_k']:+.3f}")
+    return table
+
+
+def train_from_args(preset: str, model: str | None, data: str | None, overrides: list[str], max_steps: int | None,
+                    out: str | None, resume: str | None, device: str | None) -> dict[str, Any]:
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir}/config.yaml not found: --resume takes a papo train output directory")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = load_config(saved.get("preset", preset), file=str(run_dir / "config.yaml"), overrides=overrides)
+        return run_train(cfg, str(run_dir), resume=True)
+    extra = list(overrides)
+    if model:
+        extra.append(f"model.name={model}")
+    if data:
+        extra.append(f"data.train={data}")
+    if max_steps:
+        extra.append(f"trainer.max_steps={max_steps}")
+    if device:
+        extra.append(f"trainer.device={device}")
+    cfg = load_config(preset, overrides=extra)
+    out = out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_train(cfg, out)
+

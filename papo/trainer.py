@@ -1,0 +1,324 @@
+"""``papo train``: GRPO, DAPO, PAPO-G and PAPO-D in one loop.
+
+One training step, as in the paper's algorithm (``Trainer.step``):
+  1. draw prompts; make one masked image per prompt, shared by its G rollouts and fresh for every draw
+  2. sample G responses per prompt from the full image
+  3. rewards (0.9 accuracy + 0.1 format)
+  4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
+  5. old log-probs (full image), masked log-probs (masked image), reference log-probs (when beta > 0)
+  6. group advantages
+  7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip; a non-finite step is skipped
+
+Simplifications, stated up front: one process (the loop keeps no global state and only ``rank == 0`` would
+write; multi-GPU FSDP2 comes later); one PPO epoch; sampling through ``Policy.generate`` and scoring through
+``Policy.logprobs`` (the two interfaces a faster engine replaces).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from papo.algo import dapo_group_filter, group_advantages, kl_prcp_coef_at, kl_prcp_weights, papo_loss
+from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from papo.config import TrainConfig
+from papo.data.loaders import load_samples
+from papo.data.sample import Sample
+from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
+from papo.masking import corrupt_images
+from papo.models.generation import SamplingParams
+from papo.models.loading import ModelOptions
+from papo.models.policy import Policy
+from papo.monitor import HackingMonitor
+from papo.rewards import score_responses
+
+
+@dataclass
+class Experience:
+    """One step's sequences (prompt groups of G, in order) and what the loss needs of them."""
+
+    samples: list[Sample]  # per sequence
+    uids: list[str]  # prompt-draw id per sequence: the advantage groups
+    images: list[list[Any]]
+    masked_images: list[list[Any]]
+    ids: torch.Tensor  # (N, R) completions
+    mask: torch.Tensor  # (N, R)
+    texts: list[str]
+    scores: list[dict[str, Any]]
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+
+class PromptStream:
+    """Training prompts in a reproducible order; ``pos`` is saved in checkpoints (no data skipped or repeated)."""
+
+    def __init__(self, spec: str, seed: int, split: str = "train") -> None:
+        if spec.startswith(SPEC_PREFIX):
+            self.data = dataset_from_spec(spec, split=split, n=10**9, seed=seed)
+            self.order = None
+        else:
+            self.data = load_samples(spec, split=split).samples
+            if not self.data:
+                raise ValueError(f"{spec}: no usable training rows")
+            self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.seed, self.pos = seed, 0
+
+    def take(self, n: int) -> list[tuple[int, Sample]]:
+        out = []
+        for _ in range(n):
+            i = self.pos if self.order is None else self.order[self.pos % len(self.order)]
+            out.append((self.pos, self.data[i]))
+            self.pos += 1
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, device: str) -> None:
+        self.cfg, self.out, self.device = cfg, Path(out), device
+        m = cfg.model
+        opts = ModelOptions(m.dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
+        self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels)
+        self.ref = None
+        if cfg.algorithm.kl_ref_coef > 0:
+            self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        self.loss_cfg = cfg.algorithm.loss_config()
+        self.masking = cfg.algorithm.masking()
+        self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.optim = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        warm = max(1, cfg.optim.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda s: min(1.0, (s + 1) / warm))
+        self.stream = PromptStream(cfg.data.train, cfg.trainer.seed)
+        self.monitor = HackingMonitor()
+        self.step_no = 0
+
+    # ------------------------------------------------------------------ one step
+
+    def rollout(self, draws: list[tuple[int, Sample]]) -> Experience:
+        g, samples, uids, images, masked = self.cfg.rollout.n, [], [], [], []
+        for pos, sample in draws:
+            ims = self.policy.load_images(sample)
+            # masking runs on the decoded image before PAPO's resize in the official code; here the dataset's
+            # images are already at training size, so masking the loaded image is the same operation
+            mims = corrupt_images(ims, self.masking, self.cfg.trainer.seed, sample.id, draw=pos)
+            for _ in range(g):
+                samples.append(sample)
+                uids.append(f"{pos}:{sample.id}")
+                images.append(ims)
+                masked.append(mims)
+        batch = self.policy.encode([s.formatted_prompt() for s in samples], images)
+        comp = self.policy.generate(batch, self.params)
+        texts = self.policy.decode(comp)
+        scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples], [s.meta for s in samples])
+        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores)
+
+    def collect(self, timing: dict[str, float]) -> tuple[Experience, dict[str, float]]:
+        """Steps 1-4: prompts -> rollouts -> rewards, with DAPO's filter-and-regenerate when enabled."""
+        a, want = self.cfg.algorithm, self.cfg.trainer.rollout_batch_size
+        t0 = time.time()
+        if not a.online_filter:
+            exp = self.rollout(self.stream.take(want))
+            timing["rollout_s"] = time.time() - t0
+            return exp, {}
+        kept: list[Experience] = []
+        groups = rounds = 0
+        while groups < want:
+            if rounds >= a.max_filter_rounds:
+                raise RuntimeError(f"DAPO filter kept {groups} of {want} prompt groups after {rounds} rounds "
+                                   "(algorithm.max_filter_rounds); the task is too easy or too hard for this model")
+            exp = self.rollout(self.stream.take(want))
+            rounds += 1
+            result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
+                                       a.filter_low, a.filter_high, a.keep_all_if_empty)
+            keep = [i for i in range(exp.size) if result.keep[i]]
+            kept.append(_select(exp, keep))
+            groups += result.kept_groups
+        exp = _concat(kept)
+        exp = _select(exp, list(range(want * self.cfg.rollout.n)))  # truncate to exactly the batch
+        timing["rollout_s"] = time.time() - t0
+        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
+
+    def _micro_batches(self, exp: Experience, rows: list[int]):
+        size = self.cfg.trainer.micro_batch_size
+        for start in range(0, len(rows), size):
+            idx = rows[start : start + size]
+            sub = _select(exp, idx)
+            width = max(1, int(sub.mask.sum(-1).max()))
+            prompts = [s.formatted_prompt() for s in sub.samples]
+            yield idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images), \
+                sub.ids[:, :width], sub.mask[:, :width]
+
+    @torch.no_grad()
+    def score_experience(self, exp: Experience, timing: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights."""
+        T = self.cfg.rollout.temperature
+        # the masked pass runs for GRPO/DAPO too: KL_prcp is then a logged perception metric, not a loss term
+        out: dict[str, list] = {"old": [], "masked": [], "ref": []}
+        self.policy.model.eval()
+        for idx, full, masked, ids, mask in self._micro_batches(exp, list(range(exp.size))):
+            t = time.time()
+            out["old"].append(self.policy.logprobs(full, ids, mask, T)[0].cpu())
+            timing["old_logp_s"] = timing.get("old_logp_s", 0) + time.time() - t
+            t = time.time()
+            out["masked"].append(self.policy.logprobs(full, ids, mask, T, images=masked)[0].cpu())
+            timing["masked_logp_s"] = timing.get("masked_logp_s", 0) + time.time() - t
+            if self.ref is not None:
+                t = time.time()
+                out["ref"].append(self.policy.logprobs(full, ids, mask, T, model=self.ref)[0].cpu())
+                timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
+        self.policy.model.train()
+        width = exp.ids.shape[1]
+        return {k: _pad_cat(v, width) for k, v in out.items() if v}
+
+    def update(self, exp: Experience, logps: dict[str, torch.Tensor], adv: torch.Tensor, gamma: float,
+               timing: dict[str, float]) -> dict[str, float]:
+        """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
+        t0, c, g = time.time(), self.cfg, self.cfg.rollout.n
+        correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
+        weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
+        per_update = c.trainer.mini_batch_size * g
+        sums: dict[str, float] = {}
+        count = skipped = 0
+        norms = []
+        for start in range(0, exp.size, per_update):
+            rows = list(range(start, min(start + per_update, exp.size)))
+            micro = list(self._micro_batches(exp, rows))
+            self.optim.zero_grad(set_to_none=True)
+            for idx, full, masked, ids, mask in micro:
+                w = ids.shape[1]
+                exact = self.loss_cfg.entropy_estimator == "exact"
+                logp, ent = self.policy.logprobs(full, ids, mask, c.rollout.temperature, with_entropy=exact)
+                masked_logp, masked_ent = logps["masked"][idx, :w].to(logp.device), None
+                if self.loss_cfg.masked_grad or (exact and self.loss_cfg.masked_entropy_coef > 0):
+                    masked_logp, masked_ent = self.policy.logprobs(full, ids, mask, c.rollout.temperature, images=masked, with_entropy=exact)
+                loss, metrics = papo_loss(
+                    self.loss_cfg, logp, logps["old"][idx, :w].to(logp.device), adv[idx].to(logp.device), mask.to(logp.device),
+                    masked_log_probs=masked_logp,
+                    ref_log_probs=logps["ref"][idx, :w].to(logp.device) if "ref" in logps else None,
+                    kl_prcp_coef=gamma, kl_prcp_weights=weights[idx].to(logp.device), entropies=ent, masked_entropies=masked_ent,
+                )
+                (loss / len(micro)).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
+            if torch.isfinite(norm):
+                self.optim.step()
+            else:  # a non-finite gradient never reaches the weights
+                skipped += 1
+                self.optim.zero_grad(set_to_none=True)
+            norms.append(float(norm))
+        self.sched.step()
+        timing["update_s"] = time.time() - t0
+        metrics = {k: v / max(1, count) for k, v in sums.items()}
+        metrics["grad_norm"] = sum(norms) / len(norms)
+        metrics["skipped_updates"] = skipped
+        return metrics
+
+    def step(self) -> dict[str, Any]:
+        timing: dict[str, float] = {}
+        t0 = time.time()
+        exp, extra = self.collect(timing)
+        logps = self.score_experience(exp, timing)
+        rewards = torch.tensor([s["overall"] for s in exp.scores])
+        if not torch.isfinite(rewards).all():
+            raise FloatingPointError("non-finite reward from the reward function")
+        adv = group_advantages(rewards, exp.uids, self.cfg.algorithm.adv_estimator)
+        a = self.cfg.algorithm
+        gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
+                                anneal_ratio=a.kl_prcp_anneal_ratio)
+        metrics = self.update(exp, logps, adv, gamma, timing)
+        self.step_no += 1
+        lengths = exp.mask.sum(-1).float()
+        row = {
+            "step": self.step_no,
+            "reward": float(rewards.mean()),
+            "accuracy": sum(s["accuracy"] for s in exp.scores) / exp.size,
+            "format": sum(s["format"] for s in exp.scores) / exp.size,
+            "response_length": float(lengths.mean()),
+            "lr": self.sched.get_last_lr()[0],
+            **{k: round(v, 6) for k, v in metrics.items()},
+            **extra,
+            **{k: round(v, 3) for k, v in timing.items()},
+            "step_s": round(time.time() - t0, 3),
+        }
+        row["hacking_warning"] = self.monitor.observe(row)
+        self.last_experience = exp
+        return row
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step_no, "data_pos": self.stream.pos, "optimizer": self.optim.state_dict(),
+                "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(), "monitor": self.monitor.state()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.step_no, self.policy, self.state(), self.cfg.trainer.keep_last)
+
+    def restore(self, ckpt: Path) -> None:
+        state = load_trainer_state(ckpt)
+        from safetensors.torch import load_file
+
+        self.policy.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        self.optim.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.stream.pos, self.step_no = int(state["data_pos"]), int(state["step"])
+        self.monitor.load(state.get("monitor", {}))
+
+
+def _select(exp: Experience, idx: list[int]) -> Experience:
+    t = torch.as_tensor(idx, dtype=torch.long)
+    return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
+                      [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
+                      [exp.scores[i] for i in idx])
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def _concat(parts: list[Experience]) -> Experience:
+    width = max(p.ids.shape[1] for p in parts)
+    return Experience(
+        [s for p in parts for s in p.samples], [u for p in parts for u in p.uids], [x for p in parts for x in p.images],
+        [x for p in parts for x in p.masked_images], _pad_cat([p.ids for p in parts], width),
+        _pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
+    )
+
+
+def write_config(cfg: TrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to is None or row["step"] <= up_to:
+            rows.append(row)
+    return rows
+
+
+def resume_point(out: Path) -> Path | None:
+    return latest_checkpoint(out / "checkpoints")
+
+
+def is_finite_row(row: dict) -> bool:
+    return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())
