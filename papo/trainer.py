@@ -267,9 +267,9 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         state = load_trainer_state(ckpt)
-        from safetensors.torch import load_file
-
-        self.policy.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        # through from_pretrained: checkpoint key names are transformers' serialized names, not module paths
+        saved = type(self.policy.model).from_pretrained(ckpt, dtype=next(self.policy.model.parameters()).dtype)
+        self.policy.model.load_state_dict(saved.state_dict(), strict=True)
         self.optim.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,198 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from papo.algo import group_advantages
+from papo.cli import main
+from papo.config import PRESETS, ConfigError, load_config
+from papo.monitor import HackingMonitor
+from papo.run import run_train
+from papo.trainer import Trainer
+
+SMALL = [
+    "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=8", "rollout.n=4",
+    "rollout.max_new_tokens=24", "trainer.eval_before_after=false", "trainer.report_to=none",
+    "trainer.log_samples_every=0", "trainer.save_every=0", "optim.lr=1e-4",
+]
+
+
+def small_cfg(preset="papo_g", extra=()):
+    return load_config(preset, overrides=SMALL + list(extra))
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg(preset), tmp_path, "cpu")
+    before = _params(trainer.policy.model)
+    row = trainer.step()
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.policy.model.parameters()))
+    assert moved > 0
+    for key in ("reward", "accuracy", "format", "kl_prcp", "entropy", "response_length", "rollout_s", "update_s"):
+        assert key in row, key
+    assert row["skipped_updates"] == 0
+    assert ("ref_kl" in row) == (preset in ("grpo", "papo_g", "papo_g_7b"))  # presets with a reference KL
+
+
+def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
+    """On-policy first update: old log-probs equal the trainable forward, masked log-probs equal an independent
+    masked forward, advantages equal group_advantages of the recorded rewards."""
+    torch.manual_seed(1)
+    trainer = Trainer(small_cfg("papo_g"), tmp_path, "cpu")
+    recorded = []
+    import papo.trainer as trainer_module
+
+    real = trainer_module.papo_loss
+
+    def spy(cfg, logp, old, adv, mask, **kw):
+        recorded.append((logp.detach().clone(), old.clone(), adv.clone(), mask.clone(), kw["masked_log_probs"].detach().clone()))
+        return real(cfg, logp, old, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    exp_holder = {}
+    real_collect = trainer.collect
+
+    def collect(timing):
+        exp, extra = real_collect(timing)
+        exp_holder["exp"] = exp
+        return exp, extra
+
+    trainer.collect = collect
+    trainer.step()
+    exp = exp_holder["exp"]
+    logp, old, adv, mask, masked = recorded[0]
+    m = mask.bool()
+    assert (logp[m] - old[m]).abs().max() < 1e-5  # ratio 1 on the first mini-batch
+    rewards = torch.tensor([s["overall"] for s in exp.scores])
+    assert torch.allclose(adv, group_advantages(rewards, exp.uids)[: adv.shape[0]])
+    assert masked.shape == logp.shape and torch.isfinite(masked[m]).all()
+    assert not torch.allclose(masked[m], old[m])  # the masked branch really saw other images
+
+
+def test_dapo_regenerates_until_the_batch_is_full(tmp_path):
+    torch.manual_seed(2)
+    trainer = Trainer(small_cfg("dapo"), tmp_path, "cpu")
+    rounds = {"n": 0}
+    real = trainer.rollout
+
+    def rollout(draws):
+        exp = real(draws)
+        rounds["n"] += 1
+        for i, s in enumerate(exp.scores):  # round 1: every group all-correct (dropped); then mixed groups
+            s["accuracy"] = 1.0 if rounds["n"] == 1 else float(i % 2)
+        return exp
+
+    trainer.rollout = rollout
+    row = trainer.step()
+    assert row["filter_rounds"] == 2 and row["filter_kept_groups"] >= 2
+    assert trainer.last_experience.size == 2 * 4
+
+
+def test_dapo_gives_up_with_a_clear_error(tmp_path):
+    trainer = Trainer(small_cfg("dapo", ["algorithm.max_filter_rounds=2"]), tmp_path, "cpu")
+    real = trainer.rollout
+
+    def rollout(draws):
+        exp = real(draws)
+        for s in exp.scores:
+            s["accuracy"] = 0.0
+        return exp
+
+    trainer.rollout = rollout
+    with pytest.raises(RuntimeError, match="max_filter_rounds"):
+        trainer.step()
+
+
+NUMERIC_SKIP = {"rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "step_s"}
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in NUMERIC_SKIP} for r in rows]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    extra = ["trainer.save_every=2", "trainer.keep_last=5"]
+    run_train(small_cfg("papo_g", extra + ["trainer.max_steps=4"]), str(tmp_path / "a"))
+    run_train(small_cfg("papo_g", extra + ["trainer.max_steps=2"]), str(tmp_path / "b"))
+    # the interrupted run also logged a step after its last checkpoint that the resume must not repeat
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "reward": -1}) + "\n")
+    assert main(["train", "--resume", str(tmp_path / "b"), "--set", "trainer.max_steps=4"]) == 0
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert _strip(a) == _strip(b)
+
+
+def test_run_outputs_report_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    cfg = small_cfg("papo_g", ["trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=1",
+                               "trainer.report_to=tensorboard", "trainer.log_samples_every=1", "trainer.eval_before_after=true",
+                               "trainer.eval_k=1", "data.test=synthetic:count+bar_chart?split=test&size=224&n=4"])
+    result = run_train(cfg, str(out))
+    assert set(result["after"]["per_task"]) == {"count", "bar_chart"}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # keep_last=1
+    ckpt = out / "checkpoints" / "step-2"
+    for name in ("model.safetensors", "config.json", "trainer_state.pt", "processor_config.json"):
+        assert (ckpt / name).is_file()
+    assert "Held-out accuracy before and after" in (out / "report.md").read_text()
+    for png in (out / "plots").glob("*.png"):
+        assert Image.open(png).size[0] > 100
+    assert list((out / "tensorboard").glob("events.*"))
+    assert (out / "samples" / "step-1-masked.png").is_file()
+    assert load_config("papo_g", file=str(out / "config.yaml")).trainer.max_steps == 2
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_train(cfg, str(out))
+
+
+def test_config_errors_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import papo.models.policy as policy_module
+
+    monkeypatch.setattr(policy_module.Policy, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    for args, message in [(["--set", "algorithm.gamma=1"], "unknown config key 'algorithm.gamma'"),
+                          (["--set", "trainer.max_steps=ten"], "not a valid int"),
+                          (["--preset", "ppo"], "unknown preset 'ppo'"),
+                          (["--set", "algorithm.kl_prcp_coef=-1"], "kl_prcp_coef must be >= 0")]:
+        assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        load_config("papo_g", overrides=["trainer.rollout_batch_size=3", "trainer.mini_batch_size=2"])
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(small_cfg("grpo", ["trainer.keep_last=3"]), tmp_path, "cpu")
+    trainer.step()
+    good = trainer.save()
+    trainer.step()
+
+    def broken(out):
+        (out).mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.policy, "save", broken)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save()
+    dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert dirs == [good.name]  # no half-written step-2, no leftover .tmp
+    trainer.restore(good)
+    assert trainer.step_no == 1
+
+
+def test_hacking_monitor_flags_the_documented_signs():
+    monitor = HackingMonitor(window=5)
+    healthy = {"kl_prcp": 0.03, "clipfrac_high": 5e-4, "entropy": 0.4, "masked_entropy": 0.4}
+    assert not any(monitor.observe(healthy) for _ in range(20))
+    collapsing = {"kl_prcp": 1.2, "clipfrac_high": 7e-3, "entropy": 0.9, "masked_entropy": 1.3}
+    warnings = [monitor.observe(collapsing) for _ in range(5)]
+    assert warnings[-1].startswith("possible KL_prcp hacking") and "KL_prcp" in warnings[-1]
+    only_kl = HackingMonitor(window=5)
+    for _ in range(10):
+        only_kl.observe(healthy)
+    assert not any(only_kl.observe({**healthy, "kl_prcp": 1.0}) for _ in range(5))  # one sign is not enough
