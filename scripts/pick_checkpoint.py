@@ -30,7 +30,7 @@ def main(run: Path, results: Path) -> None:
     for name in ranking:
         s = found[name]["sampled_t1"]
         print(f"{name:>10}  avg {s['avg_at_k']:.3f}  format {s['format_rate']:.2f}  " + "  ".join(f"{t} {a:.2f}" for t, a in s["per_task"].items()))
-    if ranking:
+    if ranking and "--no-pack" not in sys.argv:
         best = run if ranking[0] == "final" else run / ranking[0]
         with tarfile.open(results / "best.tar.gz", "w:gz") as tar:
             tar.add(best, arcname="model", filter=lambda ti: None if "/step-" in ti.name else ti)
@@ -38,4 +38,4 @@ def main(run: Path, results: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))  # --no-pack: rank only
