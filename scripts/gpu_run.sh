@@ -15,9 +15,14 @@ if [ "$stage" = sft ]; then
   cp /tmp/pick20/checkpoints.json "$out/"
   cat "$out/pick.txt"
 else
-  best=$(python3 -c "import json; r=json.load(open('/tmp/pick20/checkpoints.json'))['ranking'][0]; print('/tmp/sft20' if r == 'final' else '/tmp/sft20/' + r)")
+  # stage "train" starts from the best SFT checkpoint; stage "train-default" from the embedded default model
+  if [ "$stage" = train ]; then
+    best=$(python3 -c "import json; r=json.load(open('/tmp/pick20/checkpoints.json'))['ranking'][0]; print('/tmp/sft20' if r == 'final' else '/tmp/sft20/' + r)")
+  else
+    best=default
+  fi
   echo "training from $best"
-  timeout 530 python3 -m papo train --model "$best" --max-steps 200 --device cuda --out /tmp/rl20 \
+  timeout 530 python3 -m papo train --model "$best" --max-steps "${STEPS:-200}" --device cuda --out /tmp/rl20 \
       --set trainer.save_every=100 --set trainer.log_samples_every=50 > "$out/train.log" 2>&1
   for f in metrics.jsonl report.md heldout_before.json heldout_after.json config.yaml; do cp "/tmp/rl20/$f" "$out/" 2>/dev/null; done
   tar czf "$out/plots.tar.gz" -C /tmp/rl20 plots samples 2>/dev/null
