@@ -31,7 +31,11 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         for key, values in series.items():
-            ax.plot(steps, [v if v is not None else float("nan") for v in values], lw=1.2, label=key)
+            ys = [v if v is not None else float("nan") for v in values]
+            line, = ax.plot(steps, ys, lw=0.8, alpha=0.35)
+            # per-step values of small batches are noisy: overlay a trailing mean over 10 steps
+            smooth = [sum(w) / len(w) for w in (ys[max(0, i - 9) : i + 1] for i in range(len(ys)))]
+            ax.plot(steps, smooth, lw=1.6, color=line.get_color(), label=key)
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
         if len(series) > 1:
