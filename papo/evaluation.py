@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from papo.data.sample import Sample
-from papo.masking import MaskingConfig, corrupt_images
+from papo.masking import MaskingConfig
 from papo.models.generation import SamplingParams
 from papo.models.policy import Policy
 from papo.rewards import score_responses
@@ -49,9 +49,7 @@ def generate_and_score(
         chunk = samples[start : start + per_batch]
         prompts, images = [], []
         for s in chunk:
-            ims = policy.load_images(s)
-            if masking is not None:
-                ims = corrupt_images(ims, masking, seed, s.id)
+            ims = policy.load_images(s) if masking is None else policy.load_image_pair(s, masking, seed)[1]
             prompts += [s.formatted_prompt()] * k
             images += [ims] * k
         completions = policy.generate(policy.encode(prompts, images), params)

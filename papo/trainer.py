@@ -33,7 +33,6 @@ from papo.config import TrainConfig
 from papo.data.loaders import load_samples
 from papo.data.sample import Sample
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
-from papo.masking import corrupt_images
 from papo.models.generation import SamplingParams
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
@@ -107,10 +106,7 @@ class Trainer:
     def rollout(self, draws: list[tuple[int, Sample]]) -> Experience:
         g, samples, uids, images, masked = self.cfg.rollout.n, [], [], [], []
         for pos, sample in draws:
-            ims = self.policy.load_images(sample)
-            # masking runs on the decoded image before PAPO's resize in the official code; here the dataset's
-            # images are already at training size, so masking the loaded image is the same operation
-            mims = corrupt_images(ims, self.masking, self.cfg.trainer.seed, sample.id, draw=pos)
+            ims, mims = self.policy.load_image_pair(sample, self.masking, self.cfg.trainer.seed, draw=pos)
             for _ in range(g):
                 samples.append(sample)
                 uids.append(f"{pos}:{sample.id}")

@@ -290,3 +290,18 @@ def test_other_architectures_share_the_generic_path(build, tmp_path):
     assert type(reloaded).__name__ == type(policy.processor).__name__
     if build == "qwen3_vl":  # the masking cell follows the encoder's 16-px patches
         assert PatchLayout.from_image_processor(reloaded.image_processor).patch_size == 16
+
+
+def test_masks_are_drawn_before_the_resize_like_the_official_code():
+    from papo.data.synthetic import make_sample
+
+    policy = tiny_policy()
+    policy.min_pixels, policy.max_pixels = 28 * 28, 112 * 112  # 224-px images are scaled down by PAPO's rule
+    sample = make_sample("count", "test", 0, 0, size=224)
+    full, masked = policy.load_image_pair(sample, MaskingConfig(ratio=0.6), seed=0)
+    assert full[0].size == masked[0].size == (112, 112)
+    raw_masked = corrupt_images(sample.load_images(None, None), MaskingConfig(ratio=0.6), 0, sample.id)[0]
+    expected = raw_masked.resize((112, 112))
+    import numpy as np
+
+    assert np.array_equal(np.asarray(masked[0]), np.asarray(expected))

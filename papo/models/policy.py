@@ -14,6 +14,8 @@ from PIL import Image
 from torch import Tensor
 
 from papo.data.sample import Sample
+from papo.images import resize_to_pixel_bounds
+from papo.masking import corrupt_images
 from papo.models.generation import Completions, SamplingParams, hf_generate
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, pad_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor, prepare_model
@@ -70,6 +72,16 @@ class Policy:
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
         return sample.load_images(self.min_pixels, self.max_pixels)
+
+    def load_image_pair(self, sample: Sample, masking: Any, seed: int, draw: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
+        """(full, masked) images of a sample. As in the official code, the mask is drawn on the decoded image at
+        its original resolution and both copies then go through the same resize, so their token grids match."""
+        raw = sample.load_images(None, None)
+        masked = corrupt_images(raw, masking, seed, sample.id, draw)
+        if self.min_pixels is None and self.max_pixels is None:
+            return raw, masked
+        lo, hi = self.min_pixels or 1, self.max_pixels or 1 << 62
+        return [resize_to_pixel_bounds(im, lo, hi) for im in raw], [resize_to_pixel_bounds(im, lo, hi) for im in masked]
 
     def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> PromptBatch:
         return encode_prompts(self.processor, prompts, images)
