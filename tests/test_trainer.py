@@ -196,3 +196,18 @@ def test_hacking_monitor_flags_the_documented_signs():
     for _ in range(10):
         only_kl.observe(healthy)
     assert not any(only_kl.observe({**healthy, "kl_prcp": 1.0}) for _ in range(5))  # one sign is not enough
+
+
+def test_stop_on_hacking_rolls_back_to_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def observe(self, row):
+        calls["n"] += 1
+        return "possible KL_prcp hacking: test" if calls["n"] == 3 else ""
+
+    monkeypatch.setattr(HackingMonitor, "observe", observe)
+    cfg = small_cfg("papo_g", ["trainer.max_steps=5", "trainer.save_every=1", "trainer.keep_last=5", "trainer.stop_on_hacking=true"])
+    result = run_train(cfg, str(tmp_path / "run"))
+    assert result["steps"] == 2  # stopped at step 3, weights and state restored from step-2
+    assert any("rolled back to step-2" in w for w in result["warnings"])
+    assert "Warnings" in (tmp_path / "run" / "report.md").read_text()
