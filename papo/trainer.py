@@ -30,7 +30,7 @@ import yaml
 from papo.algo import dapo_group_filter, group_advantages, kl_prcp_coef_at, kl_prcp_weights, papo_loss
 from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from papo.config import TrainConfig
-from papo.data.loaders import load_samples
+from papo.data.loaders import filter_by_prompt_length, load_samples
 from papo.data.sample import Sample
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.models.generation import SamplingParams
@@ -61,12 +61,16 @@ class Experience:
 class PromptStream:
     """Training prompts in a reproducible order; ``pos`` is saved in checkpoints (no data skipped or repeated)."""
 
-    def __init__(self, spec: str, seed: int, split: str = "train") -> None:
+    def __init__(self, spec: str, seed: int, split: str = "train", count_tokens=None, max_prompt_length: int = 0) -> None:
         if spec.startswith(SPEC_PREFIX):
             self.data = dataset_from_spec(spec, split=split, n=10**9, seed=seed)
             self.order = None
         else:
             self.data = load_samples(spec, split=split).samples
+            if count_tokens is not None and max_prompt_length > 0:  # PAPO's filter_overlong_prompts
+                self.data, report = filter_by_prompt_length(self.data, count_tokens, max_prompt_length)
+                if report.skipped:
+                    print(report.summary())
             if not self.data:
                 raise ValueError(f"{spec}: no usable training rows")
             self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -97,9 +101,14 @@ class Trainer:
         self.optim = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         warm = max(1, cfg.optim.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda s: min(1.0, (s + 1) / warm))
-        self.stream = PromptStream(cfg.data.train, cfg.trainer.seed)
+        self.stream = PromptStream(cfg.data.train, cfg.trainer.seed, count_tokens=self.prompt_tokens,
+                                   max_prompt_length=cfg.data.max_prompt_length)
         self.monitor = HackingMonitor()
         self.step_no = 0
+
+    def prompt_tokens(self, sample: Sample) -> int:
+        """Prompt length with image tokens, as the model sees it (chat template + processor)."""
+        return int(self.policy.encode([sample.formatted_prompt()], [self.policy.load_images(sample)]).inputs["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ one step
 

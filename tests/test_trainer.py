@@ -211,3 +211,11 @@ def test_stop_on_hacking_rolls_back_to_the_last_good_checkpoint(tmp_path, monkey
     assert result["steps"] == 2  # stopped at step 3, weights and state restored from step-2
     assert any("rolled back to step-2" in w for w in result["warnings"])
     assert "Warnings" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_overlong_prompts_are_filtered_from_file_datasets(tmp_path):
+    assert main(["data", "generate", "--task", "count+maze", "--n", "4", "--size", "224", "--out", str(tmp_path / "d")]) == 0
+    cfg = small_cfg("grpo", [f"data.train={tmp_path / 'd'}", "data.max_prompt_length=190"])
+    trainer = Trainer(cfg, tmp_path / "run", "cpu")
+    lengths = {s.task: trainer.prompt_tokens(s) for s in trainer.stream.data}
+    assert set(lengths) == {"count"} and lengths["count"] <= 190  # count prompts ~180 tokens, maze ~200
