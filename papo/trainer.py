@@ -40,6 +40,9 @@ from papo.monitor import HackingMonitor
 from papo.rewards import score_responses
 
 
+ENCODING_CACHE_MAX_SEQUENCES = 512
+
+
 @dataclass
 class Experience:
     """One step's sequences (prompt groups of G, in order) and what the loss needs of them."""
@@ -105,6 +108,7 @@ class Trainer:
                                    max_prompt_length=cfg.data.max_prompt_length)
         self.monitor = HackingMonitor()
         self.step_no = 0
+        self._encodings: dict[tuple, tuple] = {}
 
     def prompt_tokens(self, sample: Sample) -> int:
         """Prompt length with image tokens, as the model sees it (chat template + processor)."""
@@ -154,14 +158,25 @@ class Trainer:
         return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
 
     def _micro_batches(self, exp: Experience, rows: list[int]):
+        """(rows, full-image prompts, masked-image prompts, ids, mask) per micro-batch. The scoring pass and the
+        update pass see the same micro-batches, so small steps keep their encodings instead of running the image
+        processor twice (large steps would hold every image tensor of the step in memory)."""
         size = self.cfg.trainer.micro_batch_size
+        cache = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         for start in range(0, len(rows), size):
             idx = rows[start : start + size]
-            sub = _select(exp, idx)
-            width = max(1, int(sub.mask.sum(-1).max()))
-            prompts = [s.formatted_prompt() for s in sub.samples]
-            yield idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images), \
-                sub.ids[:, :width], sub.mask[:, :width]
+            key = tuple(idx)
+            if key not in self._encodings:
+                sub = _select(exp, idx)
+                width = max(1, int(sub.mask.sum(-1).max()))
+                prompts = [s.formatted_prompt() for s in sub.samples]
+                item = (idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
+                        sub.ids[:, :width], sub.mask[:, :width])
+                if not cache:
+                    yield item
+                    continue
+                self._encodings[key] = item
+            yield self._encodings[key]
 
     @torch.no_grad()
     def score_experience(self, exp: Experience, timing: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -231,6 +246,7 @@ class Trainer:
         return metrics
 
     def step(self) -> dict[str, Any]:
+        self._encodings: dict[tuple, tuple] = {}
         timing: dict[str, float] = {}
         t0 = time.time()
         exp, extra = self.collect(timing)
@@ -243,6 +259,7 @@ class Trainer:
         gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
                                 anneal_ratio=a.kl_prcp_anneal_ratio)
         metrics = self.update(exp, logps, adv, gamma, timing)
+        self._encodings = {}
         self.step_no += 1
         lengths = exp.mask.sum(-1).float()
         row = {
