@@ -25,7 +25,7 @@ from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.evaluation import generate_and_score, summarize
 from papo.models.generation import SamplingParams
-from papo.models.inputs import encode_prompts, pad_completions
+from papo.models.inputs import encode_prompts, tokenize_completions
 from papo.models.policy import Policy
 from papo.models.tiny import SIZES, build_tiny
 
@@ -92,8 +92,7 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         batch = [self.samples[(step * self.batch_size + i) % len(self.samples)] for i in range(self.batch_size)]
         prompts = encode_prompts(self.processor, [s.formatted_prompt() for s in batch], [s.load_images(None, None) for s in batch])
-        tok = self.processor.tokenizer
-        ids, mask = pad_completions([tok(s.meta["solution"], add_special_tokens=False)["input_ids"] + [self.eos_id] for s in batch], self.pad_id)
+        ids, mask = tokenize_completions(self.processor.tokenizer, [s.meta["solution"] for s in batch], self.eos_id, self.pad_id)
         return prompts, ids, mask
 
 

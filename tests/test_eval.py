@@ -5,7 +5,7 @@ from math import comb
 import pytest
 
 from papo.cli import main
-from papo.metrics import avg_and_pass_at_k, pass_at_k
+from papo.metrics import pass_at_k
 from papo.models.policy import Policy
 from papo.rewards import grade
 

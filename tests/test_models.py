@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from model_fixtures import mixed_batch, sharpen_vision, tiny_policy

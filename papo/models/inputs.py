@@ -66,6 +66,12 @@ def pad_completions(completions: Sequence[Sequence[int]], pad_id: int) -> tuple[
     return ids, mask
 
 
+def tokenize_completions(tokenizer: Any, texts: Sequence[str], eos_id: int | None, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (ids, mask) of completion texts (e.g. SFT targets), each ending with ``eos_id`` if given."""
+    tail = [eos_id] if eos_id is not None else []
+    return pad_completions([tokenizer(t, add_special_tokens=False)["input_ids"] + tail for t in texts], pad_id)
+
+
 def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Inputs for prompt + completion: ids / mask (B, R) right-padded completions."""
     b, p = batch.inputs["input_ids"].shape

@@ -17,8 +17,8 @@ from papo.data.sample import Sample
 from papo.images import resize_to_pixel_bounds
 from papo.masking import corrupt_images
 from papo.models.generation import Completions, SamplingParams, hf_generate
-from papo.models.inputs import PromptBatch, append_completions, encode_prompts, pad_completions, with_images
-from papo.models.loading import ModelOptions, load_model, load_processor, prepare_model
+from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
+from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
 
 DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
@@ -64,10 +64,6 @@ class Policy:
     def device(self) -> torch.device:
         return self.model.device
 
-    def with_options(self, opts: ModelOptions) -> "Policy":
-        self.model = prepare_model(self.model, opts)
-        return self
-
     # ------------------------------------------------------------- prompts and sampling
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
@@ -94,8 +90,7 @@ class Policy:
 
     def tokenize_completions(self, texts: Sequence[str], add_eos: bool = True) -> tuple[Tensor, Tensor]:
         """Right-padded (ids, mask) of completion texts, e.g. SFT targets."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + ([self.eos_ids[0]] if add_eos else []) for t in texts]
-        return pad_completions(ids, self.pad_id)
+        return tokenize_completions(self.tokenizer, texts, self.eos_ids[0] if add_eos else None, self.pad_id)
 
     # ------------------------------------------------------------- scoring
 
