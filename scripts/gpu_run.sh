@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
 # The GPU run of docs/runs/: warm-start a ~15M-parameter ("20m") tiny Qwen2.5-VL with papo sft, then train it
-# with PAPO-G for a few hundred steps. Stage 1 and 2 are separate so each fits a 10-minute call:
-#   bash scripts/gpu_run.sh sft OUT_DIR            # writes WORK/sft20 and OUT_DIR/{sft20.log, sft_metrics.jsonl, checkpoints.json}
-#   bash scripts/gpu_run.sh train OUT_DIR          # trains from the best WORK/sft20 checkpoint into WORK/rl20
+# with PAPO-G for a few hundred steps. Each stage fits one 10-minute call:
+#   bash scripts/gpu_run.sh sft OUT_DIR            # measures the step time, then SFT sized to SFT_SECONDS (340)
+#   FROM=WORK/sft-0/step-N SEED=1 bash scripts/gpu_run.sh sft OUT_DIR   # a second SFT leg from a checkpoint
+#   bash scripts/gpu_run.sh train OUT_DIR          # PAPO-G from the best checkpoint of the last SFT leg
 #   STEPS=300 bash scripts/gpu_run.sh train-default OUT_DIR   # trains the embedded default instead
-# WORK (scratch space, default \${TMPDIR:-/tmp}/papo-gpu) must survive between the two calls.
+# WORK (scratch space, default \${TMPDIR:-/tmp}/papo-gpu) must survive between the calls.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=12
 work=${WORK:-${TMPDIR:-/tmp}/papo-gpu}
+seed=${SEED:-0}
 mkdir -p "$out" "$work"
 if [ "$stage" = sft ]; then
-  timeout 500 python3 -m papo sft --model 20m --steps 3000 --batch-size 64 --lr 1e-3 --save-steps 1000,2000 \
-      --eval-per-task 30 --eval-k 2 --out $work/sft20 --device cuda > "$out/sft20.log" 2>&1
-  cp $work/sft20/sft_metrics.jsonl "$out/" 2>/dev/null
-  python3 scripts/pick_checkpoint.py $work/sft20 $work/pick20 --no-pack > "$out/pick.txt"
-  cp $work/pick20/checkpoints.json "$out/"
-  cat "$out/pick.txt"
+  python3 benchmarks/sft_step.py --model 20m --batch-size 64 --steps 20 --device cuda --profile > "$out/sft_step.txt" 2>&1
+  ms=$(grep -o 'model step [0-9]* ms' "$out/sft_step.txt" | grep -o '[0-9]*')
+  steps=$(( ${SFT_SECONDS:-340} * 1000 / (${ms:-200} + 20) ))  # +20 ms: logging, loader hand-off
+  echo "model step ${ms} ms -> $steps SFT steps" | tee "$out/sft_plan.txt"
+  timeout 520 python3 -m papo sft --model "${FROM:-20m}" --steps $steps --batch-size 64 --lr ${LR:-1e-3} --seed $seed \
+      --save-steps $((steps / 2)),$((steps * 3 / 4)) --eval-per-task 30 --eval-k 2 --out $work/sft-$seed --device cuda \
+      > "$out/sft.log" 2>&1
+  cp $work/sft-$seed/sft_metrics.jsonl "$out/sft_metrics_$seed.jsonl" 2>/dev/null
+  python3 scripts/pick_checkpoint.py $work/sft-$seed $work/pick --no-pack > "$out/pick.txt"
+  cp $work/pick/checkpoints.json "$out/sft_checkpoints_$seed.json"
+  echo "$work/sft-$seed" > $work/last_sft
+  cat "$out/sft_plan.txt" "$out/pick.txt"; tail -c 600 "$out/sft.log"
 else
   # stage "train" starts from the best SFT checkpoint; stage "train-default" from the embedded default model
   if [ "$stage" = train ]; then
-    best=$(WORK="$work" python3 -c "import json, os; w = os.environ['WORK']; r = json.load(open(w + '/pick20/checkpoints.json'))['ranking'][0]; print(w + '/sft20' if r == 'final' else w + '/sft20/' + r)")
+    run=$(cat $work/last_sft)
+    best=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['ranking'][0]; print(sys.argv[2] + ('' if r == 'final' else '/' + r))" $work/pick/checkpoints.json $run)
   else
     best=default
   fi

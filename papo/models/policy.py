@@ -16,6 +16,7 @@ from torch import Tensor
 from papo.data.sample import Sample
 from papo.images import resize_to_pixel_bounds
 from papo.masking import corrupt_images
+from papo.models.attention import use_packed_vision_attention
 from papo.models.generation import Completions, SamplingParams, hf_generate
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor
@@ -41,6 +42,7 @@ def resolve_model(name_or_path: str | None) -> str:
 class Policy:
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        use_packed_vision_attention(model)  # one SDPA call per image size instead of one per image or window
         # papo resizes images with PAPO's rule before the processor; None keeps the dataset's pixels
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.suppress_ids = suppressed_token_ids(model, self.tokenizer)
