@@ -3,7 +3,7 @@
 # with PAPO-G for a few hundred steps. Each stage fits one 10-minute call:
 #   bash scripts/gpu_run.sh sft OUT_DIR            # measures the step time, then SFT sized to SFT_SECONDS (340)
 #   FROM=WORK/sft-0/step-N SEED=1 bash scripts/gpu_run.sh sft OUT_DIR   # a second SFT leg from a checkpoint
-#   bash scripts/gpu_run.sh train OUT_DIR          # PAPO-G from the best checkpoint of the last SFT leg
+#   RL_LR=3e-5 STEPS=300 bash scripts/gpu_run.sh train OUT_DIR   # PAPO-G from the best checkpoint of the last SFT leg
 #   STEPS=300 bash scripts/gpu_run.sh train-default OUT_DIR   # trains the embedded default instead
 # WORK (scratch space, default \${TMPDIR:-/tmp}/papo-gpu) must survive between the calls.
 set -uo pipefail
@@ -35,7 +35,7 @@ else
   fi
   echo "training from $best"
   timeout 530 python3 -m papo train --model "$best" --max-steps "${STEPS:-200}" --device cuda --out $work/rl20 \
-      --set trainer.save_every=100 --set trainer.log_samples_every=50 > "$out/train.log" 2>&1
+      ${RL_LR:+--set optim.lr=$RL_LR} --set trainer.save_every=100 --set trainer.log_samples_every=50 > "$out/train.log" 2>&1
   for f in metrics.jsonl report.md heldout_before.json heldout_after.json config.yaml; do cp "$work/rl20/$f" "$out/" 2>/dev/null; done
   tar czf "$out/plots.tar.gz" -C $work/rl20 plots samples 2>/dev/null
   tail -c 1500 "$out/train.log"
