@@ -1,7 +1,8 @@
 """Atomic, pickle-free training checkpoints: an HF model directory plus the trainer state.
 
-A checkpoint is written to ``step-N.tmp`` and renamed to ``step-N`` only when complete, so a crash mid-write
-never leaves a half checkpoint where a resume would look. Optimizer/RNG state is loaded with
+A checkpoint is written to ``step-N.tmp``, flushed to disk, and renamed to ``step-N`` only when complete, so a
+crash or a full disk mid-write never leaves a half checkpoint where a resume would look, and older checkpoints
+are pruned only after the new one is in place. Optimizer/RNG state is loaded with
 ``torch.load(weights_only=True)``: no arbitrary pickle.
 """
 
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from papo.errors import CheckpointError
+from papo.faults import failpoint
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -35,20 +39,58 @@ def save_checkpoint(root: Path, step: int, policy: Any, state: dict[str, Any], k
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob("step-*.tmp"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         policy.save(tmp)
+        failpoint("checkpoint.model")
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_pos": state.get("data_pos")}))
+        _fsync_tree(tmp)
+        failpoint("checkpoint.state")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise CheckpointError(
+            f"could not write checkpoint step-{step} in {root}: {err.strerror or err}. "
+            + (f"The previous checkpoint {previous.name} is intact; free space and continue with --resume."
+               if previous else "No earlier checkpoint exists.")) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    failpoint("checkpoint.rename")
     for _, old in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    # rename is atomic, but without fsync a power cut can leave the renamed files empty
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -168,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # papo draws its own progress bars
+    from papo.errors import CheckpointError, TrainingStopped
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, no traceback
         print(f"papo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (TrainingStopped, CheckpointError) as err:  # the run stopped; the message says what to do next
+        print(f"papo {args.command}: stopped: {err}", file=sys.stderr)
+        return 1

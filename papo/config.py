@@ -15,6 +15,7 @@ import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
 from papo.masking import MaskingConfig
+from papo.rewards import REWARDS
 
 PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
 
@@ -86,6 +87,8 @@ class AlgorithmSection:
     filter_high: float = 0.99
     max_filter_rounds: int = 20
     keep_all_if_empty: bool = False
+    # reward: papo_math (0.9 accuracy + 0.1 format), math_only, or path/to/file.py:function (runs that file)
+    reward: str = "papo_math"
 
     def loss_config(self) -> LossConfig:
         names = {f.name for f in fields(LossConfig)}
@@ -119,6 +122,7 @@ class TrainerSection:
     eval_before_after: bool = True
     eval_k: int = 4
     stop_on_hacking: bool = False
+    max_bad_steps: int = 3  # stop after this many consecutive steps skipped for non-finite values
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -148,6 +152,8 @@ class TrainConfig:
             (a.kl_prcp_apply_mode in APPLY_MODES, f"algorithm.kl_prcp_apply_mode must be one of {APPLY_MODES}"),
             (a.filter_key in ("accuracy", "overall", "format"), "algorithm.filter_key must be accuracy, overall or format"),
             (a.max_filter_rounds >= 1, "algorithm.max_filter_rounds must be >= 1"),
+            (a.reward in REWARDS or ":" in a.reward, f"algorithm.reward must be one of {', '.join(REWARDS)} or path/to/file.py:function"),
+            (t.max_bad_steps >= 1, "trainer.max_bad_steps must be >= 1"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),

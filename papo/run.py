@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from papo.data.loaders import load_samples
 from papo.evaluation import generate_and_score, summarize
 from papo.models.generation import SamplingParams
 from papo.report import write_report
+from papo.errors import TrainingStopped
+from papo.faults import failpoint
 from papo.trainer import Trainer, is_finite_row, read_metrics, resume_point, write_config
 
 
@@ -78,13 +82,16 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device))
     rows: list[dict[str, Any]] = []
     before = None
-    if resume and (ckpt := resume_point(out_dir)):
-        trainer.restore(ckpt)
+    if resume:
+        if ckpt := resume_point(out_dir):
+            trainer.restore(ckpt)
+            console.print(f"resumed from {ckpt} at step {trainer.step_no}")
+        else:  # stopped before its first checkpoint: start over in the same directory
+            console.print(f"{out_dir} has no checkpoint yet; starting it from step 0")
         rows = read_metrics(out_dir / "metrics.jsonl", up_to=trainer.step_no)
-        # drop steps logged after the checkpoint: a resumed run logs each step exactly once
-        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # drop steps logged after the checkpoint (and a line cut short by a crash): each step is logged exactly once
+        _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         before = json.loads((out_dir / "heldout_before.json").read_text()) if (out_dir / "heldout_before.json").exists() else None
-        console.print(f"resumed from {ckpt} at step {trainer.step_no}")
     else:
         if out_dir.exists() and (out_dir / "metrics.jsonl").exists():
             raise ValueError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
@@ -107,9 +114,12 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             step = row["step"]
             if t.val_every and step % t.val_every == 0:
                 row["val_accuracy"] = _heldout(trainer, cfg.data.val, t.val_k)["avg_at_k"]
-            if not is_finite_row(row):
+            if row.get("skipped"):
+                console.print(f"[yellow]step {step}: update skipped: {row['skipped']}")
+            elif not is_finite_row(row):
                 console.print(f"[yellow]step {step}: non-finite metrics {row}")
-            log.write(json.dumps(row) + "\n")
+            failpoint("metrics")
+            log.write(json.dumps(_json_safe(row)) + "\n")
             log.flush()
             loggers.log(row)
             rows.append(row)
@@ -126,6 +136,12 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                     break
             elif t.save_every and (step % t.save_every == 0 or step == t.max_steps):
                 last_good = trainer.save()
+            if trainer.bad_steps >= t.max_bad_steps:
+                loggers.close()
+                raise TrainingStopped(
+                    f"stopped at step {step}: {trainer.bad_steps} consecutive steps were skipped for non-finite values "
+                    f"(last: {row['skipped']}). No such update reached the weights. Check the reward function and "
+                    f"the data, or lower optim.lr (now {cfg.optim.lr}); resume with --resume {out_dir}.")
     loggers.close()
     after = None
     if t.eval_before_after:
@@ -137,6 +153,17 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
         console.print(_table(before, after))
     console.print(f"wrote {report}, metrics.jsonl, checkpoints/ and final/ to {out_dir}")
     return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf become null: metrics.jsonl stays strict JSON for every reader."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _table(before: dict, after: dict):

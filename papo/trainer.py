@@ -7,7 +7,9 @@ One training step, as in the paper's algorithm (``Trainer.step``):
   4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
   5. old log-probs (full image), masked log-probs (masked image), reference log-probs (when beta > 0)
   6. group advantages
-  7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip; a non-finite step is skipped
+  7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip
+A step with a non-finite reward or log-prob is skipped whole, a mini-batch with a non-finite gradient is not
+applied: non-finite values never reach the weights, and each skip is logged with its cause.
 
 Simplifications, stated up front: one process (the loop keeps no global state and only ``rank == 0`` would
 write; multi-GPU FSDP2 comes later); one PPO epoch; sampling through ``Policy.generate`` and scoring through
@@ -33,11 +35,13 @@ from papo.config import TrainConfig
 from papo.data.loaders import filter_by_prompt_length, load_samples
 from papo.data.sample import Sample
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
+from papo.errors import TrainingStopped
+from papo.faults import failpoint
 from papo.models.generation import SamplingParams
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
 from papo.monitor import HackingMonitor
-from papo.rewards import score_responses
+from papo.rewards import get_reward, score_responses
 
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
@@ -106,8 +110,11 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda s: min(1.0, (s + 1) / warm))
         self.stream = PromptStream(cfg.data.train, cfg.trainer.seed, count_tokens=self.prompt_tokens,
                                    max_prompt_length=cfg.data.max_prompt_length)
+        self.reward = get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
         self.monitor = HackingMonitor()
         self.step_no = 0
+        self.bad_steps = 0  # consecutive steps whose updates were all skipped
+        self.phase = ""
         self._encodings: dict[tuple, tuple] = {}
 
     def prompt_tokens(self, sample: Sample) -> int:
@@ -127,8 +134,10 @@ class Trainer:
                 masked.append(mims)
         batch = self.policy.encode([s.formatted_prompt() for s in samples], images)
         comp = self.policy.generate(batch, self.params)
+        failpoint("rollout")
         texts = self.policy.decode(comp)
-        scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples], [s.meta for s in samples])
+        scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],
+                                 [s.meta for s in samples], reward=self.reward)
         return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores)
 
     def collect(self, timing: dict[str, float]) -> tuple[Experience, dict[str, float]]:
@@ -197,6 +206,8 @@ class Trainer:
                 out["ref"].append(self.policy.logprobs(full, ids, mask, T, model=self.ref)[0].cpu())
                 timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
         self.policy.model.train()
+        if failpoint("logprobs") == "nan":
+            out["old"][0][0, 0] = float("nan")
         width = exp.ids.shape[1]
         return {k: _pad_cat(v, width) for k, v in out.items() if v}
 
@@ -209,12 +220,13 @@ class Trainer:
         per_update = c.trainer.mini_batch_size * g
         sums: dict[str, float] = {}
         count = skipped = 0
-        norms = []
+        norms, causes = [], []
         for start in range(0, exp.size, per_update):
             rows = list(range(start, min(start + per_update, exp.size)))
             micro = list(self._micro_batches(exp, rows))
             self.optim.zero_grad(set_to_none=True)
             for idx, full, masked, ids, mask in micro:
+                failpoint("update")
                 w = ids.shape[1]
                 exact = self.loss_cfg.entropy_estimator == "exact"
                 logp, ent = self.policy.logprobs(full, ids, mask, c.rollout.temperature, with_entropy=exact)
@@ -231,11 +243,14 @@ class Trainer:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
+            if failpoint("grad") == "nan":
+                next(p for p in self.policy.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
             norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
             if torch.isfinite(norm):
                 self.optim.step()
             else:  # a non-finite gradient never reaches the weights
                 skipped += 1
+                causes.append(f"non-finite gradient norm in mini-batch {start // per_update}")
                 self.optim.zero_grad(set_to_none=True)
             norms.append(float(norm))
         self.sched.step()
@@ -243,33 +258,50 @@ class Trainer:
         metrics = {k: v / max(1, count) for k, v in sums.items()}
         metrics["grad_norm"] = sum(norms) / len(norms)
         metrics["skipped_updates"] = skipped
+        metrics["skipped"] = "; ".join(causes)
+        metrics["updates"] = len(norms)
         return metrics
 
     def step(self) -> dict[str, Any]:
         self._encodings: dict[tuple, tuple] = {}
         timing: dict[str, float] = {}
         t0 = time.time()
-        exp, extra = self.collect(timing)
-        logps = self.score_experience(exp, timing)
-        rewards = torch.tensor([s["overall"] for s in exp.scores])
-        if not torch.isfinite(rewards).all():
-            raise FloatingPointError("non-finite reward from the reward function")
-        adv = group_advantages(rewards, exp.uids, self.cfg.algorithm.adv_estimator)
-        a = self.cfg.algorithm
-        gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
-                                anneal_ratio=a.kl_prcp_anneal_ratio)
-        metrics = self.update(exp, logps, adv, gamma, timing)
+        try:
+            self.phase = "rollout"
+            exp, extra = self.collect(timing)
+            self.phase = "scoring"
+            logps = self.score_experience(exp, timing)
+            rewards = torch.tensor([float(s["overall"]) for s in exp.scores])
+            if failpoint("rewards") == "nan":
+                rewards[0] = float("nan")
+            self.phase = "update"
+            fault = nonfinite_inputs(rewards, logps, exp.mask)
+            if fault:  # skip the whole step: its advantages or ratios would be garbage
+                metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault}
+            else:
+                adv = group_advantages(rewards, exp.uids, self.cfg.algorithm.adv_estimator)
+                a = self.cfg.algorithm
+                gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
+                                        anneal_ratio=a.kl_prcp_anneal_ratio)
+                metrics = self.update(exp, logps, adv, gamma, timing)
+        except torch.OutOfMemoryError as err:
+            self.optim.zero_grad(set_to_none=True)
+            self._encodings = {}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise TrainingStopped(self._oom_message()) from err
         self._encodings = {}
         self.step_no += 1
+        self.bad_steps = self.bad_steps + 1 if metrics["skipped_updates"] >= max(1, metrics["updates"]) else 0
         lengths = exp.mask.sum(-1).float()
         row = {
             "step": self.step_no,
-            "reward": float(rewards.mean()),
-            "accuracy": sum(s["accuracy"] for s in exp.scores) / exp.size,
-            "format": sum(s["format"] for s in exp.scores) / exp.size,
+            "reward": _finite_mean(rewards.tolist()),
+            "accuracy": _finite_mean([float(s["accuracy"]) for s in exp.scores]),
+            "format": _finite_mean([float(s["format"]) for s in exp.scores]),
             "response_length": float(lengths.mean()),
             "lr": self.sched.get_last_lr()[0],
-            **{k: round(v, 6) for k, v in metrics.items()},
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items() if k != "updates"},
             **extra,
             **{k: round(v, 3) for k, v in timing.items()},
             "step_s": round(time.time() - t0, 3),
@@ -278,11 +310,24 @@ class Trainer:
         self.last_experience = exp
         return row
 
+    def _oom_message(self) -> str:
+        c = self.cfg
+        lower = {
+            "rollout": (f"trainer.rollout_batch_size (now {c.trainer.rollout_batch_size}; x rollout.n = "
+                        f"{c.trainer.rollout_batch_size * c.rollout.n} sequences are sampled at once), "
+                        f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
+        }.get(self.phase, f"trainer.micro_batch_size (now {c.trainer.micro_batch_size}), data.max_pixels (now "
+                          f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
+                          "model.gradient_checkpointing=true")
+        last = latest_checkpoint(self.out / "checkpoints")
+        return (f"out of memory during the {self.phase} phase of step {self.step_no + 1}. Lower {lower}. Nothing was "
+                f"saved for this step; " + (f"resume from {last.name} with --resume." if last else "no checkpoint exists yet."))
+
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step_no, "data_pos": self.stream.pos, "optimizer": self.optim.state_dict(),
-                "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(), "monitor": self.monitor.state()}
+                "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(), "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
         return save_checkpoint(self.out / "checkpoints", self.step_no, self.policy, self.state(), self.cfg.trainer.keep_last)
@@ -297,6 +342,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.stream.pos, self.step_no = int(state["data_pos"]), int(state["step"])
         self.monitor.load(state.get("monitor", {}))
+        self.bad_steps = int(state.get("bad_steps", 0))
 
 
 def _select(exp: Experience, idx: list[int]) -> Experience:
@@ -331,7 +377,9 @@ def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             continue
         if up_to is None or row["step"] <= up_to:
             rows.append(row)
@@ -340,6 +388,23 @@ def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
 
 def resume_point(out: Path) -> Path | None:
     return latest_checkpoint(out / "checkpoints")
+
+
+def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask: torch.Tensor) -> str:
+    """Why a step's loss inputs are unusable ("" if they are fine): rewards (N,), log-probs (N, R) under mask."""
+    causes = []
+    if bad := int((~torch.isfinite(rewards)).sum()):
+        causes.append(f"non-finite reward ({bad} of {rewards.numel()})")
+    valid = mask.bool()
+    for name, values in logps.items():
+        if bad := int((~torch.isfinite(values[:, : valid.shape[1]]) & valid[:, : values.shape[1]]).sum()):
+            causes.append(f"non-finite {name} log-probs ({bad} tokens)")
+    return "; ".join(causes)
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def is_finite_row(row: dict) -> bool:

@@ -1,0 +1,100 @@
+"""Failpoints: named places in the training loop where tests and ``scripts/crash_test.py`` inject faults.
+
+Off unless configured, and then a dict lookup per call. Configure with the environment (read once, so a
+child ``papo train`` process inherits it) or with ``configure()`` in-process:
+
+    PAPO_FAILPOINTS="checkpoint.state=kill@2; rewards=nan@1-3; update=oom@1"
+
+``name=action@hits``: the action fires on the given hits of that failpoint in this process (``@2``: the second
+hit; ``@1-3``: hits one to three; ``@*``: every hit). Actions:
+
+  kill    SIGKILL this process (what a crash, an OOM-killer or a preemption does)
+  enospc  raise OSError(ENOSPC), as a full disk does mid-write
+  oom     raise torch.OutOfMemoryError, as CUDA does
+  nan     return "nan": the caller poisons the value it is about to use
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+
+ENV = "PAPO_FAILPOINTS"
+ACTIONS = ("kill", "enospc", "oom", "nan")
+
+# every failpoint the package defines, where it sits
+POINTS = {
+    "rollout": "after sampling, before rewards",
+    "rewards": "rewards of a step (nan: one reward becomes NaN)",
+    "logprobs": "old log-probs of a step (nan: one becomes NaN)",
+    "update": "each micro-batch forward/backward",
+    "grad": "after a mini-batch's backward (nan: one gradient becomes NaN)",
+    "checkpoint.model": "checkpoint written: model files only",
+    "checkpoint.state": "checkpoint written: model and optimizer state, not yet renamed",
+    "checkpoint.rename": "checkpoint renamed into place, older ones not yet pruned",
+    "metrics": "before a step's metrics line is written",
+}
+
+
+@dataclass
+class _Rule:
+    action: str
+    first: int
+    last: int  # inclusive; -1: no end
+
+
+_rules: dict[str, _Rule] = {}
+_hits: dict[str, int] = {}
+
+
+def parse(spec: str) -> dict[str, _Rule]:
+    rules = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, eq, rest = part.partition("=")
+        action, at, hits = rest.partition("@")
+        name, action, hits = name.strip(), action.strip(), hits.strip() or "1"
+        if not eq or name not in POINTS:
+            raise ValueError(f"{ENV}: unknown failpoint in {part!r}; known: {', '.join(POINTS)}")
+        if action not in ACTIONS:
+            raise ValueError(f"{ENV}: unknown action in {part!r}; choose one of {', '.join(ACTIONS)}")
+        try:
+            if hits == "*":
+                first, last = 1, -1
+            else:
+                lo, _, hi = hits.partition("-")
+                first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"{ENV}: bad hit count in {part!r} (want @N, @N-M or @*)") from None
+        rules[name] = _Rule(action, first, last)
+    return rules
+
+
+def configure(spec: str | None) -> None:
+    """Replace the active failpoints (``None`` or "" turns them all off) and reset hit counts."""
+    global _rules
+    _rules = parse(spec or "")
+    _hits.clear()
+
+
+def failpoint(name: str) -> str | None:
+    """Count a hit of ``name``; perform its action if it fires. Returns "nan" for the caller to act on."""
+    rule = _rules.get(name)
+    if rule is None:
+        return None
+    _hits[name] = n = _hits.get(name, 0) + 1
+    if n < rule.first or (rule.last != -1 and n > rule.last):
+        return None
+    if rule.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rule.action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<failpoint {name}>")
+    if rule.action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at failpoint {name})")
+    return rule.action
+
+
+configure(os.environ.get(ENV))
