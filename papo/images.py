@@ -13,6 +13,13 @@ from PIL import Image
 # PAPO / EasyR1 training bounds: 256 * 28^2 and 1280 * 28^2 pixels
 MIN_PIXELS = 200_704
 MAX_PIXELS = 1_003_520
+# refuse to decode more than this: an 8192 x 8192 RGB image is 200 MB, and a few hundred bytes of PNG can
+# declare far more (PIL itself only warns below 179M pixels)
+MAX_DECODE_PIXELS = 8192 * 8192
+
+
+class ImageTooLarge(ValueError):
+    pass
 
 
 def to_rgb(image: Any, source: str = "image") -> Image.Image:
@@ -37,8 +44,10 @@ def to_rgb(image: Any, source: str = "image") -> Image.Image:
             image = Image.fromarray(image)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"{source}: cannot read an image from {type(image).__name__}")
+        if image.width * image.height > MAX_DECODE_PIXELS:
+            raise ImageTooLarge(f"{source}: image too large ({image.width}x{image.height} is over {MAX_DECODE_PIXELS:,} pixels)")
         image.load()  # decode now: truncated or corrupt data fails here, not deep in a worker
-    except FileNotFoundError:
+    except (FileNotFoundError, ImageTooLarge):
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{source}: undecodable image ({err})") from err

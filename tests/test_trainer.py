@@ -219,3 +219,14 @@ def test_overlong_prompts_are_filtered_from_file_datasets(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", "cpu")
     lengths = {s.task: trainer.prompt_tokens(s) for s in trainer.stream.data}
     assert set(lengths) == {"count"} and lengths["count"] <= 190  # count prompts ~180 tokens, maze ~200
+
+
+def test_a_user_reward_file_named_in_the_config_scores_the_rollouts(tmp_path):
+    (tmp_path / "length_reward.py").write_text(
+        "def reward(response, answer, answer_type, meta):\n"
+        "    return {'overall': 0.25, 'accuracy': 0.0, 'format': 1.0}\n")
+    trainer = Trainer(small_cfg("grpo", [f"algorithm.reward={tmp_path / 'length_reward.py'}:reward"]), tmp_path, "cpu")
+    row = trainer.step()
+    assert row["reward"] == 0.25 and row["format"] == 1.0
+    with pytest.raises(ConfigError, match="algorithm.reward"):
+        small_cfg("grpo", ["algorithm.reward=exact_match"])

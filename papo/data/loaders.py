@@ -28,7 +28,7 @@ from PIL import Image
 from papo.data.hub import arrow_dataset_rows, is_hub_id, load_hub_rows, parquet_rows, select_split_files
 from papo.data.sample import ANSWER_TYPES, IMAGE_PLACEHOLDER, Sample, strip_format_suffix
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
-from papo.images import to_rgb
+from papo.images import ImageTooLarge, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +378,8 @@ def _image_ref(image: Any, i: int, base_dirs: list[Path], check: bool) -> Any:
             to_rgb(image, source=f"image {i}")
         except FileNotFoundError as err:
             raise _BadRow(f"missing image file: {err}") from None
+        except ImageTooLarge as err:
+            raise _BadRow(f"image too large: {err}") from None
         except ValueError as err:
             kind = "zero-size image" if "zero-size" in str(err) else "undecodable image"
             raise _BadRow(f"{kind}: {err}") from None
@@ -389,10 +391,14 @@ def _image_ref(image: Any, i: int, base_dirs: list[Path], check: bool) -> Any:
 def _resolve(path: str, base_dirs: list[Path], i: int) -> str:
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [base / p for base in base_dirs]
+    shown = path if len(path) <= 120 else f"{path[:100]}... ({len(path)} characters)"
     for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate.resolve())
-    raise _BadRow(f"missing image file: image {i} {path}")
+        try:
+            if candidate.is_file():
+                return str(candidate.resolve())
+        except (OSError, ValueError) as err:  # a name too long for the filesystem, a NUL byte: not a file
+            raise _BadRow(f"missing image file: image {i} {shown} ({getattr(err, 'strerror', None) or err})") from None
+    raise _BadRow(f"missing image file: image {i} {shown}")
 
 
 def _meta(value: Any) -> dict[str, Any]:

@@ -56,9 +56,9 @@ class UnsafeExpression(ValueError):
 @functools.lru_cache(maxsize=1)
 def _namespace() -> frozenset[str]:
     # what parse_expr resolves bare names against (``from sympy import *`` plus builtins), plus every builtin
-    ns: dict[str, Any] = {}
-    exec("from sympy import *", ns)  # noqa: S102 - a fixed import statement, no untrusted text
-    return frozenset(ns) | frozenset(vars(builtins))
+    import sympy
+
+    return frozenset(sympy.__all__) | frozenset(vars(builtins))
 
 
 def screen(expr: str) -> str | None:

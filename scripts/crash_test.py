@@ -1,0 +1,126 @@
+"""Crash safety of ``papo train``: SIGKILL it again and again, resume each time, compare with an unkilled run.
+
+    python scripts/crash_test.py --kills 10 --steps 40 --out runs/crash-test [--seed 0] [--json results.json]
+
+A reference run trains the embedded model on CPU for ``--steps`` steps (small settings, a checkpoint every
+step). A second run is killed ``--kills`` times: half the kills fire inside the trainer through papo.faults
+(during a rollout, an update, the metrics write, or at one of three moments of a checkpoint write), half come
+from this script at a random wall-clock time (model loading included). After every kill the latest
+checkpoint must load (trainer state with ``weights_only``, weights through ``from_pretrained``); the run is
+then resumed with ``--resume``. At the end ``metrics.jsonl`` must hold each step exactly once and equal the
+reference's, timings aside. Exit status 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = [
+    "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=8", "rollout.n=4",
+    "rollout.max_new_tokens=16", "trainer.eval_before_after=false", "trainer.report_to=none",
+    "trainer.log_samples_every=0", "trainer.save_every=1", "trainer.keep_last=2",
+]
+KILL_POINTS = ["rollout", "update", "metrics", "checkpoint.model", "checkpoint.state", "checkpoint.rename"]
+
+
+def _train(out: Path, steps: int, resume: bool, failpoints: str = "", kill_after: float | None = None) -> int:
+    cmd = [sys.executable, "-m", "papo", "train"]
+    cmd += ["--resume", str(out)] if resume else ["--out", str(out), "--max-steps", str(steps), "--device", "cpu"]
+    if not resume:
+        for s in SETTINGS:
+            cmd += ["--set", s]
+    env = {**os.environ, "PAPO_FAILPOINTS": failpoints}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        return -signal.SIGKILL
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise RuntimeError(f"papo train failed ({proc.returncode}):\n{err[-3000:]}")
+    return proc.returncode
+
+
+def _check_latest(out: Path) -> str:
+    """Load the newest checkpoint the way --resume would; returns its name ("none" before the first)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    from papo.checkpoint import latest_checkpoint, load_trainer_state
+
+    hf_logging.disable_progress_bar()
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        return "none"
+    state = load_trainer_state(ckpt)
+    AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert state["step"] == int(ckpt.name.split("-")[1]), f"{ckpt}: trainer state says step {state['step']}"
+    return ckpt.name
+
+
+def _rows(out: Path) -> list[dict]:
+    timing = lambda k: k.endswith("_s")  # noqa: E731 - wall-clock times differ between any two runs
+    return [{k: v for k, v in json.loads(line).items() if not timing(k)}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_crash_test(out: Path, kills: int, steps: int, seed: int = 0, log=print) -> dict:
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    _train(out / "reference", steps, resume=False)
+    log(f"reference run: {steps} steps in {time.time() - t0:.0f} s")
+    run, events, started = out / "killed", [], False
+    for i in range(kills):
+        if i % 2 == 0:
+            where = f"{rng.choice(KILL_POINTS)}=kill@{rng.randint(1, 2)}"
+            rc = _train(run, steps, resume=started, failpoints=where)
+        else:
+            delay = rng.uniform(3.0, 12.0)
+            where = f"SIGKILL after {delay:.1f} s"
+            rc = _train(run, steps, resume=started, kill_after=delay)
+        started = started or (run / "config.yaml").exists()
+        event = {"kill": i + 1, "where": where, "killed": rc == -signal.SIGKILL, "latest_checkpoint": _check_latest(run)}
+        events.append(event)
+        log(f"kill {i + 1:2d}: {where:32s} {'killed' if event['killed'] else 'finished first'}; "
+            f"latest checkpoint {event['latest_checkpoint']} loads")
+    _train(run, steps, resume=started)
+    reference, killed = _rows(out / "reference"), _rows(run)
+    result = {
+        "kills": sum(e["killed"] for e in events), "steps": steps, "events": events,
+        "each_step_once": [r["step"] for r in killed] == list(range(1, steps + 1)),
+        "equals_reference": killed == reference,
+        "seconds": round(time.time() - t0, 1),
+    }
+    result["passed"] = result["each_step_once"] and result["equals_reference"]
+    log(f"{result['kills']} kills; metrics.jsonl has each step once: {result['each_step_once']}; "
+        f"equals the unkilled run: {result['equals_reference']} ({result['seconds']} s)")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/crash-test")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    result = run_crash_test(Path(args.out), args.kills, args.steps, args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    sys.exit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""The short crash-safety run (the full one: python scripts/crash_test.py --kills 10 --steps 40)."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "crash_test.py"
+
+
+def test_sigkilled_runs_resume_to_the_unkilled_result(tmp_path):
+    spec = importlib.util.spec_from_file_location("crash_test", SCRIPT)
+    crash_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crash_test)
+    result = crash_test.run_crash_test(tmp_path, kills=3, steps=4, seed=1, log=lambda *_: None)
+    assert result["kills"] >= 2  # a wall-clock kill may come after the run finished
+    assert all(e["latest_checkpoint"] != "" for e in result["events"])
+    assert result["each_step_once"] and result["equals_reference"]
