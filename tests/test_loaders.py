@@ -309,3 +309,13 @@ def test_synthetic_specs_go_through_the_same_entry_point():
     assert [s.task for s in result.samples] == ["count", "clock", "count"]
     assert all(s.meta["split"] == "val" for s in result.samples)
     assert "3 of 3 rows kept" in result.report.summary()
+
+
+def test_rows_the_fuzzer_found_are_skipped_with_reasons():
+    rows = [{"problem": "<image>?", "answer": "1", "images": ["x" * 5000]},  # name too long for the filesystem
+            {"problem": "<image>?", "answer": "1", "images": ["~nosuchuser0/a.png"]},  # home of no user
+            {"problem": "q?", "answer": "1", "answer_type": [0]}]  # unhashable answer_type
+    report = load_samples(rows).report
+    assert report.rows_kept == 0
+    assert [r.split(":")[0] for _, r in report.skipped] == ["missing image file", "missing image file", "wrong type"]
+    assert "(5000 characters)" in report.skipped[0][1]

@@ -290,6 +290,8 @@ def _parse_row(
     sample_id = _column(row, columns.id, ("id",), used)
     sample_id = f"{source.id_prefix}-{index}" if sample_id is None or sample_id == "" else str(sample_id)
     answer_type = row.get("answer_type") or "math"
+    if not isinstance(answer_type, str):
+        raise _BadRow(f"wrong type: answer_type is {type(answer_type).__name__}")
     meta = _meta(row.get("meta"))
     if answer_type not in ANSWER_TYPES:
         # a dataset's own answer_type column (MathVista: integer/float/text/list) is not a papo verifier name:
@@ -389,7 +391,10 @@ def _image_ref(image: Any, i: int, base_dirs: list[Path], check: bool) -> Any:
 
 
 def _resolve(path: str, base_dirs: list[Path], i: int) -> str:
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # "~user" with no such user: not a path papo can read
+        p = Path(path)
     candidates = [p] if p.is_absolute() else [base / p for base in base_dirs]
     shown = path if len(path) <= 120 else f"{path[:100]}... ({len(path)} characters)"
     for candidate in candidates:
