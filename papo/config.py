@@ -51,6 +51,7 @@ class RolloutSection:
     top_p: float = 1.0  # official rollouts use 0.99
     top_k: int = 0
     max_new_tokens: int = 48  # official 2048
+    engine: str = "auto"  # auto: papo.rollout on CUDA for the models it supports, else transformers generate; papo | hf
 
 
 @dataclass
@@ -154,6 +155,7 @@ class TrainConfig:
             (a.max_filter_rounds >= 1, "algorithm.max_filter_rounds must be >= 1"),
             (a.reward in REWARDS or ":" in a.reward, f"algorithm.reward must be one of {', '.join(REWARDS)} or path/to/file.py:function"),
             (t.max_bad_steps >= 1, "trainer.max_bad_steps must be >= 1"),
+            (r.engine in ("auto", "papo", "hf"), "rollout.engine must be auto, papo or hf"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),

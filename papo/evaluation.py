@@ -47,12 +47,9 @@ def generate_and_score(
     per_batch = max(1, batch_size // k)
     for start in range(0, len(samples), per_batch):
         chunk = samples[start : start + per_batch]
-        prompts, images = [], []
-        for s in chunk:
-            ims = policy.load_images(s) if masking is None else policy.load_image_pair(s, masking, seed)[1]
-            prompts += [s.formatted_prompt()] * k
-            images += [ims] * k
-        completions = policy.generate(policy.encode(prompts, images), params)
+        prompts = [s.formatted_prompt() for s in chunk]
+        images = [policy.load_images(s) if masking is None else policy.load_image_pair(s, masking, seed)[1] for s in chunk]
+        completions = policy.generate(policy.encode(prompts, images), params, n=k)
         texts = policy.decode(completions)
         scores = score_responses(texts, [s.answer for s in chunk for _ in range(k)],
                                  [s.answer_type for s in chunk for _ in range(k)],

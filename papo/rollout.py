@@ -259,6 +259,10 @@ class RolloutEngine:
             self._run(active, params)
             steps += 1
         completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)
+        within = torch.arange(steps)[None] < lim[:, None]  # per-row limits end rows without an EOS
+        completions.finished &= (completions.mask.bool() & within).sum(-1) == completions.lengths
+        completions.mask &= within.long()
+        completions.ids.masked_fill_(~completions.mask.bool(), self.pad_id)
         width = max(1, int(completions.lengths.max()))  # steps run past the last EOS until the next check
         logps = buf.out_logp[:N, :width].cpu() * completions.mask[:, :width]
         return Completions(completions.ids[:, :width], completions.mask[:, :width], completions.finished), logps

@@ -98,6 +98,7 @@ class Trainer:
         m = cfg.model
         opts = ModelOptions(m.dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels)
+        self.policy.rollout_engine = cfg.rollout.engine
         self.ref = None
         if cfg.algorithm.kl_ref_coef > 0:
             self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
@@ -132,8 +133,9 @@ class Trainer:
                 uids.append(f"{pos}:{sample.id}")
                 images.append(ims)
                 masked.append(mims)
-        batch = self.policy.encode([s.formatted_prompt() for s in samples], images)
-        comp = self.policy.generate(batch, self.params)
+        # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
+        batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
+        comp = self.policy.generate(batch, self.params, n=g)
         failpoint("rollout")
         texts = self.policy.decode(comp)
         scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],

@@ -97,9 +97,9 @@ def test_papo_eval_resumes_without_redoing_finished_samples(eval_data, tmp_path,
     generated = []
     original = Policy.generate
 
-    def counting(self, batch, params):
-        generated.append(batch.size)
-        return original(self, batch, params)
+    def counting(self, batch, params, n=1):
+        generated.append(batch.size * n)
+        return original(self, batch, params, n)
 
     monkeypatch.setattr(Policy, "generate", counting)
     assert main(args) == 0

@@ -57,12 +57,12 @@ def trim_after_eos(tokens: Tensor, eos_ids: list[int], pad_id: int) -> Completio
 
 @torch.no_grad()
 def hf_generate(model: Any, batch: PromptBatch, params: SamplingParams, suppress_ids: list[int], eos_ids: list[int],
-                pad_id: int) -> Completions:
-    """One completion per prompt row (repeat prompts to get several)."""
+                pad_id: int, n: int = 1) -> Completions:
+    """``n`` completions per prompt row, prompt-major (transformers expands the inputs, images included)."""
     inputs = batch.to(model.device).inputs
     kwargs: dict[str, Any] = dict(
         max_new_tokens=params.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-        suppress_tokens=suppress_ids or None, use_cache=True,
+        suppress_tokens=suppress_ids or None, use_cache=True, num_return_sequences=1 if params.greedy else n,
     )
     if params.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -78,4 +78,7 @@ def hf_generate(model: Any, batch: PromptBatch, params: SamplingParams, suppress
         out = model.generate(**inputs, **kwargs)
     finally:
         model.train(was_training)
-    return trim_after_eos(out[:, batch.prompt_len :].cpu(), eos_ids, pad_id)
+    out = out[:, batch.prompt_len :].cpu()
+    if params.greedy and n > 1:  # greedy copies are identical: decode once
+        out = out.repeat_interleave(n, 0)
+    return trim_after_eos(out, eos_ids, pad_id)

@@ -22,7 +22,8 @@ from papo.models.inputs import PromptBatch, append_completions, encode_prompts, 
 from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
 
-DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
+DEFAULT_MODEL = "default"
+ENGINES = ("auto", "papo", "hf")  # the warm-started tiny Qwen2.5-VL shipped inside the package
 
 
 def default_model_dir() -> Path:
@@ -53,6 +54,8 @@ class Policy:
         self.eos_ids = sorted({int(e) for e in eos} | {int(self.tokenizer.eos_token_id)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.rollout_engine = "auto"
+        self._engine = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, opts: ModelOptions = ModelOptions(), device: str = "cpu",
@@ -84,8 +87,29 @@ class Policy:
     def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> PromptBatch:
         return encode_prompts(self.processor, prompts, images)
 
-    def generate(self, batch: PromptBatch, params: SamplingParams) -> Completions:
-        return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id)
+    def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1) -> Completions:
+        """``n`` completions per prompt, prompt-major. On CUDA, models ``papo.rollout`` supports decode there
+        (``rollout_engine``: "auto", or "papo" / "hf" to force one); the rest through transformers ``generate``."""
+        if self._engine_on():
+            if self._engine is None:
+                from papo.rollout import RolloutEngine
+
+                self._engine = RolloutEngine(self.model, self.suppress_ids, self.eos_ids, self.pad_id)
+            return self._engine.generate(batch, params, n)[0]
+        return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
+
+    def _engine_on(self) -> bool:
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"rollout engine must be one of {ENGINES}, got {self.rollout_engine!r}")
+        if self.rollout_engine == "hf":
+            return False
+        from papo.rollout import supports
+
+        if self.rollout_engine == "papo":
+            if not supports(self.model):
+                raise ValueError(f"papo.rollout cannot decode {type(self.model).__name__}; use rollout engine 'hf' or 'auto'")
+            return True
+        return self.device.type == "cuda" and supports(self.model)
 
     def decode(self, completions: Completions) -> list[str]:
         return self.tokenizer.batch_decode(completions.token_lists(), skip_special_tokens=True)

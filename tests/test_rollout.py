@@ -1,0 +1,119 @@
+"""papo.rollout on CPU in fp32: the same tokens as transformers generate, the same log-probs as scoring."""
+
+import pytest
+import torch
+
+import papo.rollout as rollout
+from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, tiny_policy
+from papo.data.synthetic import make_sample
+from papo.models.generation import SamplingParams, hf_generate
+from papo.models.policy import Policy
+from papo.rollout import RolloutEngine, supports
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return Policy.from_pretrained(None)  # the embedded default: real EOS behaviour, not a random model
+
+
+def _batch(policy, n=5, text_only=False):
+    samples = [make_sample(t, "test", 0, i, size=224) for i, t in enumerate(["count", "clock", "maze", "bar_chart", "closest"][:n])]
+    images = [[] if text_only and i % 2 else s.load_images(None, None) for i, s in enumerate(samples)]
+    prompts = [("" if im else "No image here. ") + s.formatted_prompt().replace("<image>", "" if not im else "<image>")
+               for s, im in zip(samples, images)]
+    return policy.encode(prompts, images)
+
+
+def _engine(policy):
+    return RolloutEngine(policy.model, policy.suppress_ids, policy.eos_ids, policy.pad_id)
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_greedy_tokens_equal_transformers_generate(policy, text_only):
+    batch = _batch(policy, text_only=text_only)  # left padding, and rows without images when text_only
+    params = SamplingParams(48, greedy=True)
+    expected = hf_generate(policy.model, batch, params, policy.suppress_ids, policy.eos_ids, policy.pad_id)
+    got, _ = _engine(policy).generate(batch, params)
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.mask, expected.mask)
+    assert torch.equal(got.finished, expected.finished) and got.finished.any()
+
+
+def test_length_limits_cut_like_transformers(policy):
+    batch = _batch(policy)
+    params = SamplingParams(6, greedy=True)  # shorter than every answer: no row reaches EOS
+    expected = hf_generate(policy.model, batch, params, policy.suppress_ids, policy.eos_ids, policy.pad_id)
+    got, _ = _engine(policy).generate(batch, params)
+    assert torch.equal(got.ids, expected.ids) and not got.finished.any() and (got.lengths == 6).all()
+    full, _ = _engine(policy).generate(batch, SamplingParams(48, greedy=True))
+    limits = torch.tensor([1, 3, 48, 2, 5])  # per-row limits: each row is the unlimited row cut short
+    cut, _ = _engine(policy).generate(batch, SamplingParams(48, greedy=True), max_new_tokens=limits)
+    for row, limit in enumerate(limits.tolist()):
+        n = min(limit, int(full.lengths[row]))
+        assert int(cut.lengths[row]) == n and torch.equal(cut.ids[row, :n], full.ids[row, :n])
+
+
+def test_sampled_log_probs_equal_the_scoring_forward(policy):
+    torch.manual_seed(0)
+    batch = _batch(policy)
+    params = SamplingParams(32, temperature=1.3, top_p=0.9, top_k=20)
+    comp, logp = _engine(policy).generate(batch, params, n=3)
+    assert comp.ids.shape[0] == 15
+    expanded = policy.encode(*_repeat(policy, batch, 3))
+    with torch.no_grad():
+        scored, _ = policy.logprobs(expanded, comp.ids, comp.mask, temperature=1.3)
+    m = comp.mask.bool()
+    assert (logp[m] - scored[m]).abs().max() < 1e-5
+    assert len({tuple(t) for t in comp.token_lists()[:3]}) > 1  # copies of a prompt sample independently
+
+
+def _repeat(policy, batch, n):
+    """The prompts and images behind ``batch``, each repeated n times (rebuilt from the test's own samples)."""
+    samples = [make_sample(t, "test", 0, i, size=224) for i, t in enumerate(["count", "clock", "maze", "bar_chart", "closest"])]
+    return ([s.formatted_prompt() for s in samples for _ in range(n)], [s.load_images(None, None) for s in samples for _ in range(n)])
+
+
+def test_samples_of_one_prompt_share_one_prefill(policy, monkeypatch):
+    batch = _batch(policy, n=2)
+    rows = []
+    original = type(policy.model).forward
+
+    def spy(self, *args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(policy.model), "forward", spy)
+    comp, _ = _engine(policy).generate(batch, SamplingParams(16, greedy=True), n=4)
+    assert rows == [2] and comp.ids.shape[0] == 8  # one prefill of the 2 prompts; decoding never calls forward
+    assert all(torch.equal(comp.ids[i], comp.ids[i - i % 4]) for i in range(8))  # greedy copies agree
+
+
+def test_compaction_keeps_every_rows_tokens(policy, monkeypatch):
+    batch = _batch(policy)
+    params = SamplingParams(40, greedy=True)
+    full, _ = _engine(policy).generate(batch, params)
+    monkeypatch.setattr(rollout, "CHECK_EVERY", 1)
+    compacted = []
+    original = RolloutEngine._compact
+    monkeypatch.setattr(RolloutEngine, "_compact", lambda self, a, b: (compacted.append((a, b)), original(self, a, b)))
+    limits = torch.tensor([2, 2, 2, 40, 2])  # four rows stop at once: 5 running -> 1 (bucket 1)
+    got, _ = _engine(policy).generate(batch, params, max_new_tokens=limits)
+    assert compacted and compacted[0] == (5, 1)
+    assert torch.equal(got.ids[3, : int(full.lengths[3])], full.ids[3, : int(full.lengths[3])])
+    assert (got.lengths[[0, 1, 2, 4]] == 2).all()
+
+
+def test_policy_uses_the_engine_where_it_can():
+    tiny = tiny_policy()
+    assert supports(tiny.model)
+    assert not supports(llava_policy().model) and not supports(qwen3_vl_policy().model)
+    tiny.rollout_engine = "papo"  # forced on CPU: same tokens as the transformers path
+    _, prompts, images = mixed_batch(tiny)
+    batch = tiny.encode(prompts, images)
+    params = SamplingParams(8, greedy=True)
+    via_engine = tiny.generate(batch, params, n=2)
+    tiny.rollout_engine = "hf"
+    assert torch.equal(via_engine.ids, tiny.generate(batch, params, n=2).ids)
+    other = llava_policy()
+    other.rollout_engine = "papo"
+    with pytest.raises(ValueError, match="cannot decode"):
+        other.generate(other.encode(prompts, images), params)
