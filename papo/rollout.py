@@ -21,6 +21,7 @@ asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampli
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,7 @@ class RolloutEngine:
         self._graphs: dict[int, Any] = {}
         self._prompt_len: int | None = None
         self._graph_key: tuple | None = None
+        self.last_timing: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the decode step
 
@@ -104,7 +106,8 @@ class RolloutEngine:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]
         slot = buf.step + self._prompt_len  # (1,)
-        mask = buf.valid[:b].index_fill(1, slot, True)[:, None, None]  # (b, 1, 1, L)
+        valid = buf.valid[:b].index_fill(1, slot, True)
+        bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
         for i, layer in enumerate(self.text.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -115,9 +118,11 @@ class RolloutEngine:
             keys, values = buf.keys[i][:b], buf.values[i][:b]
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                               enable_gqa=self.heads != self.kv_heads)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            # grouped-query attention without copying the cache: the query heads sharing a KV head become that
+            # head's query positions (one token each), so a masked, memory-efficient SDPA kernel applies
+            q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
+            h = h + attn.o_proj(o.reshape(b, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(self.text.norm(h))[:, 0].float()  # (b, V)
         token, logp = self._sample(logits, params)
@@ -198,14 +203,18 @@ class RolloutEngine:
             part = _slice_rows(inputs, start, min(start + self.prefill_batch, batch.size))
             cache = DynamicCache(config=self.model.config)
             base.rope_deltas = None
-            res = self.model(**part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            mask = part["attention_mask"]
+            text_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # generate's positions for image-free prompts
+            extra = {} if "image_grid_thw" in part else {"position_ids": text_positions[None].expand(3, -1, -1)}
+            res = self.model(**part, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
             m = part["input_ids"].shape[0]
             rows = torch.arange(start * n, (start + m) * n, device=self.device)
             for i, layer in enumerate(cache.layers):
                 buf.keys[i][rows, :, :P] = layer.keys.repeat_interleave(n, 0)
                 buf.values[i][rows, :, :P] = layer.values.repeat_interleave(n, 0)
-            positions = _prompt_positions(base, part)  # (m,) position of the last real prompt token
-            buf.positions[rows] = (positions + 1).repeat_interleave(n, 0)
+            # the first generated token's rope position: Qwen's rope delta says how far image tokens shifted it
+            deltas = base.rope_deltas[:, 0] if base.rope_deltas is not None else torch.zeros_like(mask[:, 0])
+            buf.positions[rows] = (mask.sum(-1) + deltas).long().repeat_interleave(n, 0)
             buf.valid[rows, :P] = part["attention_mask"].bool().repeat_interleave(n, 0)
             out.append(res.logits[:, -1].float().repeat_interleave(n, 0))
         base.rope_deltas = None  # a later training forward recomputes positions from its own inputs
@@ -226,7 +235,7 @@ class RolloutEngine:
 
     def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None) -> tuple[Completions, Tensor]:
         N, T, P = batch.size * n, params.max_new_tokens, batch.prompt_len
-        self._allocate(N, N, P + T, T)
+        self._allocate(N, N, -(-(P + T) // 16) * 16, T)  # masked SDPA kernels want the key length aligned
         buf = self._buf
         if P != self._prompt_len or self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
             self._graphs = {}  # captured graphs bake in the prompt length and the sampling settings
@@ -236,7 +245,9 @@ class RolloutEngine:
         buf.out.fill_(self.pad_id)
         buf.out_logp.zero_()
         buf.step.zero_()
+        t0 = time.perf_counter()
         logits = self._prefill(batch, n)
+        t1 = time.perf_counter()
         lim = torch.full((N,), T, dtype=torch.long) if limits is None else limits.clamp(max=T).long()
         buf.limits[:N] = lim.to(self.device)
         buf.rows[:N] = torch.arange(N, device=self.device)
@@ -258,7 +269,8 @@ class RolloutEngine:
             buf.step.fill_(steps - 1)
             self._run(active, params)
             steps += 1
-        completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)
+        completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)  # .cpu() waits for the GPU
+        self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1}
         within = torch.arange(steps)[None] < lim[:, None]  # per-row limits end rows without an EOS
         completions.finished &= (completions.mask.bool() & within).sum(-1) == completions.lengths
         completions.mask &= within.long()
@@ -337,13 +349,3 @@ def _images_per_row(inputs: dict[str, Tensor], n_images: int) -> Tensor:
     if int(counts.sum()) != n_images:
         raise ValueError(f"{int(counts.sum())} image token runs but {n_images} image grids")
     return counts
-
-
-def _prompt_positions(base: Any, inputs: dict[str, Tensor]) -> Tensor:
-    """(B,) rope position of each row's last real prompt token, as the scoring forward computes it."""
-    mask = inputs["attention_mask"]
-    if "image_grid_thw" in inputs:
-        positions, _ = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                           image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
-        return positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2))
-    return mask.sum(-1) - 1

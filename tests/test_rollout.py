@@ -117,3 +117,12 @@ def test_policy_uses_the_engine_where_it_can():
     other.rollout_engine = "papo"
     with pytest.raises(ValueError, match="cannot decode"):
         other.generate(other.encode(prompts, images), params)
+
+
+def test_prompts_without_images_decode_like_transformers(policy):
+    prompts = ["What is 2 + 2? " * (i + 1) for i in range(3)]  # left padding, no image anywhere in the batch
+    batch = policy.encode(prompts, [[], [], []])
+    params = SamplingParams(24, greedy=True)
+    expected = hf_generate(policy.model, batch, params, policy.suppress_ids, policy.eos_ids, policy.pad_id)
+    got, _ = _engine(policy).generate(batch, params)
+    assert torch.equal(got.ids, expected.ids)
