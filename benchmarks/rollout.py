@@ -27,6 +27,7 @@ from papo.models.generation import SamplingParams, hf_generate
 from papo.models.inputs import encode_prompts
 from papo.models.loading import set_pixel_bounds
 from papo.models.tiny import build_config, build_processor
+from papo.models.attention import use_packed_vision_attention
 from papo.rollout import RolloutEngine
 
 
@@ -55,6 +56,7 @@ def build(name: str):
     set_pixel_bounds(processor, side * side, side * side)
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).eval()
+    use_packed_vision_attention(model)  # as papo.models.Policy does: both engines prefill through it
     return model, processor, side
 
 
@@ -88,7 +90,7 @@ def timed(fn):
     return out, time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
 
 
-def run(name: str, prompts: list[int], new_tokens: int, bandwidth: float, hf_limit: int) -> list[dict]:
+def run(name: str, prompts: list[tuple[int, int]], new_tokens: int, bandwidth: float, hf_limit: int) -> list[dict]:
     model, processor, side = build(name)
     tok = processor.tokenizer
     image_pad = model.config.image_token_id  # suppressed, so never sampled: every row runs to new_tokens
@@ -97,20 +99,22 @@ def run(name: str, prompts: list[int], new_tokens: int, bandwidth: float, hf_lim
     engine = RolloutEngine(model, suppress, eos, pad)
     params = SamplingParams(new_tokens, temperature=1.0)
     results = []
-    for n in prompts:
-        images = [[Image.new("RGB", (side, side), ((37 * i) % 255, 90, 160))] for i in range(n)]
-        batch = encode_prompts(processor, [f"<image>Question {i}: how many shapes are there?" for i in range(n)], images)
-        row = {"workload": f"{name}, {n} prompts x {new_tokens} new tokens, {side}x{side} image", "model": name,
-               "prompts": n, "prompt_tokens": batch.prompt_len, "new_tokens": new_tokens}
-        engine.generate(batch, params)  # warm-up: CUDA graph capture, allocator
-        (comp, _), papo_s, papo_mem = timed(lambda: engine.generate(batch, params))
+    for p, g in prompts:
+        n = p * g  # rows: p prompts, g samples each
+        images = [[Image.new("RGB", (side, side), ((37 * i) % 255, 90, 160))] for i in range(p)]
+        batch = encode_prompts(processor, [f"<image>Question {i}: how many shapes are there?" for i in range(p)], images)
+        shape = f"{p} prompts" + (f" x {g} samples" if g > 1 else "")
+        row = {"workload": f"{name}, {shape} x {new_tokens} new tokens, {side}x{side} image", "model": name,
+               "prompts": p, "samples_per_prompt": g, "prompt_tokens": batch.prompt_len, "new_tokens": new_tokens}
+        engine.generate(batch, params, g)  # warm-up: CUDA graph capture, allocator
+        (comp, _), papo_s, papo_mem = timed(lambda: engine.generate(batch, params, g))
         assert int(comp.lengths.min()) == new_tokens
         row.update(papo_tokens_per_s=round(n * new_tokens / papo_s, 1), papo_seconds=round(papo_s, 3), papo_peak_gib=round(papo_mem, 2),
                    papo_prefill_s=round(engine.last_timing["prefill_s"], 3),
                    papo_decode_tokens_per_s=round(n * engine.last_timing["decode_steps"] / engine.last_timing["decode_s"], 1))
         if n <= hf_limit:
             hf_generate(model, _slice(batch, min(n, 4)), SamplingParams(8), suppress, eos, pad)  # warm-up
-            comp, hf_s, hf_mem = timed(lambda: hf_generate(model, batch, params, suppress, eos, pad))
+            comp, hf_s, hf_mem = timed(lambda: hf_generate(model, batch, params, suppress, eos, pad, g))
             assert int(comp.lengths.min()) == new_tokens
             row.update(hf_tokens_per_s=round(n * new_tokens / hf_s, 1), hf_seconds=round(hf_s, 3), hf_peak_gib=round(hf_mem, 2),
                        speedup=round(hf_s / papo_s, 2))
@@ -153,10 +157,10 @@ def _slice(batch, n):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--prompts", default="32,128,512")
-    ap.add_argument("--small-prompts", default="128,512")
+    ap.add_argument("--prompts", default="32,128,512,16x8", help="prompt counts; PxG: P prompts with G samples each")
+    ap.add_argument("--small-prompts", default="128,512,16x8")
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--hf-limit", type=int, default=512, help="skip transformers generate above this many prompts")
+    ap.add_argument("--hf-limit", type=int, default=512, help="skip transformers generate above this many rows")
     ap.add_argument("--models", default="qwen2.5-vl-3b,20m")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -166,7 +170,8 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         counts = args.prompts if name == "qwen2.5-vl-3b" else args.small_prompts
-        results += run(name, [int(x) for x in counts.split(",")], args.new_tokens, bandwidth, args.hf_limit)
+        workloads = [tuple(int(v) for v in (x.split("x") + ["1"])[:2]) for x in counts.split(",")]
+        results += run(name, workloads, args.new_tokens, bandwidth, args.hf_limit)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
                                               "torch": torch.__version__, "checks": checks, "results": results}, indent=1))
 

@@ -45,9 +45,14 @@ def supports(model: Any) -> bool:
             and getattr(cfg.get_text_config(), "use_sliding_window", False) is False)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def _rms_norm(norm: Any, x: Tensor) -> Tensor:
+    """Qwen's RMSNorm (normalise in fp32, cast, scale) in 3 kernels instead of 6: launches bound a decode step."""
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-b, a), dim=-1), sin)
 
 
 @dataclass
@@ -96,6 +101,12 @@ class RolloutEngine:
         self._graph_key: tuple | None = None
         self.last_timing: dict[str, float] = {}
 
+    def release(self) -> None:
+        """Free the KV cache and the captured graphs (training needs the memory between rollouts)."""
+        self._buf, self._graphs, self._shape = None, {}, ()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ the decode step
 
     def _decode(self, b: int, params: SamplingParams) -> None:
@@ -104,17 +115,18 @@ class RolloutEngine:
         h = self.text.embed_tokens(buf.tokens[:b])[:, None]  # (b, 1, H)
         freqs = buf.positions[:b, None].float() * self.inv_freq[None]  # (b, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]
+        cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]  # (b, 1, 1, hd)
         slot = buf.step + self._prompt_len  # (1,)
         valid = buf.valid[:b].index_fill(1, slot, True)
         bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
         for i, layer in enumerate(self.text.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, 1, self.heads, self.head_dim).transpose(1, 2)  # (b, heads, 1, hd)
-            k = attn.k_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            x = _rms_norm(layer.input_layernorm, h)
+            # queries and keys rotated together: one set of rope kernels per layer
+            qk = torch.cat((attn.q_proj(x), attn.k_proj(x)), -1).view(b, self.heads + self.kv_heads, 1, self.head_dim)
+            qk = _rope(qk, cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]  # (b, heads, 1, hd), (b, kv_heads, 1, hd)
+            v = attn.v_proj(x).view(b, self.kv_heads, 1, self.head_dim)
             keys, values = buf.keys[i][:b], buf.values[i][:b]
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)
@@ -123,8 +135,8 @@ class RolloutEngine:
             q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
             h = h + attn.o_proj(o.reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.model.lm_head(self.text.norm(h))[:, 0].float()  # (b, V)
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        logits = self.model.lm_head(_rms_norm(self.text.norm, h))[:, 0].float()  # (b, V)
         token, logp = self._sample(logits, params)
         done = buf.done[:b]
         token = torch.where(done, torch.full_like(token, self.pad_id), token)

@@ -136,6 +136,7 @@ class Trainer:
         # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
         batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
         comp = self.policy.generate(batch, self.params, n=g)
+        self.policy.release_rollout_memory()  # the update needs that memory more than the next rollout does
         failpoint("rollout")
         texts = self.policy.decode(comp)
         scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],

@@ -126,3 +126,14 @@ def test_prompts_without_images_decode_like_transformers(policy):
     expected = hf_generate(policy.model, batch, params, policy.suppress_ids, policy.eos_ids, policy.pad_id)
     got, _ = _engine(policy).generate(batch, params)
     assert torch.equal(got.ids, expected.ids)
+
+
+def test_released_engines_reallocate_and_give_the_same_tokens(policy):
+    batch = _batch(policy, n=2)
+    engine = _engine(policy)
+    params = SamplingParams(12, greedy=True)
+    first, _ = engine.generate(batch, params)
+    engine.release()
+    assert engine._buf is None
+    again, _ = engine.generate(batch, params)
+    assert torch.equal(first.ids, again.ids)

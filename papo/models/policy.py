@@ -98,6 +98,11 @@ class Policy:
             return self._engine.generate(batch, params, n)[0]
         return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
 
+    def release_rollout_memory(self) -> None:
+        """Drop the rollout engine's KV cache (kept between calls to save re-allocating in evaluation)."""
+        if self._engine is not None:
+            self._engine.release()
+
     def _engine_on(self) -> bool:
         if self.rollout_engine not in ENGINES:
             raise ValueError(f"rollout engine must be one of {ENGINES}, got {self.rollout_engine!r}")
