@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from papo.models.attention import use_packed_vision_attention
 from papo.models.generation import SamplingParams, hf_generate
 from papo.models.inputs import encode_prompts
 from papo.models.loading import set_pixel_bounds
 from papo.models.tiny import build_config, build_processor
-from papo.models.attention import use_packed_vision_attention
 from papo.rollout import RolloutEngine
 
 
@@ -121,8 +121,7 @@ def run(name: str, prompts: list[tuple[int, int]], new_tokens: int, bandwidth: f
         row["bound_tokens_per_s"] = round(n / (decode_bytes(model, n, batch.prompt_len, new_tokens) / bandwidth), 1)
         print(json.dumps(row), flush=True)
         results.append(row)
-    del engine, model
-    torch.cuda.empty_cache()
+    engine.release()
     return results
 
 
@@ -148,8 +147,8 @@ def check(new_tokens: int = 64, n: int = 16) -> dict:
 
 
 def _slice(batch, n):
-    from papo.rollout import _slice_rows
     from papo.models.inputs import PromptBatch
+    from papo.rollout import _slice_rows
 
     return PromptBatch(_slice_rows(batch.inputs, 0, n), batch.image_keys)
 

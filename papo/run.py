@@ -12,16 +12,23 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from papo.checkpoint import latest_checkpoint
 from papo.config import TrainConfig, load_config
 from papo.data.loaders import load_samples
+from papo.errors import TrainingStopped
 from papo.evaluation import generate_and_score, summarize
+from papo.faults import failpoint
 from papo.models.generation import SamplingParams
 from papo.report import write_report
-from papo.errors import TrainingStopped
-from papo.faults import failpoint
-from papo.trainer import Trainer, is_finite_row, read_metrics, resume_point, write_config
+from papo.trainer import Trainer
 
 
 def _heldout(trainer: Trainer, spec: str, k: int) -> dict[str, Any]:
@@ -201,3 +208,31 @@ def train_from_args(preset: str, model: str | None, data: str | None, overrides:
     out = out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return run_train(cfg, out)
 
+
+def write_config(cfg: TrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        if up_to is None or row["step"] <= up_to:
+            rows.append(row)
+    return rows
+
+
+def resume_point(out: Path) -> Path | None:
+    return latest_checkpoint(out / "checkpoints")
+
+
+def is_finite_row(row: dict) -> bool:
+    return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())

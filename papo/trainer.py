@@ -19,7 +19,6 @@ write; multi-GPU FSDP2 comes later); one PPO epoch; sampling through ``Policy.ge
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,9 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from papo.algo import dapo_group_filter, group_advantages, kl_prcp_coef_at, kl_prcp_weights, papo_loss
+from papo.algo import (
+    dapo_group_filter,
+    group_advantages,
+    kl_prcp_coef_at,
+    kl_prcp_weights,
+    papo_loss,
+)
 from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from papo.config import TrainConfig
 from papo.data.loaders import filter_by_prompt_length, load_samples
@@ -42,7 +46,6 @@ from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
 from papo.monitor import HackingMonitor
 from papo.rewards import get_reward, score_responses
-
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
 
@@ -368,31 +371,6 @@ def _concat(parts: list[Experience]) -> Experience:
     )
 
 
-def write_config(cfg: TrainConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        if up_to is None or row["step"] <= up_to:
-            rows.append(row)
-    return rows
-
-
-def resume_point(out: Path) -> Path | None:
-    return latest_checkpoint(out / "checkpoints")
-
-
 def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask: torch.Tensor) -> str:
     """Why a step's loss inputs are unusable ("" if they are fine): rewards (N,), log-probs (N, R) under mask."""
     causes = []
@@ -408,7 +386,3 @@ def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask
 def _finite_mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
-
-
-def is_finite_row(row: dict) -> bool:
-    return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())

@@ -2,11 +2,21 @@
 
 import pytest
 import torch
+from model_fixtures import (
+    llava_policy,
+    mixed_batch,
+    qwen3_vl_policy,
+    sharpen_vision,
+    tiny_policy,
+)
 from transformers import AttentionInterface
 
 import papo.models.attention as attention
-from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, sharpen_vision, tiny_policy
-from papo.models.attention import PACKED_VISION_ATTENTION, packed_vision_attention, use_packed_vision_attention
+from papo.models.attention import (
+    PACKED_VISION_ATTENTION,
+    packed_vision_attention,
+    use_packed_vision_attention,
+)
 from papo.models.inputs import append_completions
 
 

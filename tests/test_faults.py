@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from test_trainer import small_cfg
 
 from papo import faults
 from papo.checkpoint import checkpoint_dirs, load_trainer_state
@@ -12,7 +13,6 @@ from papo.errors import CheckpointError, TrainingStopped
 from papo.models.policy import Policy
 from papo.run import run_train
 from papo.trainer import Trainer, nonfinite_inputs
-from test_trainer import small_cfg
 
 
 @pytest.fixture(autouse=True)

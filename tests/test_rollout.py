@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, tiny_policy
 
 import papo.rollout as rollout
-from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, tiny_policy
 from papo.data.synthetic import make_sample
 from papo.models.generation import SamplingParams, hf_generate
 from papo.models.policy import Policy
