@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from papo.analysis import breakdown, classify
 from papo.data.loaders import ColumnMap, load_samples
 from papo.data.synthetic import SPEC_PREFIX
 from papo.evaluation import SampleResult, generate_and_score
@@ -71,9 +72,13 @@ def benchmark_name(spec: str) -> str:
 
 def _record(r: SampleResult) -> dict[str, Any]:
     s = r.sample
-    return {"id": s.id, "task": s.task, "prompt": s.prompt, "answer": s.answer, "answer_type": s.answer_type,
-            "responses": r.responses, "extracted": [x.get("answer") for x in r.scores],
-            "correct": [x["accuracy"] for x in r.scores], "format": [x["format"] for x in r.scores]}
+    rec = {"id": s.id, "task": s.task, "prompt": s.prompt, "answer": s.answer, "answer_type": s.answer_type,
+           "responses": r.responses, "extracted": [x.get("answer") for x in r.scores],
+           "correct": [x["accuracy"] for x in r.scores], "format": [x["format"] for x in r.scores]}
+    if isinstance(s.meta.get("facts"), dict):  # ground truth known: classify each response's error exactly
+        rec["errors"] = [classify(text, s.meta["facts"], x["accuracy"] > 0.5, x["format"] > 0.5)
+                         for text, x in zip(r.responses, r.scores)]
+    return rec
 
 
 def _read_done(path: Path, k: int) -> dict[str, dict]:
@@ -127,6 +132,8 @@ def _summary(records: list[dict], k: int) -> dict[str, Any]:
            "format_rate": sum(sum(r["format"]) / k for r in records) / max(1, len(records))}
     if len(tasks) > 1:
         out["per_task"] = {t: sum(v) / len(v) for t, v in sorted(tasks.items())}
+    if records and all("errors" in r for r in records):
+        out["errors"] = breakdown(c for r in records for c in r["errors"])
     return out
 
 
@@ -174,14 +181,26 @@ def summary_table(summary: dict[str, Any]):
     benchmarks = summary["benchmarks"]
     ratios = sorted({r for b in benchmarks.values() for r in b.get("masked", {})}, key=float)
     k = next(iter(benchmarks.values()))["k"]
+    errors = any("errors" in b for b in benchmarks.values())
     table = Table(title="papo eval")
-    for col in ["benchmark", "n", f"avg@{k}", f"pass@{k}", "format"] + [f"masked {r} / gap" for r in ratios]:
+    cols = ["benchmark", "n", f"avg@{k}", f"pass@{k}", "format"] + [f"masked {r} / gap" for r in ratios]
+    for col in cols + (["perception / reasoning errors (% of wrong)"] if errors else []):
         table.add_column(col, justify="right")
     for name, b in benchmarks.items():
         cells = [name, str(b["n"]), f"{100 * b['avg_at_k']:.2f}", f"{100 * b['pass_at_k']:.2f}", f"{100 * b['format_rate']:.1f}"]
         for r in ratios:
             m = b.get("masked", {}).get(r)
             cells.append(f"{100 * m['avg_at_k']:.2f} / {100 * m['perception_gap']:+.2f}" if m else "-")
+        if errors:
+            cells.append(_error_cell(b.get("errors")))
         table.add_row(*cells)
-    table.add_row("average", "", f"{100 * summary['average']:.2f}", "", "", *([""] * len(ratios)))
+    table.add_row("average", "", f"{100 * summary['average']:.2f}", "", "", *([""] * (len(ratios) + errors)))
     return table
+
+
+def _error_cell(errors: dict[str, Any] | None) -> str:
+    if not errors:
+        return "-"
+    c = errors["counts"]
+    wrong = c["perception"] + c["reasoning"] + c["format"]
+    return f"{100 * c['perception'] / wrong:.0f} / {100 * c['reasoning'] / wrong:.0f}" if wrong else "no errors"
