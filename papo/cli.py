@@ -69,11 +69,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from papo.eval_run import EvalConfig, run_eval
 
-    cfg = EvalConfig(data=[d for spec in args.data for d in spec.split(",") if d], out=args.out, model=args.model,
+    cfg = EvalConfig(data=[d for spec in args.data or [] for d in spec.split(",") if d], out=args.out, model=args.model,
                      k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, limit=args.limit, mask_ratios=args.mask_ratio,
                      batch_size=args.batch_size, reward=args.reward, seed=args.seed, device=args.device, split=args.split,
-                     columns={"prompt": args.prompt_key, "answer": args.answer_key, "images": args.image_key})
+                     columns={"prompt": args.prompt_key, "answer": args.answer_key, "images": args.image_key},
+                     suite=args.suite, suite_dir=args.suite_dir, baseline=args.baseline)
     run_eval(cfg)
     return 0
 
@@ -129,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="generate k responses per question and score them (PAPO-Eval protocol)")
     p.add_argument("--model", default=None, help="model dir or hub id (default: the embedded default)")
-    p.add_argument("--data", action="append", required=True,
+    p.add_argument("--suite", default=None, help="papo-eval: the paper's nine PAPO-Eval splits, printed as Table 1")
+    p.add_argument("--suite-dir", default=None, help="local copy of the suite's hub dataset (default: download it)")
+    p.add_argument("--baseline", default=None, help="a papo eval output dir: adds Δ%%rel against it")
+    p.add_argument("--data", action="append", default=None,
                    help="PAPO-Eval data.json, parquet/JSONL, hub id or synthetic:SPEC; comma-separated or repeated")
     p.add_argument("--split", default=None, help="split for hub ids / synthetic specs (default: train for hub, as given)")
     p.add_argument("--prompt-key", default=None, help="column holding the question (default: problem/question/prompt)")

@@ -25,6 +25,7 @@ from papo.masking import MaskingConfig
 from papo.metrics import avg_and_pass_at_k
 from papo.models.generation import SamplingParams
 from papo.models.policy import Policy
+from papo.suites import get_suite, suite_files, suite_markdown, suite_scores, suite_table
 
 PAPO_EVAL_MIN_PIXELS = 32 * 32
 PAPO_EVAL_MAX_PIXELS = 768 * 768
@@ -50,6 +51,9 @@ class EvalConfig:
     min_pixels: int = PAPO_EVAL_MIN_PIXELS
     max_pixels: int = PAPO_EVAL_MAX_PIXELS
     columns: dict[str, str | None] = field(default_factory=dict)  # ColumnMap fields for non-standard datasets
+    suite: str | None = None  # papo.suites name: its splits become the data, its table is printed
+    suite_dir: str | None = None  # a local copy of the suite's hub dataset (default: download it)
+    baseline: str | None = None  # a papo eval output dir to compute Δ%rel against
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -57,8 +61,12 @@ class EvalConfig:
         for r in self.mask_ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"--mask-ratio must be in (0, 1], got {r}")
-        if not self.data:
-            raise ValueError("--data names no dataset")
+        if not self.data and not self.suite:
+            raise ValueError("give --data or --suite")
+        if self.suite:
+            get_suite(self.suite)
+        if self.baseline and not (Path(self.baseline) / "summary.json").is_file():
+            raise FileNotFoundError(f"--baseline {self.baseline}: no summary.json there (give a papo eval output dir)")
 
 
 def benchmark_name(spec: str) -> str:
@@ -152,8 +160,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     benchmarks: dict[str, Any] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("acc {task.fields[acc]:.3f}"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
-        for spec in cfg.data:
-            name = benchmark_name(spec)
+        named = [(benchmark_name(spec), spec) for spec in cfg.data]
+        if cfg.suite:
+            named += suite_files(get_suite(cfg.suite), cfg.suite_dir)
+        for name, spec in named:
             loaded = load_samples(spec, split=cfg.split, limit=cfg.limit, columns=ColumnMap(**cfg.columns))
             if loaded.report.skipped:
                 console.print(loaded.report.summary())
@@ -170,8 +180,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             benchmarks[name] = result
     summary = {"benchmarks": benchmarks, "average": sum(b["avg_at_k"] for b in benchmarks.values()) / len(benchmarks),
                "config": {k: v for k, v in cfg.__dict__.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(summary_table(summary))
+    if cfg.suite:
+        suite = get_suite(cfg.suite)
+        baseline = json.loads((Path(cfg.baseline) / "summary.json").read_text()) if cfg.baseline else None
+        summary["suite"] = {"name": cfg.suite, **suite_scores(summary, suite, baseline)}
+        console.print(suite_table(summary["suite"], suite, f"{cfg.suite}: avg@{cfg.k} (%)" + (f", Δ%rel vs {cfg.baseline}" if baseline else "")))
+        (out / "suite.md").write_text(suite_markdown(summary["suite"], suite, cfg.model or "papo default"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
