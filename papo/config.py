@@ -72,6 +72,11 @@ class AlgorithmSection:
     masked_entropy_coef: float = 0.0
     entropy_estimator: str = "sampled"
     masked_grad: bool = False
+    # variants from a third-party write-up of PAPO (docs/algorithm.md, "Variants"); all off by default
+    kl_prcp_relative: bool = False  # kl_prcp_coef = the perception term's size as a fraction of |pg_loss| (write-up: 0.5)
+    entropy_band: list[float] | None = None  # [h_min, h_max] (write-up: [0.1, 2.0]) with entropy_band_coef (0.01)
+    entropy_band_coef: float = 0.0
+    kl_prcp_reward_coef: float = 0.0  # > 0: add coef * sum_t KL_prcp_t (old vs masked) to each response's reward
     # KL_prcp scheduling and weighting
     kl_prcp_schedule: str = "fixed"
     kl_prcp_anneal_ratio: float = 0.5
@@ -80,7 +85,7 @@ class AlgorithmSection:
     # masked image
     masking_strategy: str = "random"
     mask_ratio: float = 0.6
-    mask_patch_size: int = 14
+    mask_patch_size: int = 14  # 0: follow the vision encoder's patch size (14 Qwen2.5-VL, 16 Qwen3-VL / ViT-16)
     # DAPO online filtering
     online_filter: bool = False
     filter_key: str = "accuracy"
@@ -93,10 +98,14 @@ class AlgorithmSection:
 
     def loss_config(self) -> LossConfig:
         names = {f.name for f in fields(LossConfig)}
-        return LossConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        values = {k: v for k, v in asdict(self).items() if k in names}
+        if values.get("entropy_band") is not None:
+            values["entropy_band"] = tuple(values["entropy_band"])
+        return LossConfig(**values)
 
-    def masking(self) -> MaskingConfig:
-        return MaskingConfig(strategy=self.masking_strategy, ratio=self.mask_ratio, patch_size=self.mask_patch_size)
+    def masking(self, encoder_patch_size: int = 14) -> MaskingConfig:
+        patch = self.mask_patch_size or encoder_patch_size
+        return MaskingConfig(strategy=self.masking_strategy, ratio=self.mask_ratio, patch_size=patch)
 
 
 @dataclass
@@ -156,6 +165,8 @@ class TrainConfig:
             (a.reward in REWARDS or ":" in a.reward, f"algorithm.reward must be one of {', '.join(REWARDS)} or path/to/file.py:function"),
             (t.max_bad_steps >= 1, "trainer.max_bad_steps must be >= 1"),
             (r.engine in ("auto", "papo", "hf"), "rollout.engine must be auto, papo or hf"),
+            (a.kl_prcp_reward_coef >= 0, "algorithm.kl_prcp_reward_coef must be >= 0"),
+            (a.mask_patch_size >= 0, "algorithm.mask_patch_size must be >= 0 (0: the encoder's patch size)"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),
@@ -194,12 +205,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         if t is list and isinstance(value, (list, str)):
             return [value] if isinstance(value, str) else list(value)
+        if t is _FloatList and isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
     raise ConfigError(f"{key}: {value!r} is not a valid {' or '.join(getattr(t, '__name__', str(t)) for t in types)}")
 
 
+class _FloatList(list):
+    """Marks a ``list[float]`` field (e.g. entropy_band) for ``_coerce``."""
+
+
+_FloatList.__name__ = "list of numbers"  # as error messages name it
+
+
 def _types(annotation: str) -> list[type]:
-    names = [a.strip() for a in str(annotation).replace("list[str]", "list").split("|")]
-    table = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
+    names = [a.strip() for a in str(annotation).replace("list[str]", "list").replace("list[float]", "list of numbers").split("|")]
+    table = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list, "list of numbers": _FloatList}
     return [table[n] for n in names]
 
 

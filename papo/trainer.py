@@ -33,6 +33,7 @@ from papo.algo import (
     kl_prcp_coef_at,
     kl_prcp_weights,
     papo_loss,
+    perception_reward,
 )
 from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from papo.config import TrainConfig
@@ -106,7 +107,8 @@ class Trainer:
         if cfg.algorithm.kl_ref_coef > 0:
             self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.loss_cfg = cfg.algorithm.loss_config()
-        self.masking = cfg.algorithm.masking()
+        patch = getattr(self.policy.processor.image_processor, "patch_size", None) or 14
+        self.masking = cfg.algorithm.masking(encoder_patch_size=int(patch))
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optim = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -280,13 +282,18 @@ class Trainer:
             rewards = torch.tensor([float(s["overall"]) for s in exp.scores])
             if failpoint("rewards") == "nan":
                 rewards[0] = float("nan")
+            a = self.cfg.algorithm
+            scores = rewards  # what advantages are computed from; "reward" in the metrics stays the task reward
+            if a.kl_prcp_reward_coef > 0:  # variant: KL_prcp in the reward instead of (or besides) the loss
+                bonus = perception_reward(logps["old"], logps["masked"], exp.mask, a.kl_prcp_reward_coef, a.kl_prcp_estimator)
+                scores = rewards + bonus
+                extra["kl_prcp_reward"] = float(bonus.mean())
             self.phase = "update"
-            fault = nonfinite_inputs(rewards, logps, exp.mask)
+            fault = nonfinite_inputs(scores, logps, exp.mask)
             if fault:  # skip the whole step: its advantages or ratios would be garbage
                 metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault}
             else:
-                adv = group_advantages(rewards, exp.uids, self.cfg.algorithm.adv_estimator)
-                a = self.cfg.algorithm
+                adv = group_advantages(scores, exp.uids, a.adv_estimator)
                 gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
                                         anneal_ratio=a.kl_prcp_anneal_ratio)
                 metrics = self.update(exp, logps, adv, gamma, timing)

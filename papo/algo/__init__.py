@@ -13,10 +13,13 @@ from papo.algo.perception import (
     APPLY_MODES,
     GAMMA_SCHEDULES,
     double_entropy_loss,
+    entropy_band_loss,
     kl_prcp_coef_at,
     kl_prcp_tokens,
     kl_prcp_weights,
     perception_loss,
+    perception_reward,
+    relative_kl_prcp_coef,
     sampled_entropy,
     token_top_p_mask,
 )
@@ -25,7 +28,8 @@ from papo.algo.policy import PolicyLossOutput, ppo_clip_loss
 __all__ = [
     "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS",
     "FilterResult", "LossConfig", "PolicyLossOutput",
-    "aggregate", "dapo_group_filter", "double_entropy_loss", "entropy_from_logits", "group_advantages",
+    "aggregate", "dapo_group_filter", "double_entropy_loss", "entropy_band_loss", "entropy_from_logits", "group_advantages",
     "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean",
-    "papo_loss", "perception_loss", "ppo_clip_loss", "sampled_entropy", "token_top_p_mask",
+    "papo_loss", "perception_loss", "perception_reward", "ppo_clip_loss", "relative_kl_prcp_coef", "sampled_entropy",
+    "token_top_p_mask",
 ]

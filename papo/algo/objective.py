@@ -5,6 +5,9 @@
       - gamma * agg(w * k3(masked - logp))       (implicit perception loss, maximised)
       + eta_1 * d * H(full) + eta_2 * d * H(masked)   (double entropy, a penalty)
 
+Variants (off by default): ``kl_prcp_relative`` sizes gamma per micro-batch as a fraction of |PG|;
+``entropy_band`` replaces the always-down entropy push by hinges outside [h_min, h_max].
+
 GRPO and DAPO are the same function with gamma = eta = 0; nothing here branches on the algorithm name.
 Official gradient flow detaches the masked branch (``masked_grad=False``): KL_prcp then trains only through
 the full-image log-probs and the masked entropy term has zero gradient (authors, PAPO issue #20).
@@ -21,7 +24,13 @@ from torch import Tensor
 
 from papo.algo.aggregation import AGG_MODES, aggregate, masked_mean
 from papo.algo.kl import canonical_kl_estimator, kl_estimate
-from papo.algo.perception import double_entropy_loss, perception_loss, sampled_entropy
+from papo.algo.perception import (
+    double_entropy_loss,
+    entropy_band_loss,
+    perception_loss,
+    relative_kl_prcp_coef,
+    sampled_entropy,
+)
 from papo.algo.policy import ppo_clip_loss
 
 ENTROPY_ESTIMATORS = ("sampled", "exact")
@@ -46,6 +55,10 @@ class LossConfig:
     masked_entropy_coef: float = 0.0  # eta_2, masked image
     entropy_estimator: str = "sampled"  # official one-sample NLL, or "exact" full-vocabulary entropy
     masked_grad: bool = False  # official: masked branch detached
+    # variants from a third-party write-up (docs/algorithm.md says how each differs from the authors' code)
+    kl_prcp_relative: bool = False  # kl_prcp_coef is then the perception term's size as a fraction of |pg_loss|
+    entropy_band: tuple[float, float] | None = None  # (h_min, h_max): band-limited double entropy
+    entropy_band_coef: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("clip_low", "clip_high"):
@@ -64,6 +77,10 @@ class LossConfig:
             raise ValueError(f"kl_prcp_clip must be > 0 or None, got {self.kl_prcp_clip}")
         if self.kl_prcp_token_top_p is not None and not 0 < self.kl_prcp_token_top_p <= 1:
             raise ValueError(f"kl_prcp_token_top_p must be in (0, 1] or None, got {self.kl_prcp_token_top_p}")
+        if self.entropy_band is not None and not (len(self.entropy_band) == 2 and 0 <= self.entropy_band[0] < self.entropy_band[1]):
+            raise ValueError(f"entropy_band must be (h_min, h_max) with 0 <= h_min < h_max, got {self.entropy_band}")
+        if self.entropy_band_coef < 0 or (self.entropy_band_coef > 0 and self.entropy_band is None):
+            raise ValueError("entropy_band_coef must be >= 0, and > 0 only with an entropy_band")
         if self.entropy_estimator not in ENTROPY_ESTIMATORS:
             raise ValueError(f"entropy_estimator must be one of {', '.join(ENTROPY_ESTIMATORS)}, got {self.entropy_estimator!r}")
 
@@ -128,10 +145,13 @@ def papo_loss(
             log_probs, masked_log_probs, mask, gamma, kl_prcp_weights, cfg.kl_prcp_estimator,
             cfg.kl_prcp_clip, cfg.kl_prcp_token_top_p, **agg,
         )
+        if cfg.kl_prcp_relative and gamma > 0:
+            gamma = relative_kl_prcp_coef(gamma, pg.loss, kl_prcp)
+            prcp_term = -gamma * kl_prcp
         if gamma > 0:
             loss = loss + prcp_term
         metrics["kl_prcp"] = kl_prcp.detach()
-        metrics["kl_prcp_coef"] = torch.tensor(float(gamma))
+        metrics["kl_prcp_coef"] = torch.as_tensor(gamma, dtype=torch.float32).detach()
 
     entropy = _entropy(cfg, log_probs, entropies, mask)
     masked_entropy = None if masked_log_probs is None else _entropy(cfg, masked_log_probs, masked_entropies, mask)
@@ -143,6 +163,10 @@ def papo_loss(
             entropy, masked_entropy if masked_entropy is not None else torch.zeros(()),
             cfg.entropy_coef, cfg.masked_entropy_coef, scale,
         )
+    if cfg.entropy_band_coef > 0:
+        band = entropy_band_loss(entropy, masked_entropy, *cfg.entropy_band, cfg.entropy_band_coef)
+        loss = loss + band
+        metrics["entropy_band_loss"] = band.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
 

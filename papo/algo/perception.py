@@ -125,3 +125,40 @@ def double_entropy_loss(
     scale: float = 1.0,  # d = gamma_now / gamma_config under the linear schedule
 ) -> Tensor:  # () + eta_1 * d * H + eta_2 * d * H_mask: minimising it keeps both entropies low
     return scale * (coef * entropy + masked_coef * masked_entropy)
+
+
+def entropy_band_loss(
+    entropy: Tensor,  # () mean entropy under the full image
+    masked_entropy: Tensor | None,  # () mean entropy under the masked image, or None
+    low: float,  # h_min
+    high: float,  # h_max
+    coef: float,
+) -> Tensor:  # () coef * (hinge below low + hinge above high), summed over both policies
+    """Band-limited double entropy (a variant from a third-party write-up, not the authors' code): instead of
+    always pushing both entropies down, penalise them only outside [low, high] (that write-up: 0.1, 2.0, 0.01)."""
+    terms = [entropy] + ([masked_entropy] if masked_entropy is not None else [])
+    return coef * sum(torch.relu(low - h) + torch.relu(h - high) for h in terms)
+
+
+def relative_kl_prcp_coef(
+    fraction: float,  # the perception term's size as a fraction of the policy loss (0.5 in that write-up)
+    pg_loss: Tensor,  # () policy-gradient loss of this micro-batch
+    kl_prcp: Tensor,  # () aggregated KL_prcp of this micro-batch
+    eps: float = 1e-8,
+) -> Tensor:  # () detached gamma with gamma * KL_prcp == fraction * |pg_loss|
+    """A variant from a third-party write-up: weight the perception loss relative to the policy loss rather than
+    by a fixed gamma. The coefficient is detached, so gradients keep the form -gamma * grad KL_prcp."""
+    return (fraction * pg_loss.detach().abs() / (kl_prcp.detach().abs() + eps)).detach()
+
+
+def perception_reward(
+    old_log_probs: Tensor,  # (B, T) full image, the rollout policy
+    masked_log_probs: Tensor,  # (B, T) masked image, same tokens
+    mask: Tensor,  # (B, T)
+    coef: float,
+    estimator: str = "low_var_kl",
+) -> Tensor:  # (B,) coef * sum_t KL_prcp_t: what adding KL_prcp to each token's reward adds to a response's score
+    """Perception-augmented reward: the authors' unused ``apply_kl_contrastive`` adds gamma * KL(old, masked) to
+    the token-level reward; with outcome advantages a response's score is the sum of its token rewards."""
+    kl = kl_prcp_tokens(old_log_probs, masked_log_probs, estimator) * mask.to(old_log_probs.dtype)
+    return coef * kl.sum(-1)
