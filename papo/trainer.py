@@ -184,11 +184,13 @@ class Trainer:
             idx = rows[start : start + size]
             key = tuple(idx)
             if key not in self._encodings:
+                t0 = time.time()
                 sub = _select(exp, idx)
                 width = max(1, int(sub.mask.sum(-1).max()))
                 prompts = [s.formatted_prompt() for s in sub.samples]
                 item = (idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
                         sub.ids[:, :width], sub.mask[:, :width])
+                self._encode_s += time.time() - t0
                 if not cache:
                     yield item
                     continue
@@ -272,6 +274,7 @@ class Trainer:
 
     def step(self) -> dict[str, Any]:
         self._encodings: dict[tuple, tuple] = {}
+        self._encode_s = 0.0  # the image processor, re-encoding prompts for scoring and update
         timing: dict[str, float] = {}
         t0 = time.time()
         try:
@@ -304,6 +307,7 @@ class Trainer:
                 torch.cuda.empty_cache()
             raise TrainingStopped(self._oom_message()) from err
         self._encodings = {}
+        timing["encode_s"] = self._encode_s
         self.step_no += 1
         self.bad_steps = self.bad_steps + 1 if metrics["skipped_updates"] >= max(1, metrics["updates"]) else 0
         lengths = exp.mask.sum(-1).float()
