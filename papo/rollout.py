@@ -131,7 +131,7 @@ class RolloutEngine:
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)
             # grouped-query attention without copying the cache: the query heads sharing a KV head become that
-            # head's query positions (one token each), so a masked, memory-efficient SDPA kernel applies
+            # head's query positions (one token each), so a masked SDPA kernel runs without expanding K and V
             q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
             h = h + attn.o_proj(o.reshape(b, 1, -1))
