@@ -183,7 +183,7 @@ def main() -> None:
     jobs = [(m, p, o, s) for m, p, o in plan for s in range(args.seeds)]
     t0 = time.time()
     if args.report_only:
-        rows = [collect(Path(args.out) / d.name, *_describe(d)) for d in sorted(Path(args.out).iterdir()) if (d / "config.yaml").exists()]
+        rows = [collect(d, *_describe(d)) for d in sorted(Path(args.out).iterdir()) if (d / "config.yaml").exists()]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(lambda j: run_one(*j, args), jobs))

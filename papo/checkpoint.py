@@ -52,16 +52,15 @@ def save_checkpoint(root: Path, step: int, policy: Any, state: dict[str, Any], k
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            raise
         previous = latest_checkpoint(root)
         raise CheckpointError(
             f"could not write checkpoint step-{step} in {root}: {err.strerror or err}. "
             + (f"The previous checkpoint {previous.name} is intact; free space and continue with --resume."
                if previous else "No earlier checkpoint exists.")) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     failpoint("checkpoint.rename")
     for _, old in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

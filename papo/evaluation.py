@@ -42,7 +42,7 @@ def generate_and_score(
     seed: int = 0,
     on_results: Callable[[list[SampleResult]], None] | None = None,  # called after each batch (progress, appending)
 ) -> list[SampleResult]:
-    """Each sample's prompt is repeated k times in a row; batches hold up to ``batch_size`` sequences."""
+    """k responses per sample (one prompt, ``n=k`` completions); batches hold up to ``batch_size`` sequences."""
     results: list[SampleResult] = []
     per_batch = max(1, batch_size // k)
     for start in range(0, len(samples), per_batch):

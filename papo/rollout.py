@@ -140,9 +140,9 @@ class RolloutEngine:
         token, logp = self._sample(logits, params)
         done = buf.done[:b]
         token = torch.where(done, torch.full_like(token, self.pad_id), token)
-        rows = buf.rows[:b]
-        buf.out.index_put_((rows, buf.step.expand(b)), token)
-        buf.out_logp.index_put_((rows, buf.step.expand(b)), logp)
+        rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
+        buf.out.index_put_((rows, column), token)
+        buf.out_logp.index_put_((rows, column), logp)
         buf.valid[:b].index_fill_(1, slot, True)
         finished = torch.isin(token, self.eos) | (buf.step + 2 >= buf.limits[:b])  # step s wrote token s + 2
         buf.done[:b] = done | finished
@@ -180,8 +180,8 @@ class RolloutEngine:
             b *= 2
         return sizes + [rows]
 
-    def _allocate(self, rows: int, out_rows: int, cache_len: int, new_tokens: int) -> None:
-        shape = (rows, out_rows, cache_len, new_tokens)
+    def _allocate(self, rows: int, cache_len: int, new_tokens: int) -> None:
+        shape = (rows, cache_len, new_tokens)
         if self._buf is not None and all(a >= b for a, b in zip(self._shape, shape)):
             return
         self._buf, self._graphs = None, {}
@@ -197,8 +197,8 @@ class RolloutEngine:
             tokens=torch.zeros(rows, dtype=torch.long, device=dev), positions=torch.zeros(rows, dtype=torch.long, device=dev),
             step=torch.zeros(1, dtype=torch.long, device=dev), limits=torch.zeros(rows, dtype=torch.long, device=dev),
             done=torch.zeros(rows, dtype=torch.bool, device=dev), rows=torch.zeros(rows, dtype=torch.long, device=dev),
-            out=torch.zeros(out_rows, new_tokens, dtype=torch.long, device=dev),
-            out_logp=torch.zeros(out_rows, new_tokens, dtype=torch.float32, device=dev),
+            out=torch.zeros(rows, new_tokens, dtype=torch.long, device=dev),
+            out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
         )
         self._shape = shape
 
@@ -247,7 +247,7 @@ class RolloutEngine:
 
     def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None) -> tuple[Completions, Tensor]:
         N, T, P = batch.size * n, params.max_new_tokens, batch.prompt_len
-        self._allocate(N, N, -(-(P + T) // 16) * 16, T)  # masked SDPA kernels want the key length aligned
+        self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked SDPA kernels want the key length aligned
         buf = self._buf
         if P != self._prompt_len or self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
             self._graphs = {}  # captured graphs bake in the prompt length and the sampling settings
@@ -293,22 +293,12 @@ class RolloutEngine:
 
     def _run(self, b: int, params: SamplingParams) -> None:
         if not self.graphs_on:
-            self._decode_at(b, params)
+            self._decode(b, params)
             return
         graph = self._graphs.get(b)
         if graph is None:
             graph = self._capture(b, params)
         graph.replay()
-
-    def _decode_at(self, b: int, params: SamplingParams) -> None:
-        # _decode writes output column ``step`` of a view that starts at column 1 (column 0 came from the prefill)
-        buf = self._buf
-        out, out_logp = buf.out, buf.out_logp
-        buf.out, buf.out_logp = out[:, 1:], out_logp[:, 1:]
-        try:
-            self._decode(b, params)
-        finally:
-            buf.out, buf.out_logp = out, out_logp
 
     def _capture(self, b: int, params: SamplingParams) -> Any:
         buf = self._buf
@@ -319,13 +309,13 @@ class RolloutEngine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and the allocator outside the capture
-                self._decode_at(b, params)
+                self._decode(b, params)
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._decode_at(b, params)
+            self._decode(b, params)
         for t, s in zip(state, saved):  # capturing ran the step once: undo it
             t.copy_(s)
         self._graphs[b] = graph

@@ -22,8 +22,8 @@ from papo.models.inputs import PromptBatch, append_completions, encode_prompts, 
 from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
 
-DEFAULT_MODEL = "default"
-ENGINES = ("auto", "papo", "hf")  # the warm-started tiny Qwen2.5-VL shipped inside the package
+DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
+ENGINES = ("auto", "papo", "hf")  # rollout engines: auto = papo.rollout on CUDA where supported
 
 
 def default_model_dir() -> Path:
