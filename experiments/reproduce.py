@@ -1,14 +1,16 @@
 """Reproduce PAPO's claims at small scale: many `papo train` runs at once on one GPU, then held-out evaluation.
 
-    python experiments/reproduce.py --plan main --seeds 3 --steps 100 --jobs 6 --out experiments/runs
-    python experiments/reproduce.py --plan ablations --seeds 3 --steps 200 --jobs 8 --out experiments/runs
-    python experiments/reproduce.py --report-only --out experiments/runs     # tables and plots from finished runs
+    nvidia-cuda-mps-control -d    # optional, recommended: the runs' kernels overlap (3.4x faster for 16 runs)
+    python experiments/reproduce.py --plan main --seeds 4 --jobs 16 --budget-s 500 --model START --out experiments/runs/main
+    python experiments/reproduce.py --plan ablations --seeds 3 --jobs 15 --steps 138 --model START --out experiments/runs/main
+    python experiments/reproduce.py --report-only --out experiments/runs/main     # tables and plots from finished runs
 
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
 with equal steps and rollouts per step; tiny models leave a GPU mostly idle, so `--jobs` of them share it.
-Each finished run is then evaluated on the synthetic test split with `papo eval` (avg@k, perception gap with
-masked images, perception/reasoning error breakdown). Results: `docs/results/reproduction.json` (one entry per
-run) and `docs/RESULTS.md` (mean ± std over seeds per method, curves of reward and KL_prcp).
+`--budget-s` sizes the step count from a measured probe instead of `--steps`. Each finished run is then
+evaluated on the synthetic test split with `papo eval` (avg@k, perception gap with masked images,
+perception/reasoning error breakdown). Results: `docs/results/reproduction.json` (one entry per run) and
+`docs/RESULTS.md` (mean ± std over seeds per method, curves of reward, KL_prcp and entropies).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from papo.monitor import HackingMonitor
+from papo.run import read_metrics
+
 # (method name, preset, overrides): the paper's comparisons and ablations (docs/papo-algorithm claims, §3.2, §7, §8)
 PLANS = {
     "main": [("GRPO", "grpo", []), ("PAPO-G", "papo_g", []), ("DAPO", "dapo", []), ("PAPO-D", "papo_d", [])],
@@ -33,41 +38,92 @@ PLANS = {
         + [("PAPO-G γ=0.08 + double entropy", "papo_g", ["algorithm.kl_prcp_coef=0.08", "algorithm.entropy_coef=0.03",
                                                          "algorithm.masked_entropy_coef=0.03"])]
         + [("PAPO-G with-grad masked branch", "papo_g", ["algorithm.masked_grad=true"]),
+           ("PAPO-G with-grad masked branch + double entropy", "papo_g",
+            ["algorithm.masked_grad=true", "algorithm.entropy_coef=0.03", "algorithm.masked_entropy_coef=0.03"]),
            ("PAPO-G noise masking", "papo_g", ["algorithm.masking_strategy=noise"])]
     ),
 }
 TEST = "synthetic:all?split=test&size=224&n={n}"
+START, START_METHOD = "start", "start (no RL)"  # evaluation of the starting model, which every method is compared with
 
 
-def run_one(method: str, preset: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict:
+def run_dir(method: str, preset: str, overrides: list[str], seed: int, out: Path) -> Path:
     digest = hashlib.sha1(json.dumps([method, overrides]).encode()).hexdigest()[:8]
-    run = Path(args.out) / f"{preset}-{digest}-s{seed}"
+    return out / f"{preset}-{digest}-s{seed}"
+
+
+def job_env(threads: int) -> dict[str, str]:
+    # jobs share the CPU: without a per-job thread budget every process's BLAS/OpenMP pool claims every core
+    # (a first 6-job H100 attempt ran ~30 s steps instead of ~1 s, all of it outside the GPU phases).
+    # They also share GPU memory: expandable segments keep each process's cached-but-free blocks small
+    # (18 runs at once on an 80 GB H100 ran out of memory in 4 runs without it)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+
+
+def train(method: str, preset: str, overrides: list[str], seed: int, steps: int, args: argparse.Namespace) -> Path:
+    """Train one run to `steps` steps: start it, or continue it from its last checkpoint (also past an
+    earlier, smaller `steps`: the learning rate is constant after warm-up, so a run extended from a probe
+    follows the same trajectory as one started with the larger count)."""
+    run = run_dir(method, preset, overrides, seed, Path(args.out))
     run.mkdir(parents=True, exist_ok=True)
     (run / "method.txt").write_text(method + "\n")
-    # jobs share the CPU: without a per-job thread budget every process's BLAS/OpenMP pool claims every core
-    # (a first 6-job H100 attempt ran ~30 s steps instead of ~1 s, all of it outside the GPU phases)
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    log_path = Path(args.out) / f"{run.name}.log"
-    if not (run / "final" / "config.json").exists():
-        if (run / "config.yaml").exists():  # interrupted: continue from its last checkpoint
-            cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run)]
-        else:
-            cmd = [sys.executable, "-m", "papo", "train", "--preset", preset, "--max-steps", str(args.steps),
-                   "--device", args.device, "--out", str(run)] + (["--model", args.model] if args.model else [])
-            for o in overrides + [f"trainer.seed={seed}", "trainer.eval_before_after=false", "trainer.report_to=[none]",
-                                  f"trainer.save_every={max(1, args.steps // 4)}", "trainer.log_samples_every=0"]:
-                cmd += ["--set", o]
-        with open(log_path, "a") as log:
-            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    ev = run / "eval"
-    if not (ev / "summary.json").exists() and (run / "final" / "config.json").exists():
-        cmd = [sys.executable, "-m", "papo", "eval", "--model", str(run / "final"), "--data", TEST.format(n=args.eval_n),
-               "--k", str(args.eval_k), "--max-new-tokens", "48", "--mask-ratio", str(args.mask_ratio), "--device",
-               args.device, "--out", str(ev)]
-        with open(log_path, "a") as log:
-            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return collect(run, method, preset, overrides, seed)
+    if len(read_metrics(run / "metrics.jsonl")) >= steps and (run / "final" / "config.json").exists():
+        return run
+    settings = [f"trainer.max_steps={steps}", f"trainer.save_every={max(1, steps // 2)}",
+                f"trainer.log_samples_every={max(1, steps // 4)}"]
+    if (run / "config.yaml").exists():
+        cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run)]
+    else:
+        cmd = [sys.executable, "-m", "papo", "train", "--preset", preset, "--device", args.device, "--out", str(run)]
+        cmd += ["--model", args.model] if args.model else []
+        settings = [*args.set, *overrides, f"trainer.seed={seed}", "trainer.eval_before_after=false",
+                    "trainer.report_to=[none]", *settings]
+    for s in settings:
+        cmd += ["--set", s]
+    log = Path(args.out) / f"{run.name}.log"
+    _call(cmd, log, args)
+    if len(read_metrics(run / "metrics.jsonl")) < steps and (run / "checkpoints").exists():
+        # stopped early (out of memory while sharing the GPU, say): one more try from its last checkpoint
+        _call([sys.executable, "-m", "papo", "train", "--resume", str(run), "--set", f"trainer.max_steps={steps}"], log, args)
+    return run
+
+
+def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace) -> None:
+    """Held-out avg@k on the test split, the perception gap at --mask-ratio and the error breakdown."""
+    if (ev / "summary.json").exists() or (isinstance(model, Path) and not (model / "config.json").exists()):
+        return  # done already, or the run never finished
+    t0 = time.time()
+    _call([sys.executable, "-m", "papo", "eval", "--model", str(model), "--data", TEST.format(n=args.eval_n),
+           "--k", str(args.eval_k), "--max-new-tokens", "48", "--mask-ratio", str(args.mask_ratio), "--device",
+           args.device, "--out", str(ev)], log, args)
+    if (ev / "summary.json").exists():
+        (ev / "eval_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+
+
+def _call(cmd: list[str], log_path: Path, args: argparse.Namespace) -> None:
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    with open(log_path, "a") as log:
+        subprocess.run(cmd, env=job_env(threads), stdout=log, stderr=subprocess.STDOUT)
+
+
+def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
+    """Run every job for --probe-steps steps at the concurrency of the real runs, then size the step count so
+    that training and evaluation fit in --budget-s (counted from the script's start)."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda j: train(*j, args.probe_steps, args), jobs))
+    probe_wall = time.time() - t0
+    # the slowest run sets the pace (DAPO regenerates); the first step also captures CUDA graphs, so it is left out
+    times = [[r["step_s"] for r in read_metrics(run / "metrics.jsonl")[1:] if r.get("step_s")] for run in runs]
+    if not all(times):
+        raise SystemExit(f"a probe run logged fewer than 2 steps; see the logs in {args.out}")
+    step_s = max(statistics.median(t) for t in times)
+    waves = -(-len(jobs) // args.jobs)
+    startup_s = max(0.0, probe_wall / waves - args.probe_steps * step_s)  # process start, model load, graph capture, save
+    left = args.budget_s - probe_wall - args.eval_reserve_s - waves * startup_s
+    steps = max(args.probe_steps, int(left / (waves * step_s * 1.1)))
+    return {"steps": steps, "step_s": round(step_s, 3), "startup_s": round(startup_s, 1), "jobs": args.jobs,
+            "runs": len(jobs), "probe_steps": args.probe_steps, "budget_s": args.budget_s}
 
 
 def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int) -> dict:
@@ -76,51 +132,110 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
         import yaml
 
         row["config"] = yaml.safe_load((run / "config.yaml").read_text())["algorithm"]
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    metrics = read_metrics(run / "metrics.jsonl")
     row["steps"] = len(metrics)
     if metrics:
         tail = metrics[-10:]
         row["final_train_reward"] = statistics.mean(m["reward"] for m in tail)
-        row["final_kl_prcp"] = statistics.mean(m.get("kl_prcp") or 0.0 for m in tail)
-        row["hacking_warnings"] = sum(bool(m.get("hacking_warning")) for m in metrics)
+        for key in ("kl_prcp", "entropy", "masked_entropy"):
+            row[f"final_{key}"] = statistics.mean(m.get(key) or 0.0 for m in tail)
+        # replayed over the logged metrics, so runs logged by an older monitor are judged by the current one
+        monitor = HackingMonitor()
+        flagged = [m["step"] for m in metrics if monitor.observe(m)]
+        row["hacking_warnings"] = len(flagged)
+        row["first_hacking_warning_step"] = flagged[0] if flagged else None
+        times = [m["step_s"] for m in metrics if m.get("step_s")]
+        row["median_step_s"] = statistics.median(times) if times else None
     summary = run / "eval" / "summary.json"
     if summary.exists():
         bench = next(iter(json.loads(summary.read_text())["benchmarks"].values()))
-        row["heldout_avg_at_k"] = bench["avg_at_k"]
+        row["eval_k"] = bench["k"]
+        row[f"heldout_avg_at_{bench['k']}"] = bench["avg_at_k"]
         row["heldout_per_task"] = bench.get("per_task", {})
         masked = next(iter(bench.get("masked", {}).values()), None)
+        row["masked_avg_at_k"] = masked["avg_at_k"] if masked else None
         row["perception_gap"] = masked["perception_gap"] if masked else None
-        row["perception_share_of_errors"] = bench.get("errors", {}).get("perception_share_of_errors")
+        errors = bench.get("errors")
+        if errors:
+            row["perception_share_of_errors"] = errors["perception_share_of_errors"]
+            row["error_rates"] = errors["shares"]  # per response: correct, lucky_guess, perception, reasoning, format
     return row
 
 
-def _mean_std(values: list[float]) -> str:
+def heldout(row: dict) -> float | None:
+    return row.get(f"heldout_avg_at_{row.get('eval_k')}")
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    values = [v for v in values if v is not None]
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+    mean = f"{scale * statistics.mean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
-def report(rows: list[dict], out_md: Path, out_json: Path, runs: Path) -> None:
+def _flagged(rows: list[dict]) -> str:
+    firsts = [r["first_hacking_warning_step"] for r in rows if r.get("first_hacking_warning_step")]
+    return f"{len(firsts)}/{len(rows)}" + (f" (from step {min(firsts)})" if firsts else "")
+
+
+def tables(rows: list[dict]) -> str:
+    """The generated part of RESULTS.md, one row per method (mean ± std over seeds): held-out accuracy and
+    training signals, the perception/reasoning error breakdown, and accuracy per task family."""
+    evaluated = [r for r in rows if heldout(r) is not None]
+    order = [START_METHOD] + [m for plan in PLANS.values() for m, _, _ in plan]
+    methods = sorted(dict.fromkeys(r["method"] for r in evaluated), key=lambda m: order.index(m) if m in order else len(order))
+    by_method = {m: [r for r in evaluated if r["method"] == m] for m in methods}
+    k = evaluated[0]["eval_k"] if evaluated else "k"
+    lines = [f"| method | seeds | steps | held-out avg@{k} (%) | masked-image avg@{k} (%) | perception gap (points) | "
+             "final KL_prcp | final entropy | final masked entropy | steps flagged by the hacking monitor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rs in by_method.items():
+        lines.append(" | ".join([
+            f"| {m}", str(len(rs)), str(max(r["steps"] for r in rs)), _mean_std([heldout(r) for r in rs]),
+            _mean_std([r.get("masked_avg_at_k") for r in rs]), _mean_std([r.get("perception_gap") for r in rs]),
+            *(_mean_std([r.get(f"final_{key}") for r in rs], 1.0, 3) for key in ("kl_prcp", "entropy", "masked_entropy")),
+            _flagged(rs) + " |"]))
+    classes = ("correct", "lucky_guess", "perception", "reasoning", "format")
+    lines += ["", "Every response of the held-out evaluation, classified from the facts its `<think>` states (papo.analysis), "
+              "% of responses, mean ± std over seeds:", "",
+              "| method | " + " | ".join(c.replace("_", " ") for c in classes) + " | perception errors, % of wrong answers |",
+              "|---|" + "---|" * (len(classes) + 1)]
+    for m, rs in by_method.items():
+        cells = [_mean_std([r.get("error_rates", {}).get(c) for r in rs]) for c in classes]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_mean_std([r.get('perception_share_of_errors') for r in rs])} |")
+    tasks = sorted({t for r in evaluated for t in r.get("heldout_per_task", {})})
+    lines += ["", f"Held-out avg@{k} (%) per task family, mean ± std over seeds:", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m, rs in by_method.items():
+        lines.append(f"| {m} | " + " | ".join(_mean_std([r["heldout_per_task"].get(t) for r in rs]) for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+# figures of RESULTS.md: (file name, methods named exactly, methods whose names start with, metrics.jsonl keys)
+FIGURES = [("main", {"GRPO", "PAPO-G", "DAPO", "PAPO-D"}, None, ("reward", "kl_prcp")),
+           ("gamma", {"GRPO", "PAPO-G"}, "PAPO-G γ", ("reward", "kl_prcp", "entropy", "masked_entropy")),
+           ("mask", {"PAPO-G", "PAPO-G noise masking"}, "PAPO-G mask", ("reward", "kl_prcp")),
+           ("grad", {"PAPO-G"}, "PAPO-G with-grad", ("reward", "kl_prcp", "entropy", "masked_entropy"))]
+
+
+def report(rows: list[dict], out_md: Path, out_json: Path, runs: Path, section: str = "table") -> None:
+    """Write the rows to out_json and the tables and figures between this section's markers in out_md. Other
+    sections (e.g. runs of another length, reported with --section) are kept in both files."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"runs": rows}, indent=1))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | seeds | held-out avg@k (%) | perception gap (points) | perception share of errors (%) | final KL_prcp | hacking warnings |",
-             "|---|---|---|---|---|---|---|"]
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m and "heldout_avg_at_k" in r]
-        if not rs:
-            continue
-        lines.append(f"| {m} | {len(rs)} | {_mean_std([r['heldout_avg_at_k'] for r in rs])} | "
-                     f"{_mean_std([r['perception_gap'] for r in rs if r.get('perception_gap') is not None])} | "
-                     f"{_mean_std([r['perception_share_of_errors'] for r in rs if r.get('perception_share_of_errors') is not None])} | "
-                     f"{statistics.mean(r['final_kl_prcp'] for r in rs):.3f} | {sum(r['hacking_warnings'] for r in rs)} |")
-    _plot(rows, runs, out_md.parent / "results")
+    kept = json.loads(out_json.read_text())["runs"] if out_json.exists() else []
+    rows = [{**r, "section": section} for r in rows]
+    out_json.write_text(json.dumps({"runs": [r for r in kept if r.get("section", "table") != section] + rows}, indent=1))
+    figures = []
+    for name, exact, prefix, keys in FIGURES:
+        chosen = [r for r in rows if r["method"] in exact or (prefix and r["method"].startswith(prefix))]
+        file = name if section == "table" else f"{section}-{name}"
+        if len({r["method"] for r in chosen}) > 1 and _plot(chosen, runs, out_md.parent / "results" / f"{file}.png", keys):
+            figures.append(f"![{file}](results/{file}.png)")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     existing = out_md.read_text() if out_md.exists() else ""
-    marker = "<!-- reproduce.py table -->"
-    table = f"{marker}\n" + "\n".join(lines) + f"\n\n![reward](results/reward.png)\n![kl_prcp](results/kl_prcp.png)\n{marker}"
+    marker = f"<!-- reproduce.py {section} -->"
+    table = f"{marker}\n" + tables(rows) + "\n\n" + "\n".join(figures) + f"\n{marker}"
     if marker in existing:
         head, _, rest = existing.partition(marker)
         _, _, tail = rest.partition(marker)
@@ -129,43 +244,54 @@ def report(rows: list[dict], out_md: Path, out_json: Path, runs: Path) -> None:
         out_md.write_text(existing + ("\n" if existing else "") + table + "\n")
 
 
-def _plot(rows: list[dict], runs: Path, folder: Path) -> None:
+def _plot(rows: list[dict], runs: Path, path: Path, keys: tuple[str, ...]) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in ("reward", "kl_prcp"):
-        fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    drawn = False
+    for ax, key in zip(axes[0], keys):
         for method in dict.fromkeys(r["method"] for r in rows):
-            curves = []
-            for r in rows:
-                path = runs / r["run"] / "metrics.jsonl"
-                if r["method"] == method and path.exists():
-                    curves.append([json.loads(x).get(key) or 0.0 for x in path.read_text().splitlines()])
+            curves = [[m.get(key) or 0.0 for m in read_metrics(runs / r["run"] / "metrics.jsonl")]
+                      for r in rows if r["method"] == method]
+            curves = [c for c in curves if c]
             if curves:
                 n = min(len(c) for c in curves)
                 mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
                 w = max(1, n // 20)
                 smooth = [statistics.mean(mean[max(0, i - w + 1): i + 1]) for i in range(n)]
                 ax.plot(range(1, n + 1), smooth, label=method, lw=1.2)
-        ax.set(xlabel="step", ylabel=key, title=f"{key} (mean over seeds, smoothed)")
-        ax.legend(fontsize=7)
+                drawn = True
+        ax.set(xlabel="step", title=key)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / f"{key}.png", dpi=110)
-        plt.close(fig)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("mean over seeds, moving average over 5% of the run", fontsize=9)
+    fig.tight_layout()
+    if drawn:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=[*PLANS, "all"], default="main")
     ap.add_argument("--methods", default=None, help="comma-separated method names of the plan to run (default: all)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every method")
+    ap.add_argument("--seed-list", default=None, help="comma-separated seeds instead, e.g. 3,4 to add seeds")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / --jobs)")
+    ap.add_argument("--no-start-eval", action="store_true", help="do not evaluate the starting model")
+    ap.add_argument("--steps", type=int, default=100, help="training steps of every run (see --budget-s)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="size --steps from a probe so that all runs and their evaluation finish in this many seconds")
+    ap.add_argument("--probe-steps", type=int, default=6)
+    ap.add_argument("--eval-reserve-s", type=float, default=120.0, help="time kept for evaluation when sizing steps")
     ap.add_argument("--jobs", type=int, default=6, help="runs at once (they share the GPU)")
     ap.add_argument("--model", default=None, help="starting model (default: the embedded one)")
+    ap.add_argument("--set", action="append", default=[], help="config override for every run, e.g. optim.lr=3e-5")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--eval-k", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=140)
@@ -174,20 +300,35 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results/reproduction.json")
     ap.add_argument("--markdown", default="docs/RESULTS.md")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--section", default="table", help="name of this report's part of the markdown and JSON files")
     args = ap.parse_args()
     plan = [x for name in (PLANS if args.plan == "all" else [args.plan]) for x in PLANS[name]]
     if args.methods:
         wanted = set(args.methods.split(","))
         plan = [x for x in plan if x[0] in wanted]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(m, p, o, s) for m, p, o in plan for s in range(args.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    jobs = [(m, p, o, s) for m, p, o in plan for s in seeds]
     t0 = time.time()
-    if args.report_only:
-        rows = [collect(d, *_describe(d)) for d in sorted(Path(args.out).iterdir()) if (d / "config.yaml").exists()]
-    else:
+    if not args.report_only:
+        sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
+        if not sizing.exists():
+            chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
+            sizing.write_text(json.dumps(chosen, indent=1) + "\n")
+        steps = json.loads(sizing.read_text())["steps"]
+        print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({json.loads(sizing.read_text())})", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda j: run_one(*j, args), jobs))
-    report(rows, Path(args.markdown), Path(args.results), Path(args.out))
+            runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
+            print(f"trained in {time.time() - t0:.0f} s; evaluating", flush=True)
+            evals = [(run / "final", run / "eval", out / f"{run.name}.log") for run in runs]
+            if not args.no_start_eval:
+                evals.append((args.model or "default", out / START / "eval", out / f"{START}.log"))
+            list(pool.map(lambda e: evaluate(*e, args), evals))
+    rows = [collect(d, *_describe(d)) for d in sorted(out.iterdir()) if (d / "config.yaml").exists()]
+    if (out / START / "eval" / "summary.json").exists():
+        rows.insert(0, collect(out / START, START_METHOD, "", [], 0))
+    report(rows, Path(args.markdown), Path(args.results), out, args.section)
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s; wrote {args.results} and {args.markdown}")
 
 

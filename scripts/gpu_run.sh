@@ -5,7 +5,8 @@
 #   FROM=WORK/sft-0/step-N SEED=1 bash scripts/gpu_run.sh sft OUT_DIR   # a second SFT leg from a checkpoint
 #   RL_LR=3e-5 STEPS=300 bash scripts/gpu_run.sh train OUT_DIR   # PAPO-G from the best checkpoint of the last SFT leg
 #   STEPS=300 bash scripts/gpu_run.sh train-default OUT_DIR   # trains the embedded default instead
-# WORK (scratch space, default \${TMPDIR:-/tmp}/papo-gpu) must survive between the calls.
+# WORK (scratch space, default \${TMPDIR:-/tmp}/papo-gpu) must survive between the calls. The sft stage also
+# writes the picked checkpoint (bf16 weights) to OUT as best.tar.gz.part-*, for machines that do not keep WORK.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=12
@@ -21,8 +22,10 @@ if [ "$stage" = sft ]; then
       --save-steps $((steps / 2)),$((steps * 3 / 4)) --eval-per-task 30 --eval-k 2 --out $work/sft-$seed --device cuda \
       > "$out/sft.log" 2>&1
   cp $work/sft-$seed/sft_metrics.jsonl "$out/sft_metrics_$seed.jsonl" 2>/dev/null
-  python3 scripts/pick_checkpoint.py $work/sft-$seed $work/pick --no-pack > "$out/pick.txt"
+  python3 scripts/pick_checkpoint.py $work/sft-$seed $work/pick --bf16 > "$out/pick.txt"
   cp $work/pick/checkpoints.json "$out/sft_checkpoints_$seed.json"
+  # the picked checkpoint travels back in parts of at most 15 MiB: cat OUT/best.tar.gz.part-* | tar xz
+  split -b 15M $work/pick/best.tar.gz "$out/best.tar.gz.part-"
   echo "$work/sft-$seed" > $work/last_sft
   cat "$out/sft_plan.txt" "$out/pick.txt"; tail -c 600 "$out/sft.log"
 else

@@ -3,7 +3,9 @@
 Criterion (room for RL): most families with sampled T=1 accuracy inside [0.2, 0.8], format followed on at
 least 80% of responses, then the highest mean accuracy.
 
-    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR            # ranks, and packs the best as best.tar.gz
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --no-pack  # ranks only
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --bf16     # packs with bf16 weights (half the bytes)
 """
 
 from __future__ import annotations
@@ -33,9 +35,20 @@ def main(run: Path, results: Path) -> None:
     if ranking and "--no-pack" not in sys.argv:
         best = run if ranking[0] == "final" else run / ranking[0]
         with tarfile.open(results / "best.tar.gz", "w:gz") as tar:
-            tar.add(best, arcname="model", filter=lambda ti: None if "/step-" in ti.name else ti)
+            tar.add(best, arcname="model", filter=lambda ti: None if "/step-" in ti.name or ti.name.endswith(".safetensors") else ti)
+            for weights in best.glob("*.safetensors"):
+                if "--bf16" in sys.argv:  # papo loads weights into its configured dtype (float32 by default)
+                    import torch
+                    from safetensors.torch import load_file, save_file
+
+                    half = results / weights.name
+                    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}, half)
+                    tar.add(half, arcname=f"model/{weights.name}")
+                    half.unlink()
+                else:
+                    tar.add(weights, arcname=f"model/{weights.name}")
         print("packed", best)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))  # --no-pack: rank only
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

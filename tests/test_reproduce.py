@@ -1,4 +1,4 @@
-"""experiments/reproduce.py: per-run collection and the mean ± std table, on hand-made run directories."""
+"""experiments/reproduce.py: per-run collection, the mean ± std tables, and sizing runs from a probe."""
 
 import importlib.util
 import json
@@ -14,13 +14,21 @@ def _load():
     return module
 
 
+def _metrics(run, step_times, kl=0.0):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "reward": 0.5, "kl_prcp": kl, "entropy": 0.1, "masked_entropy": 1.0, "hacking_warning": "", "step_s": t}) + "\n"
+        for i, t in enumerate(step_times)))
+
+
 def _run(root, name, acc, gap, kl):
     run = root / name
-    (run / "eval").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward": 0.5, "kl_prcp": kl, "hacking_warning": ""}) + "\n"
-                                               for i in range(12)))
-    bench = {"avg_at_k": acc, "masked": {"0.6": {"perception_gap": gap}},
-             "errors": {"perception_share_of_errors": 0.5}}
+    _metrics(run, [1.0] * 12, kl)
+    (run / "eval").mkdir()
+    bench = {"k": 8, "avg_at_k": acc, "per_task": {"count": acc, "clock": 1.0},
+             "masked": {"0.6": {"avg_at_k": acc - gap, "perception_gap": gap}},
+             "errors": {"perception_share_of_errors": 0.5,
+                        "shares": {"correct": acc, "perception": 0.2, "reasoning": 0.1, "lucky_guess": 0.0, "format": 0.0}}}
     (run / "eval" / "summary.json").write_text(json.dumps({"benchmarks": {"synthetic-all": bench}}))
     return run
 
@@ -36,9 +44,51 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     reproduce.report(rows, md, js, tmp_path)
     text = md.read_text()
     assert "written by hand, kept" in text
-    assert "| PAPO-G | 2 | 35.0 ± 7.1 | 10.0 ± 0.0 | 50.0 ± 0.0 | 0.200 | 0 |" in text  # std of 30, 40 = 7.07
-    assert "| GRPO | 1 | 25.0 | 5.0 | 50.0 | 0.000 | 0 |" in text
-    assert json.loads(js.read_text())["runs"][0]["heldout_avg_at_k"] == 0.30
+    # std of 30 and 40 is 7.07; masked accuracy = accuracy - gap; GRPO comes first (the plan's order)
+    assert text.index("| GRPO |") < text.index("| PAPO-G |")
+    assert "| PAPO-G | 2 | 12 | 35.0 ± 7.1 | 25.0 ± 7.1 | 10.0 ± 0.0 | 0.200 ± 0.000 | 0.100 ± 0.000 | 1.000 ± 0.000 | 0/2 |" in text
+    assert "| GRPO | 1 | 12 | 25.0 | 20.0 | 5.0 | 0.000 | 0.100 | 1.000 | 0/1 |" in text
+    assert "| PAPO-G | 35.0 ± 7.1 | 0.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 0.0 ± 0.0 | 50.0 ± 0.0 |" in text  # error classes
+    assert "| PAPO-G | 100.0 ± 0.0 | 35.0 ± 7.1 |" in text  # per task family: clock, count
+    saved = json.loads(js.read_text())["runs"][0]
+    assert saved["heldout_avg_at_8"] == 0.30 and saved["perception_gap"] == 0.1 and saved["seed"] == 0
     reproduce.report(rows, md, js, tmp_path)  # re-running replaces the generated part only
-    assert md.read_text().count("| method |") == 1
-    assert (md.parent / "results" / "reward.png").is_file()
+    assert md.read_text().count("| method |") == 3
+    assert (md.parent / "results" / "main.png").is_file()
+    # another section (runs of another length, say) goes between its own markers and joins the JSON
+    longer = [reproduce.collect(_run(tmp_path, "grpo-long-s0", 0.5, 0.1, 0.0), "GRPO", "grpo", [], 0)]
+    reproduce.report(longer, md, js, tmp_path, section="long")
+    reproduce.report(longer, md, js, tmp_path, section="long")
+    assert md.read_text().count("| method |") == 6 and "written by hand, kept" in md.read_text()
+    assert [r["section"] for r in json.loads(js.read_text())["runs"]] == ["table"] * 3 + ["long"]
+
+
+def test_the_hacking_monitor_is_replayed_over_the_logged_metrics(tmp_path):
+    reproduce = _load()
+    run = tmp_path / "papo_g-z-s0"
+    calm = {"kl_prcp": 1.8, "clipfrac_high": 0.0, "entropy": 0.13, "masked_entropy": 2.3, "reward": 0.4, "hacking_warning": ""}
+    rows = [calm] * 10 + [{**calm, "kl_prcp": 9.0, "entropy": 0.2, "masked_entropy": 13.0}] * 15
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(rows)))
+    row = reproduce.collect(run, "PAPO-G with-grad masked branch", "papo_g", [], 0)
+    assert row["hacking_warnings"] > 0 and row["first_hacking_warning_step"] == 20  # after two windows of 10
+
+
+def test_steps_are_sized_from_the_slowest_probe_run(tmp_path, monkeypatch):
+    reproduce = _load()
+    times = {"GRPO": [9.0, 1.0, 1.0], "DAPO": [9.0, 2.0, 2.0]}  # the first step (graph capture) is left out
+
+    def fake_train(method, preset, overrides, seed, steps, args):
+        run = reproduce.run_dir(method, preset, overrides, seed, Path(args.out))
+        _metrics(run, times[method][:steps])
+        return run
+
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(reproduce.time, "time", lambda: 1000.0)  # the probe takes no wall time here
+    args = type("Args", (), {"out": str(tmp_path), "jobs": 2, "probe_steps": 3, "budget_s": 500.0, "eval_reserve_s": 100.0})
+    jobs = [("GRPO", "grpo", [], 0), ("DAPO", "dapo", [], 0)]
+    plan = reproduce.size_steps(jobs, args, t0=1000.0)
+    # 2.0 s a step (DAPO's); (500 s budget - 100 s for evaluation) / (2.0 s * 1.1 margin) = 181.8
+    assert plan["step_s"] == 2.0 and plan["steps"] == 181
+    args.jobs = 1  # two waves of runs: each gets half the time
+    assert reproduce.size_steps(jobs, args, t0=1000.0)["steps"] < 100

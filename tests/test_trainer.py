@@ -198,6 +198,18 @@ def test_hacking_monitor_flags_the_documented_signs():
     assert not any(only_kl.observe({**healthy, "kl_prcp": 1.0}) for _ in range(5))  # one sign is not enough
 
 
+def test_hacking_monitor_flags_a_collapse_that_starts_from_a_large_kl():
+    """A model that never saw masked images starts near KL_prcp 1.7; the k3 clamp at 10 caps the rise below
+    4x, and with one update per step the clip fraction stays 0 (the with-grad runs of docs/RESULTS.md)."""
+    monitor = HackingMonitor(window=5)
+    start = {"kl_prcp": 1.8, "clipfrac_high": 0.0, "entropy": 0.13, "masked_entropy": 2.3}
+    assert not any(monitor.observe(start) for _ in range(10))
+    wobble = HackingMonitor(window=5)  # a healthy run's KL_prcp moves by a few tenths
+    assert not any(wobble.observe({**start, "kl_prcp": 1.8 + 0.4 * (i % 2)}) for i in range(30))
+    warnings = [monitor.observe({"kl_prcp": 9.0, "clipfrac_high": 0.0, "entropy": 0.22, "masked_entropy": 13.0}) for _ in range(5)]
+    assert "KL_prcp 1.8 -> 9" in warnings[-1] and "both entropies rising" in warnings[-1]
+
+
 def test_stop_on_hacking_rolls_back_to_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
 
