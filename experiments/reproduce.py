@@ -70,23 +70,26 @@ def train(method: str, preset: str, overrides: list[str], seed: int, steps: int,
     (run / "method.txt").write_text(method + "\n")
     if len(read_metrics(run / "metrics.jsonl")) >= steps and (run / "final" / "config.json").exists():
         return run
+    log = Path(args.out) / f"{run.name}.log"
     settings = [f"trainer.max_steps={steps}", f"trainer.save_every={max(1, steps // 2)}",
                 f"trainer.log_samples_every={max(1, steps // 4)}"]
-    if (run / "config.yaml").exists():
-        cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run)]
-    else:
-        cmd = [sys.executable, "-m", "papo", "train", "--preset", preset, "--device", args.device, "--out", str(run)]
-        cmd += ["--model", args.model] if args.model else []
-        settings = [*args.set, *overrides, f"trainer.seed={seed}", "trainer.eval_before_after=false",
-                    "trainer.report_to=[none]", *settings]
-    for s in settings:
-        cmd += ["--set", s]
-    log = Path(args.out) / f"{run.name}.log"
-    _call(cmd, log, args)
-    if len(read_metrics(run / "metrics.jsonl")) < steps and (run / "checkpoints").exists():
-        # stopped early (out of memory while sharing the GPU, say): one more try from its last checkpoint
-        _call([sys.executable, "-m", "papo", "train", "--resume", str(run), "--set", f"trainer.max_steps={steps}"], log, args)
+    fresh = [sys.executable, "-m", "papo", "train", "--preset", preset, "--device", args.device, "--out", str(run),
+             *(["--model", args.model] if args.model else [])]
+    fresh_settings = [*args.set, *overrides, f"trainer.seed={seed}", "trainer.eval_before_after=false", "trainer.report_to=[none]"]
+    # a second attempt resumes a run that stopped early (out of memory while sharing the GPU, say)
+    for attempt in range(2):
+        if attempt and (len(read_metrics(run / "metrics.jsonl")) >= steps or not (run / "checkpoints").exists()):
+            break
+        if (run / "config.yaml").exists():
+            cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run), *_sets(settings)]
+        else:
+            cmd = [*fresh, *_sets(fresh_settings + settings)]
+        _call(cmd, log, args)
     return run
+
+
+def _sets(settings: list[str]) -> list[str]:
+    return [arg for setting in settings for arg in ("--set", setting)]
 
 
 def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace) -> None:
@@ -316,8 +319,9 @@ def main() -> None:
         if not sizing.exists():
             chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
             sizing.write_text(json.dumps(chosen, indent=1) + "\n")
-        steps = json.loads(sizing.read_text())["steps"]
-        print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({json.loads(sizing.read_text())})", flush=True)
+        chosen = json.loads(sizing.read_text())
+        steps = chosen["steps"]
+        print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
             print(f"trained in {time.time() - t0:.0f} s; evaluating", flush=True)
