@@ -47,15 +47,15 @@ def qwen25_vl_3b_config(tokenizer):
         tie_word_embeddings=True, **ids)
 
 
-def build(name: str):
+def build(name: str, device: str = "cuda"):
     from transformers import AutoModelForImageTextToText
 
     processor = build_processor()
     cfg = qwen25_vl_3b_config(processor.tokenizer) if name == "qwen2.5-vl-3b" else build_config(name, processor.tokenizer)
     side = 448 if name == "qwen2.5-vl-3b" else 224
     set_pixel_bounds(processor, side * side, side * side)
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     use_packed_vision_attention(model)  # as papo.models.Policy does: both engines prefill through it
     return model, processor, side
 
@@ -106,10 +106,11 @@ def run(name: str, prompts: list[tuple[int, int]], new_tokens: int, bandwidth: f
         shape = f"{p} prompts" + (f" x {g} samples" if g > 1 else "")
         row = {"workload": f"{name}, {shape} x {new_tokens} new tokens, {side}x{side} image", "model": name,
                "prompts": p, "samples_per_prompt": g, "prompt_tokens": batch.prompt_len, "new_tokens": new_tokens}
-        engine.generate(batch, params, g)  # warm-up: CUDA graph capture, allocator
+        _, warm_s, _ = timed(lambda: engine.generate(batch, params, g))  # warm-up: compilation, CUDA graph capture, allocator
         (comp, _), papo_s, papo_mem = timed(lambda: engine.generate(batch, params, g))
         assert int(comp.lengths.min()) == new_tokens
         row.update(papo_tokens_per_s=round(n * new_tokens / papo_s, 1), papo_seconds=round(papo_s, 3), papo_peak_gib=round(papo_mem, 2),
+                   papo_warmup_s=round(warm_s, 1),
                    papo_prefill_s=round(engine.last_timing["prefill_s"], 3),
                    papo_decode_tokens_per_s=round(n * engine.last_timing["decode_steps"] / engine.last_timing["decode_s"], 1))
         if n <= hf_limit:
@@ -126,8 +127,8 @@ def run(name: str, prompts: list[tuple[int, int]], new_tokens: int, bandwidth: f
 
 
 def check(new_tokens: int = 64, n: int = 16) -> dict:
-    """Greedy tokens of the 20m model in fp32: CUDA graphs vs eager steps (must be identical) and vs
-    transformers generate (agreement up to kernel-level rounding)."""
+    """Greedy tokens of the 20m model in fp32: CUDA graphs vs eager steps (must be identical), and the compiled
+    engine and transformers generate vs eager (agreement up to kernel-level rounding)."""
     model, processor, side = build("20m")
     model.float()
     tok = processor.tokenizer
@@ -136,12 +137,17 @@ def check(new_tokens: int = 64, n: int = 16) -> dict:
     images = [[Image.new("RGB", (side, side), ((53 * i) % 255, 20, 200))] for i in range(n)]
     batch = encode_prompts(processor, [f"<image>What is shown? {'x ' * (i % 5)}" for i in range(n)], images)
     params = SamplingParams(new_tokens, greedy=True)
-    graphs = RolloutEngine(model, suppress, eos, tok.pad_token_id).generate(batch, params)[0]
-    eager = RolloutEngine(model, suppress, eos, tok.pad_token_id, use_cuda_graphs=False).generate(batch, params)[0]
+    graphs = RolloutEngine(model, suppress, eos, tok.pad_token_id, compile=False).generate(batch, params)[0]
+    eager = RolloutEngine(model, suppress, eos, tok.pad_token_id, use_cuda_graphs=False, compile=False).generate(batch, params)[0]
+    compiled = RolloutEngine(model, suppress, eos, tok.pad_token_id, compile=True).generate(batch, params)[0]
     hf = hf_generate(model, batch, params, suppress, eos, tok.pad_token_id)
-    w = min(graphs.ids.shape[1], hf.ids.shape[1])
-    result = {"graphs_equal_eager": bool(torch.equal(graphs.ids, eager.ids)),
-              "tokens_equal_to_hf": round(float((graphs.ids[:, :w] == hf.ids[:, :w]).float().mean()), 4)}
+
+    def agreement(other):
+        w = min(eager.ids.shape[1], other.ids.shape[1])
+        return round(float((eager.ids[:, :w] == other.ids[:, :w]).float().mean()), 4)
+
+    result = {"graphs_equal_eager": bool(torch.equal(graphs.ids, eager.ids)), "compiled_tokens_equal_to_eager": agreement(compiled),
+              "hf_tokens_equal_to_eager": agreement(hf)}
     print(json.dumps(result), flush=True)
     return result
 

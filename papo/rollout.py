@@ -22,18 +22,21 @@ asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from papo.decode import DecodeBuffers, DecodeStep
+from papo.models.attention import PACKED_VISION_ATTENTION
 from papo.models.generation import Completions, SamplingParams, trim_after_eos
 from papo.models.inputs import PromptBatch
+from papo.models.mrope import VisionInputs, mrope_positions
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 CHECK_EVERY = 16  # decode steps between host checks for "all done" / compaction (each check is one sync)
+SPAN_BLOCK = 64  # a step attends over the cache slots filled so far, rounded up to this (one graph per span)
 
 
 def supports(model: Any) -> bool:
@@ -42,134 +45,48 @@ def supports(model: Any) -> bool:
     text = getattr(getattr(model, "model", None), "language_model", None)
     return (getattr(cfg, "model_type", None) in SUPPORTED_MODEL_TYPES and text is not None
             and hasattr(model, "lm_head") and not hasattr(model, "peft_config")
-            and getattr(cfg.get_text_config(), "use_sliding_window", False) is False)
-
-
-def _rms_norm(norm: Any, x: Tensor) -> Tensor:
-    """Qwen's RMSNorm (normalise in fp32, cast, scale) in 3 kernels instead of 6: launches bound a decode step."""
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((-b, a), dim=-1), sin)
-
-
-@dataclass
-class _Buffers:
-    """Everything a captured decode step reads or writes: fixed addresses, sized for the largest bucket."""
-
-    keys: list[Tensor]  # per layer (B, kv_heads, L, head_dim)
-    values: list[Tensor]
-    valid: Tensor  # (B, L) bool: cache slots a row may attend to (its prompt without padding, its tokens so far)
-    tokens: Tensor  # (B,) the token fed to this step
-    positions: Tensor  # (B,) its rope position
-    step: Tensor  # (1,) long: decode step s feeds output column s, writes cache slot prompt_len + s, samples column s + 1
-    limits: Tensor  # (B,) tokens each row may generate
-    done: Tensor  # (B,) bool
-    rows: Tensor  # (B,) which output row each cache row writes to
-    out: Tensor  # (N, T) sampled tokens per output row
-    out_logp: Tensor  # (N, T) their log-probs under the sampling temperature (no top-k/top-p truncation)
+            and getattr(cfg.get_text_config(), "use_sliding_window", False) is False
+            and getattr(cfg.get_text_config(), "hidden_act", "silu") == "silu")  # the decode step's MLP
 
 
 class RolloutEngine:
-    """One engine per model; graphs and the cache are rebuilt when a call needs larger shapes."""
+    """One engine per model; graphs and the cache are rebuilt when a call needs larger shapes.
+
+    ``compile``: torch.compile the decode step and the vision tower's blocks (None: on CUDA)."""
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int,
-                 use_cuda_graphs: bool | None = None, prefill_batch: int = 64) -> None:
+                 use_cuda_graphs: bool | None = None, prefill_tokens: int = 65536, compile: bool | None = None) -> None:
         if not supports(model):
             raise ValueError(f"papo.rollout cannot decode {type(model).__name__}; use hf_generate")
-        self.model, self.text = model, model.model.language_model
-        self.eos_ids, self.pad_id, self.prefill_batch = list(eos_ids), int(pad_id), prefill_batch
-        cfg = model.config.get_text_config()
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.vocab = model.lm_head.weight.shape[0]
+        self.model, self.base = model, model.model
+        self.eos_ids, self.pad_id, self.prefill_tokens = list(eos_ids), int(pad_id), prefill_tokens
         self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
-        self.suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-        if suppress_ids:
-            self.suppress[torch.as_tensor(suppress_ids, device=self.device)] = True
-        self.eos = torch.as_tensor(self.eos_ids or [-1], device=self.device)
-        rotary = self.text.rotary_emb
-        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
-        self.graphs_on = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
-        self._buf: _Buffers | None = None
+        on_cuda = self.device.type == "cuda"
+        self.graphs_on = on_cuda if use_cuda_graphs is None else use_cuda_graphs
+        self.compile = on_cuda if compile is None else compile
+        self.step = DecodeStep(model, suppress_ids, eos_ids, pad_id, compile=self.compile)
+        self._vision_blocks = _compiled_vision_blocks(self.base.visual) if self.compile else {}
+        self.vision_inputs = VisionInputs(self.base.visual)
+        # Copying fp32 pixels from pageable host memory (616 MB for 128 images at 448 px) blocks the host; a tower
+        # of 100M+ parameters computes longer than that, so its images go in groups whose copies overlap compute.
+        self.vision_groups = 4 if sum(p.numel() for p in self.base.visual.parameters()) >= 100e6 else 1
+        vision_attn = getattr(model.config.vision_config, "_attn_implementation", None)
+        self._host_seqlens = vision_attn in (None, "sdpa", "eager", PACKED_VISION_ATTENTION)  # read as Python ints
         self._shape: tuple = ()
-        self._graphs: dict[int, Any] = {}
-        self._prompt_len: int | None = None
+        self._graphs: dict[tuple[int, int], Any] = {}  # (rows, cache span) -> captured step
+        self._pool: Any = None  # one memory pool for all of them: they never run at once
         self._graph_key: tuple | None = None
         self.last_timing: dict[str, float] = {}
 
+    @property
+    def _buf(self) -> DecodeBuffers | None:
+        return self.step.buf
+
     def release(self) -> None:
         """Free the KV cache and the captured graphs (training needs the memory between rollouts)."""
-        self._buf, self._graphs, self._shape = None, {}, ()
+        self.step.buf, self._graphs, self._pool, self._shape = None, {}, None, ()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    # ------------------------------------------------------------------ the decode step
-
-    def _decode(self, b: int, params: SamplingParams) -> None:
-        """One token for cache rows [0, b): reads and writes only ``self._buf`` (so it can be graph-captured)."""
-        buf = self._buf
-        h = self.text.embed_tokens(buf.tokens[:b])[:, None]  # (b, 1, H)
-        freqs = buf.positions[:b, None].float() * self.inv_freq[None]  # (b, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]  # (b, 1, 1, hd)
-        slot = buf.step + self._prompt_len  # (1,)
-        valid = buf.valid[:b].index_fill(1, slot, True)
-        bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
-        for i, layer in enumerate(self.text.layers):
-            attn = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, h)
-            # queries and keys rotated together: one set of rope kernels per layer
-            qk = torch.cat((attn.q_proj(x), attn.k_proj(x)), -1).view(b, self.heads + self.kv_heads, 1, self.head_dim)
-            qk = _rope(qk, cos, sin)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]  # (b, heads, 1, hd), (b, kv_heads, 1, hd)
-            v = attn.v_proj(x).view(b, self.kv_heads, 1, self.head_dim)
-            keys, values = buf.keys[i][:b], buf.values[i][:b]
-            keys.index_copy_(2, slot, k)
-            values.index_copy_(2, slot, v)
-            # grouped-query attention without copying the cache: the query heads sharing a KV head become that
-            # head's query positions (one token each), so a masked SDPA kernel runs without expanding K and V
-            q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
-            h = h + attn.o_proj(o.reshape(b, 1, -1))
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        logits = self.model.lm_head(_rms_norm(self.text.norm, h))[:, 0].float()  # (b, V)
-        token, logp = self._sample(logits, params)
-        done = buf.done[:b]
-        token = torch.where(done, torch.full_like(token, self.pad_id), token)
-        rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
-        buf.out.index_put_((rows, column), token)
-        buf.out_logp.index_put_((rows, column), logp)
-        buf.valid[:b].index_fill_(1, slot, True)
-        finished = torch.isin(token, self.eos) | (buf.step + 2 >= buf.limits[:b])  # step s wrote token s + 2
-        buf.done[:b] = done | finished
-        buf.tokens[:b] = token
-        buf.positions[:b] += 1
-
-    def _sample(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
-        """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it)."""
-        logits = logits.masked_fill(self.suppress, float("-inf"))
-        if params.greedy:
-            token = logits.argmax(-1)
-            return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-        scaled = logits / params.temperature
-        logp_all = torch.log_softmax(scaled, -1)
-        kept = scaled
-        if params.top_k:
-            kth = torch.topk(kept, min(params.top_k, self.vocab), dim=-1).values[:, -1:]
-            kept = kept.masked_fill(kept < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(kept, descending=True, dim=-1)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop_sorted = (cum - sorted_logits.softmax(-1)) > params.top_p  # keep the smallest prefix reaching top_p
-            kept = kept.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-        probs = kept.softmax(-1)
-        # exponential race (= sampling from probs) with no host sync, so it can live inside a CUDA graph
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
-        return token, logp_all.gather(-1, token[:, None])[:, 0]
 
     # ------------------------------------------------------------------ setup
 
@@ -183,54 +100,66 @@ class RolloutEngine:
     def _allocate(self, rows: int, cache_len: int, new_tokens: int) -> None:
         shape = (rows, cache_len, new_tokens)
         if self._buf is not None and all(a >= b for a, b in zip(self._shape, shape)):
+            self.step.refresh_weights()
             return
-        self._buf, self._graphs = None, {}
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        kv = (rows, self.kv_heads, cache_len, self.head_dim)
-        n_layers = len(self.text.layers)
-        dev = self.device
-        self._buf = _Buffers(
-            keys=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(n_layers)],
-            values=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in range(n_layers)],
-            valid=torch.zeros(rows, cache_len, dtype=torch.bool, device=dev),
-            tokens=torch.zeros(rows, dtype=torch.long, device=dev), positions=torch.zeros(rows, dtype=torch.long, device=dev),
-            step=torch.zeros(1, dtype=torch.long, device=dev), limits=torch.zeros(rows, dtype=torch.long, device=dev),
-            done=torch.zeros(rows, dtype=torch.bool, device=dev), rows=torch.zeros(rows, dtype=torch.long, device=dev),
-            out=torch.zeros(rows, new_tokens, dtype=torch.long, device=dev),
-            out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
-        )
+        self.release()
+        self.step.allocate(rows, cache_len, new_tokens)
         self._shape = shape
 
     @torch.no_grad()
     def _prefill(self, batch: PromptBatch, n: int) -> Tensor:
-        """Run the prompts through the HF model; copy their KV into cache rows (each prompt n times).
-        Returns the (P*n, V) fp32 logits of the last prompt token."""
-        from transformers import DynamicCache
-
-        buf, inputs = self._buf, batch.to(self.device).inputs
-        P, out = batch.prompt_len, []
-        base = self.model.model
-        for start in range(0, batch.size, self.prefill_batch):
-            part = _slice_rows(inputs, start, min(start + self.prefill_batch, batch.size))
-            cache = DynamicCache(config=self.model.config)
-            base.rope_deltas = None
-            mask = part["attention_mask"]
-            text_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # generate's positions for image-free prompts
-            extra = {} if "image_grid_thw" in part else {"position_ids": text_positions[None].expand(3, -1, -1)}
-            res = self.model(**part, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            m = part["input_ids"].shape[0]
+        """Run the prompts through the model's vision tower and language model; copy their KV into cache rows
+        (each prompt n times). Returns the (P*n, V) fp32 logits of the last prompt token."""
+        buf, host = self._buf, batch.inputs
+        P, base, out = batch.prompt_len, self.base, []
+        positions, deltas = self._positions(host)
+        chunk = max(1, self.prefill_tokens // P)  # prompts per prefill pass: bounds its activations
+        for start in range(0, batch.size, chunk):
+            part = _slice_rows(host, start, min(start + chunk, batch.size))
+            ids, mask = part["input_ids"].to(self.device), part["attention_mask"].to(self.device)
+            embeds = base.get_input_embeddings()(ids)
+            if "image_grid_thw" in part:
+                embeds = self._with_image_features(embeds, ids, part)
+            m = ids.shape[0]
             rows = torch.arange(start * n, (start + m) * n, device=self.device)
-            for i, layer in enumerate(cache.layers):
-                buf.keys[i][rows, :, :P] = layer.keys.repeat_interleave(n, 0)
-                buf.values[i][rows, :, :P] = layer.values.repeat_interleave(n, 0)
+            logits = self.step.prefill(embeds, positions[:, start:start + m].to(self.device), mask, rows, n)
             # the first generated token's rope position: Qwen's rope delta says how far image tokens shifted it
-            deltas = base.rope_deltas[:, 0] if base.rope_deltas is not None else torch.zeros_like(mask[:, 0])
-            buf.positions[rows] = (mask.sum(-1) + deltas).long().repeat_interleave(n, 0)
-            buf.valid[rows, :P] = part["attention_mask"].bool().repeat_interleave(n, 0)
-            out.append(res.logits[:, -1].float().repeat_interleave(n, 0))
-        base.rope_deltas = None  # a later training forward recomputes positions from its own inputs
+            first = part["attention_mask"].sum(-1) + deltas[start:start + m, 0]
+            buf.positions[rows] = first.to(self.device).repeat_interleave(n, 0)
+            buf.valid[rows, :P] = mask.bool().repeat_interleave(n, 0)
+            out.append(logits if n == 1 else logits.repeat_interleave(n, 0))
         return torch.cat(out)
+
+    def _positions(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(3, B, P) rope positions and (B, 1) deltas of the whole batch, computed on the host."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        types = inputs.get("mm_token_type_ids")
+        if types is None and "image_grid_thw" in inputs:
+            raise ValueError("papo.rollout needs mm_token_type_ids from the processor to place image tokens")
+        types = torch.zeros_like(inputs["input_ids"]) if types is None else types
+        got = mrope_positions(types.cpu(), inputs["attention_mask"].cpu(), inputs.get("image_grid_thw"), merge)
+        if got is None:  # videos: transformers' own loop
+            got = self.base.get_rope_index(**{k: v.cpu() for k, v in inputs.items() if k in _ROPE_INDEX_KEYS})
+        return got
+
+    def _with_image_features(self, embeds: Tensor, ids: Tensor, part: dict[str, Tensor]) -> Tensor:
+        grid, pixels = part["image_grid_thw"], part["pixel_values"]
+        patches = grid.prod(-1)
+        bounds = torch.linspace(0, len(grid), self.vision_groups + 1).long().unique().tolist()  # image groups of about equal size
+        starts = [0] + patches.cumsum(0).tolist()
+        upload = _Uploader(self.device)
+        ahead = upload(pixels[starts[bounds[0]]:starts[bounds[1]]])
+        features = []
+        for lo, hi, nxt in zip(bounds, bounds[1:], bounds[2:] + [None]):
+            current = upload.take(ahead)
+            kwargs = self.vision_inputs(grid[lo:hi], self.device, host_seqlens=self._host_seqlens)
+            with _blocks_compiled(self._vision_blocks):
+                # the grid stays on the host: with every index precomputed it only sizes the per-image split
+                features += self.base.get_image_features(current, grid[lo:hi], **kwargs).pooler_output
+            if nxt is not None:  # this group's work is queued: the next group's pixels copy while it runs
+                ahead = upload(pixels[starts[hi]:starts[nxt]])
+        image = (ids == self.model.config.image_token_id)[..., None]
+        return embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
 
     # ------------------------------------------------------------------ generate
 
@@ -247,16 +176,17 @@ class RolloutEngine:
 
     def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None) -> tuple[Completions, Tensor]:
         N, T, P = batch.size * n, params.max_new_tokens, batch.prompt_len
-        self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked SDPA kernels want the key length aligned
+        self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked attention kernels want the key length aligned
         buf = self._buf
-        if P != self._prompt_len or self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
-            self._graphs = {}  # captured graphs bake in the prompt length and the sampling settings
-        self._prompt_len, self._graph_key = P, (params.greedy, params.temperature, params.top_p, params.top_k)
+        if self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
+            self._graphs = {}  # captured graphs bake in the sampling settings
+        self._graph_key = (params.greedy, params.temperature, params.top_p, params.top_k)
         buf.valid.zero_()
         buf.done.zero_()
         buf.out.fill_(self.pad_id)
         buf.out_logp.zero_()
         buf.step.zero_()
+        buf.prompt_len.fill_(P)
         t0 = time.perf_counter()
         logits = self._prefill(batch, n)
         t1 = time.perf_counter()
@@ -264,10 +194,10 @@ class RolloutEngine:
         buf.limits[:N] = lim.to(self.device)
         buf.rows[:N] = torch.arange(N, device=self.device)
         # the first token comes from the prefill's logits; the decode steps produce the rest
-        token, logp = self._sample(logits, params)
+        token, logp = self.step.sample(logits, params)
         buf.out[:N, 0], buf.out_logp[:N, 0] = token, logp
         buf.tokens[:N] = token
-        buf.done[:N] = torch.isin(token, self.eos) | (buf.limits[:N] <= 1)
+        buf.done[:N] = torch.isin(token, self.step.eos) | (buf.limits[:N] <= 1)
         active, steps = N, 1
         while steps < T:
             if steps % CHECK_EVERY == 1 or CHECK_EVERY == 1:
@@ -279,7 +209,8 @@ class RolloutEngine:
                     self._compact(active, bucket)
                     active = bucket
             buf.step.fill_(steps - 1)
-            self._run(active, params)
+            span = min(buf.valid.shape[1], -(-(P + steps) // SPAN_BLOCK) * SPAN_BLOCK)  # slots written so far
+            self._run(active, params, span)
             steps += 1
         completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)  # .cpu() waits for the GPU
         self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1}
@@ -291,34 +222,33 @@ class RolloutEngine:
         logps = buf.out_logp[:N, :width].cpu() * completions.mask[:, :width]
         return Completions(completions.ids[:, :width], completions.mask[:, :width], completions.finished), logps
 
-    def _run(self, b: int, params: SamplingParams) -> None:
+    def _run(self, b: int, params: SamplingParams, span: int) -> None:
         if not self.graphs_on:
-            self._decode(b, params)
+            self.step(b, params, span)
             return
-        graph = self._graphs.get(b)
+        graph = self._graphs.get((b, span))
         if graph is None:
-            graph = self._capture(b, params)
+            graph = self._capture(b, params, span)
         graph.replay()
 
-    def _capture(self, b: int, params: SamplingParams) -> Any:
-        buf = self._buf
-        # the cache slot this step writes gets the same keys/values again on replay: only these need restoring
-        state = (buf.step, buf.tokens, buf.positions, buf.done, buf.valid, buf.out, buf.out_logp)
+    def _capture(self, b: int, params: SamplingParams, span: int) -> Any:
+        state = self._buf.state()
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and the allocator outside the capture
-                self._decode(b, params)
+        with torch.cuda.stream(stream), _compile_cache(64):
+            for _ in range(2):  # compile, and warm up kernels and the allocator outside the capture
+                self.step(b, params, span)
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._decode(b, params)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool), _compile_cache(64):
+            self.step(b, params, span)
         for t, s in zip(state, saved):  # capturing ran the step once: undo it
             t.copy_(s)
-        self._graphs[b] = graph
+        self._graphs[(b, span)] = graph
         return graph
 
     def _compact(self, active: int, bucket: int) -> None:
@@ -327,6 +257,57 @@ class RolloutEngine:
         order = torch.argsort(buf.done[:active].to(torch.int8), stable=True)[:bucket]  # running rows first
         for t in (buf.valid, buf.tokens, buf.positions, buf.limits, buf.done, buf.rows, *buf.keys, *buf.values):
             t[:bucket] = t[:active][order]
+
+
+class _Uploader:
+    """Host-to-device copies on a side stream: a pageable copy waits for its stream's queued work, so on the
+    compute stream it would wait for the vision tower; here it runs beside it."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, host: Tensor) -> tuple[Tensor, Any]:
+        if self.stream is None:
+            return host.to(self.device), None
+        with torch.cuda.stream(self.stream):
+            return host.to(self.device, non_blocking=True), torch.cuda.current_stream().record_event()
+
+    def take(self, uploaded: tuple[Tensor, Any]) -> Tensor:
+        tensor, done = uploaded
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
+            tensor.record_stream(torch.cuda.current_stream())  # allocated on the side stream, freed after use here
+        return tensor
+
+
+_ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+
+
+def _compiled_vision_blocks(visual: Any) -> dict[Any, Any]:
+    """torch.compile'd calls of the vision tower's blocks (used only inside ``_blocks_compiled``): fused norms,
+    rope and MLP, and GEMMs padded to aligned shapes (Qwen2.5-VL's 3420-wide MLP otherwise runs Ampere kernels)."""
+    blocks = getattr(visual, "blocks", [])
+    return {blk: torch.compile(blk._call_impl, dynamic=True) for blk in blocks}
+
+
+def _compile_cache(entries: int):
+    """Room for one compiled decode step per batch-size bucket (and sampling setting): dynamo's default keeps 8
+    versions of a function, then runs it uncompiled. Only capture consults it: replays skip dynamo."""
+    return torch._dynamo.config.patch(cache_size_limit=entries)
+
+
+@contextmanager
+def _blocks_compiled(compiled: dict[Any, Any]):
+    """Route the blocks' calls through their compiled versions for the duration (training keeps eager calls)."""
+    before = {blk: blk._compiled_call_impl for blk in compiled}
+    for blk, fn in compiled.items():
+        blk._compiled_call_impl = fn
+    try:
+        yield
+    finally:
+        for blk, fn in before.items():
+            blk._compiled_call_impl = fn
 
 
 def _slice_rows(inputs: dict[str, Tensor], start: int, end: int) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, tiny_poli
 
 import papo.rollout as rollout
 from papo.data.synthetic import make_sample
+from papo.decode import DecodeStep
 from papo.models.generation import SamplingParams, hf_generate
 from papo.models.policy import Policy
 from papo.rollout import RolloutEngine, supports
@@ -75,13 +76,13 @@ def _repeat(policy, batch, n):
 def test_samples_of_one_prompt_share_one_prefill(policy, monkeypatch):
     batch = _batch(policy, n=2)
     rows = []
-    original = type(policy.model).forward
+    original = DecodeStep.prefill
 
-    def spy(self, *args, **kwargs):
-        rows.append(kwargs["input_ids"].shape[0])
-        return original(self, *args, **kwargs)
+    def spy(self, embeds, *args):
+        rows.append(embeds.shape[0])
+        return original(self, embeds, *args)
 
-    monkeypatch.setattr(type(policy.model), "forward", spy)
+    monkeypatch.setattr(DecodeStep, "prefill", spy)
     comp, _ = _engine(policy).generate(batch, SamplingParams(16, greedy=True), n=4)
     assert rows == [2] and comp.ids.shape[0] == 8  # one prefill of the 2 prompts; decoding never calls forward
     assert all(torch.equal(comp.ids[i], comp.ids[i - i % 4]) for i in range(8))  # greedy copies agree
@@ -100,6 +101,16 @@ def test_compaction_keeps_every_rows_tokens(policy, monkeypatch):
     assert compacted and compacted[0] == (5, 1)
     assert torch.equal(got.ids[3, : int(full.lengths[3])], full.ids[3, : int(full.lengths[3])])
     assert (got.lengths[[0, 1, 2, 4]] == 2).all()
+
+
+def test_images_in_groups_give_the_same_tokens(policy):
+    batch = _batch(policy)
+    params = SamplingParams(24, greedy=True)
+    whole, _ = _engine(policy).generate(batch, params)
+    engine = _engine(policy)
+    engine.vision_groups = 3  # as for large vision towers on a GPU: pixels copied group by group
+    grouped, _ = engine.generate(batch, params)
+    assert engine.vision_groups == 3 and torch.equal(grouped.ids, whole.ids)
 
 
 def test_policy_uses_the_engine_where_it_can():

@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 PACKED_VISION_ATTENTION = "papo_packed_flash_sdpa"
 
 
+@torch.compiler.disable  # reads segment lengths as Python ints: compiled vision blocks break the graph here
 def packed_vision_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None,
                             scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
                             **kwargs: Any) -> tuple[Tensor, None]:

@@ -1,0 +1,257 @@
+"""One decode step of a Qwen2-VL / Qwen2.5-VL language model against a preallocated KV cache.
+
+The step is written against the model's own modules and weights (norms, projections, MLP, LM head), with
+text-only inputs: there Qwen's 3-D rope is 1-D rope at ``last prompt position + 1 + t``. It reads and writes
+only the fixed-address tensors of ``DecodeBuffers``, so ``papo.rollout`` can capture it as a CUDA graph, and
+``torch.compile`` it first to fuse its elementwise kernels.
+
+Measured on an H100 for Qwen2.5-VL-3B at 128 rows: a graph-captured step is bound by its kernels, not by
+launches, so the step does less work rather than fewer launches:
+* q, k and v come from one GEMM over weights stacked once per rollout (6 us instead of 16 per layer);
+* grouped-query attention runs without expanding the cache: the query heads that share a KV head become that
+  head's query positions, one token each, in one masked SDPA call;
+* compiled, one layer is one graph of fused kernels reused by every layer, so compiling costs seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from papo.models.generation import SamplingParams
+
+
+@dataclass
+class DecodeBuffers:
+    """Everything a captured decode step reads or writes: fixed addresses, sized for the largest bucket."""
+
+    keys: list[Tensor]  # per layer (B, kv_heads, L, head_dim)
+    values: list[Tensor]
+    valid: Tensor  # (B, L) bool: cache slots a row may attend to (its prompt without padding, its tokens so far)
+    tokens: Tensor  # (B,) the token fed to this step
+    positions: Tensor  # (B,) its rope position
+    step: Tensor  # (1,) long: decode step s feeds output column s, writes cache slot prompt_len + s, samples column s + 1
+    prompt_len: Tensor  # (1,) long: cache slots [0, prompt_len) hold the (left-padded) prompts
+    limits: Tensor  # (B,) tokens each row may generate
+    done: Tensor  # (B,) bool
+    rows: Tensor  # (B,) which output row each cache row writes to
+    out: Tensor  # (N, T) sampled tokens per output row
+    out_logp: Tensor  # (N, T) their log-probs under the sampling temperature (no top-k/top-p truncation)
+    qkv_weight: list[Tensor]  # per layer (q + 2 kv, H): q_proj, k_proj and v_proj stacked, refreshed per rollout
+    qkv_bias: list[Tensor | None]
+
+    def state(self) -> tuple[Tensor, ...]:
+        """What one step changes besides the KV slot it writes (a replay rewrites that slot identically)."""
+        return (self.step, self.tokens, self.positions, self.done, self.valid, self.out, self.out_logp)
+
+
+class LayerWeights(NamedTuple):
+    """A decoder layer's weights the step reads directly (q/k/v come stacked from ``DecodeBuffers``)."""
+
+    input_norm: Tensor
+    o: Tensor
+    o_bias: Tensor | None
+    post_norm: Tensor
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+
+
+def _rms_norm(weight: Tensor, eps: float, x: Tensor) -> Tensor:
+    """Qwen's RMSNorm (normalise in fp32, cast, scale) with the fused kernel."""
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-b, a), dim=-1), sin)
+
+
+def decode_qkv(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor | None, keys: Tensor, values: Tensor,
+               cos: Tensor, sin: Tensor, slot: Tensor, shape: tuple) -> Tensor:
+    """A decoder layer up to attention, for one new token per row: h (b, 1, H) -> queries (b, kv_heads, group, hd);
+    writes the token's key and value into cache ``slot`` of keys/values (b, kv_heads, L, hd). cos/sin (b, 1, 1, hd)."""
+    heads, kv_heads, head_dim, eps, _ = shape
+    b, q_size, kv_size = h.shape[0], heads * head_dim, kv_heads * head_dim
+    qkv = F.linear(_rms_norm(w.input_norm, eps, h), qkv_weight, qkv_bias)  # (b, 1, q + 2 kv)
+    # queries and keys rotated together: one set of rope kernels per layer
+    qk = _rope(qkv[..., : q_size + kv_size].view(b, heads + kv_heads, 1, head_dim), cos, sin)
+    keys.index_copy_(2, slot, qk[:, heads:])
+    values.index_copy_(2, slot, qkv[..., q_size + kv_size :].view(b, kv_heads, 1, head_dim))
+    # grouped-query attention without expanding the cache: the query heads sharing a KV head are its positions
+    return qk[:, :heads].reshape(b, kv_heads, heads // kv_heads, head_dim)
+
+
+def decode_rest(h: Tensor, o: Tensor, w: LayerWeights, eps: float) -> Tensor:
+    """The layer after attention: h (b, 1, H), attention output o (b, kv_heads, group, hd) -> (b, 1, H)."""
+    h = h + F.linear(o.reshape(h.shape), w.o, w.o_bias)
+    x = _rms_norm(w.post_norm, eps, h)
+    return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+def prefill_layer(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor | None, cos: Tensor, sin: Tensor,
+                  attend: Tensor, shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer over whole prompts: h (m, P, H) -> (h, keys, values), keys/values (m, kv_heads, P, hd)
+    after rope, for the cache. cos/sin (m, 1, P, hd): Qwen's 3-D rope tables; attend (m, 1, P, P) bool."""
+    heads, kv_heads, head_dim, eps, scaling = shape
+    (m, P, _), q_size, kv_size = h.shape, heads * head_dim, kv_heads * head_dim
+    qkv = F.linear(_rms_norm(w.input_norm, eps, h), qkv_weight, qkv_bias)  # (m, P, q + 2 kv)
+    qk = _rope(qkv[..., : q_size + kv_size].view(m, P, heads + kv_heads, head_dim).transpose(1, 2), cos, sin)
+    q, k = qk[:, :heads], qk[:, heads:]  # (m, heads, P, hd), (m, kv_heads, P, hd)
+    v = qkv[..., q_size + kv_size :].view(m, P, kv_heads, head_dim).transpose(1, 2)
+    group = heads // kv_heads
+    o = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=attend, scale=scaling)
+    h = h + F.linear(o.transpose(1, 2).reshape(m, P, q_size), w.o, w.o_bias)
+    x = _rms_norm(w.post_norm, eps, h)
+    return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down), k, v
+
+
+def logits_of(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor) -> Tensor:
+    """Final norm and LM head: h (b, 1, H) -> (b, V) fp32."""
+    return F.linear(_rms_norm(norm, eps, h), lm_head)[:, 0].float()
+
+
+def decode_head(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor, suppress: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """Final norm, LM head and sampling: h (b, 1, H) -> token (b,), its log-prob (b,)."""
+    return sample(logits_of(h, norm, eps, lm_head), suppress, params)
+
+
+class DecodeStep:
+    """``step(b, params)``: one token for cache rows [0, b). ``compile``: torch.compile the layer and the head,
+    once per batch-size bucket (static shapes: dynamic ones measured slower than no compilation)."""
+
+    def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int, compile: bool = False) -> None:
+        self.model, self.text = model, model.model.language_model
+        cfg = model.config.get_text_config()
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.vocab = model.lm_head.weight.shape[0]
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.pad_id = int(pad_id)
+        self.suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        if suppress_ids:
+            self.suppress[torch.as_tensor(suppress_ids, device=self.device)] = True
+        self.eos = torch.as_tensor(list(eos_ids) or [-1], device=self.device)
+        rotary = self.text.rotary_emb
+        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+        layers = self.text.layers
+        self.weights = [LayerWeights(l.input_layernorm.weight, l.self_attn.o_proj.weight, l.self_attn.o_proj.bias,
+                                     l.post_attention_layernorm.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight,
+                                     l.mlp.down_proj.weight) for l in layers]
+        self.shape = (self.heads, self.kv_heads, self.head_dim, float(layers[0].input_layernorm.variance_epsilon),
+                      float(layers[0].self_attn.scaling))
+        self.final_norm = (self.text.norm.weight, float(self.text.norm.variance_epsilon))
+        self.scaling = self.shape[4]
+        # the attention between them stays eager: its key length changes as the cache fills, their shapes do not
+        self.qkv_fn = torch.compile(decode_qkv, dynamic=False) if compile else decode_qkv
+        self.rest_fn = torch.compile(decode_rest, dynamic=False) if compile else decode_rest
+        self.head_fn = torch.compile(decode_head, dynamic=False) if compile else decode_head
+        self.prefill_fn = torch.compile(prefill_layer, dynamic=True) if compile else prefill_layer  # prompt shapes vary
+        self.buf: DecodeBuffers | None = None
+
+    def allocate(self, rows: int, cache_len: int, new_tokens: int) -> DecodeBuffers:
+        kv = (rows, self.kv_heads, cache_len, self.head_dim)
+        dev, layers = self.device, self.text.layers
+
+        def stacked(attn: Any) -> tuple[Tensor, Tensor | None]:
+            parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+            bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in parts]).detach()
+            return torch.cat([p.weight for p in parts]).detach(), bias
+
+        qkv = [stacked(layer.self_attn) for layer in layers]
+        self.buf = DecodeBuffers(
+            keys=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
+            values=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
+            valid=torch.zeros(rows, cache_len, dtype=torch.bool, device=dev),
+            tokens=torch.zeros(rows, dtype=torch.long, device=dev), positions=torch.zeros(rows, dtype=torch.long, device=dev),
+            step=torch.zeros(1, dtype=torch.long, device=dev), prompt_len=torch.zeros(1, dtype=torch.long, device=dev),
+            limits=torch.zeros(rows, dtype=torch.long, device=dev), done=torch.zeros(rows, dtype=torch.bool, device=dev),
+            rows=torch.zeros(rows, dtype=torch.long, device=dev),
+            out=torch.zeros(rows, new_tokens, dtype=torch.long, device=dev),
+            out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
+            qkv_weight=[w for w, _ in qkv], qkv_bias=[b for _, b in qkv],
+        )
+        return self.buf
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Copy the live q/k/v weights into the stacked ones (training changes them between rollouts)."""
+        for layer, w, b in zip(self.text.layers, self.buf.qkv_weight, self.buf.qkv_bias):
+            attn = layer.self_attn
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=w)
+            if b is not None:
+                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=b)
+
+    def __call__(self, b: int, params: SamplingParams, span: int) -> None:
+        """One token for rows [0, b), attending over cache slots [0, span): the step reads no more of the cache
+        than its rows have filled (a prompt of 311 tokens plus 256 new ones reads 440 slots on average, not 576)."""
+        buf = self.buf
+        h = self.text.embed_tokens(buf.tokens[:b])[:, None]  # (b, 1, H)
+        freqs = buf.positions[:b, None].float() * self.inv_freq[None]  # (b, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]  # (b, 1, 1, hd)
+        slot = buf.step + buf.prompt_len  # (1,)
+        valid = buf.valid[:b, :span].index_fill(1, slot, True)  # (b, span)
+        bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
+        for i, weights in enumerate(self.weights):
+            keys, values = buf.keys[i][:b], buf.values[i][:b]
+            q = self.qkv_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], keys, values, cos, sin, slot, self.shape)
+            o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=bias, scale=self.scaling)
+            h = self.rest_fn(h, o, weights, self.shape[3])
+        token, logp = self.head_fn(h, *self.final_norm, self.model.lm_head.weight, self.suppress, params)
+        done = buf.done[:b]
+        token = torch.where(done, torch.full_like(token, self.pad_id), token)
+        rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
+        buf.out.index_put_((rows, column), token)
+        buf.out_logp.index_put_((rows, column), logp)
+        buf.valid[:b].index_fill_(1, slot, True)
+        finished = torch.isin(token, self.eos) | (buf.step + 2 >= buf.limits[:b])  # step s wrote token s + 2
+        buf.done[:b] = done | finished
+        buf.tokens[:b] = token
+        buf.positions[:b] += 1
+
+    def prefill(self, embeds: Tensor, positions: Tensor, mask: Tensor, rows: Tensor, n: int) -> Tensor:
+        """Prompts (m, P, H) with rope positions (3, m, P) and padding mask (m, P): their keys and values into cache
+        ``rows`` (each prompt n times, from slot 0); returns the (m, V) fp32 logits of their last token."""
+        buf, P = self.buf, embeds.shape[1]
+        cos, sin = (t[:, None] for t in self.text.rotary_emb(embeds, positions))  # transformers' 3-D rope tables
+        causal = torch.ones(P, P, dtype=torch.bool, device=embeds.device).tril()
+        # padding is never attended to; a padding query attends to itself, so its (unused) output stays finite
+        attend = (causal & (mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=embeds.device)))[:, None]
+        h = embeds
+        for i, weights in enumerate(self.weights):
+            h, k, v = self.prefill_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], cos, sin, attend, self.shape)
+            buf.keys[i][rows, :, :P] = k if n == 1 else k.repeat_interleave(n, 0)
+            buf.values[i][rows, :, :P] = v if n == 1 else v.repeat_interleave(n, 0)
+        return logits_of(h[:, -1:], *self.final_norm, self.model.lm_head.weight)
+
+    def sample(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+        """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it)."""
+        return sample(logits, self.suppress, params)
+
+
+def sample(logits: Tensor, suppress: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it)."""
+    logits = logits.masked_fill(suppress, float("-inf"))
+    if params.greedy:
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    scaled = logits / params.temperature
+    logp_all = torch.log_softmax(scaled, -1)
+    kept = scaled
+    if params.top_k:
+        kth = torch.topk(kept, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kept = kept.masked_fill(kept < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(kept, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) > params.top_p  # keep the smallest prefix reaching top_p
+        kept = kept.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    probs = kept.softmax(-1)
+    # exponential race (= sampling from probs) with no host sync, so it can live inside a CUDA graph
+    token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    return token, logp_all.gather(-1, token[:, None])[:, 0]
