@@ -52,6 +52,7 @@ class RolloutSection:
     top_k: int = 0
     max_new_tokens: int = 48  # official 2048
     engine: str = "auto"  # auto: papo.rollout on CUDA for the models it supports, else transformers generate; papo | hf
+    compile: bool = True  # papo.rollout on CUDA: torch.compile its prefill and decode (seconds to a minute, once); false: eager
 
 
 @dataclass

@@ -1,16 +1,18 @@
-"""One decode step of a Qwen2-VL / Qwen2.5-VL language model against a preallocated KV cache.
+"""The decoder of a Qwen2-VL / Qwen2.5-VL language model against a preallocated KV cache: whole prompts
+(``prefill_layer``) and one new token per row (``DecodeStep``).
 
-The step is written against the model's own modules and weights (norms, projections, MLP, LM head), with
-text-only inputs: there Qwen's 3-D rope is 1-D rope at ``last prompt position + 1 + t``. It reads and writes
-only the fixed-address tensors of ``DecodeBuffers``, so ``papo.rollout`` can capture it as a CUDA graph, and
-``torch.compile`` it first to fuse its elementwise kernels.
+Both are written against the model's own weights (norms, projections, MLP, LM head); the prefill takes
+transformers' own 3-D rope tables, and in decoding, with text-only inputs, Qwen's 3-D rope is 1-D rope at
+``last prompt position + 1 + t``. A decode step reads and writes only the fixed-address tensors of
+``DecodeBuffers``, so ``papo.rollout`` can capture it as a CUDA graph.
 
 Measured on an H100 for Qwen2.5-VL-3B at 128 rows: a graph-captured step is bound by its kernels, not by
 launches, so the step does less work rather than fewer launches:
 * q, k and v come from one GEMM over weights stacked once per rollout (6 us instead of 16 per layer);
 * grouped-query attention runs without expanding the cache: the query heads that share a KV head become that
-  head's query positions, one token each, in one masked SDPA call;
-* compiled, one layer is one graph of fused kernels reused by every layer, so compiling costs seconds.
+  head's query positions, one token each, in one masked SDPA call over the cache slots filled so far;
+* compiled, the parts around attention are one graph of fused kernels per batch size, reused by every layer,
+  so compiling takes seconds (compiling the whole step with dynamic shapes measured slower than eager).
 """
 
 from __future__ import annotations

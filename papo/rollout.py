@@ -2,21 +2,21 @@
 
 transformers ``generate`` spends a decode step mostly in Python and kernel launches (a growing cache, a new
 attention mask, a dozen logits processors): at 128 prompts on an H100 it runs about 3k tokens/s where the
-memory-bandwidth bound is over 10x higher. This engine keeps what must be model-generic and replaces the rest:
+memory-bandwidth bound is over 10x higher. This engine keeps what must be model-specific small and visible:
 
-* prefill runs the Hugging Face model itself (vision encoder, Qwen's 3-D rope, left padding), once per
-  distinct prompt: ``n`` samples per prompt share it and copy its KV rows;
-* decode runs the language model's own modules (norms, projections, MLP, LM head) in a fixed-shape step
-  written here against one preallocated KV cache: with text-only tokens, Qwen's 3-D rope is 1-D rope at
-  position ``last prompt position + 1 + t``;
-* on CUDA, that step (sampling included: suppressed ids, temperature, top-k, top-p, EOS and per-row
-  limits) is captured once per batch-size bucket as a CUDA graph and replayed, one launch per token;
+* prefill, once per distinct prompt (``n`` samples per prompt share it): the model's own vision tower (its
+  blocks compiled) on host-precomputed indices, Qwen's 3-D rope positions from ``papo.models.mrope``, and the
+  decoder layers as ``papo.decode.prefill_layer``, which writes keys and values straight into the cache;
+* decode: ``papo.decode.DecodeStep``, written against the model's weights; with text-only tokens Qwen's 3-D
+  rope is 1-D rope at ``last prompt position + 1 + t``. On CUDA the step (sampling included: suppressed ids,
+  temperature, top-k, top-p, EOS and per-row limits) is captured as a CUDA graph per batch-size bucket and
+  cache span, and replayed, one launch per token;
 * finished rows are compacted away: when at most half the rows of a bucket are still running they are
   gathered into the front of the cache and the next smaller bucket's graph takes over.
 
 Supported: the Qwen2-VL / Qwen2.5-VL decoder family (``supports``); anything else, and sampling on CPU when
 asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampling log-probs come back as
-``Completions``, the format the trainer and ``papo eval`` use.
+``Completions``, the format the trainer and ``papo eval`` use. Measured figures: README "Fast rollouts".
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ class RolloutEngine:
         self.step = DecodeStep(model, suppress_ids, eos_ids, pad_id, compile=self.compile)
         self._vision_blocks = _compiled_vision_blocks(self.base.visual) if self.compile else {}
         self.vision_inputs = VisionInputs(self.base.visual)
-        # Copying fp32 pixels from pageable host memory (616 MB for 128 images at 448 px) blocks the host; a tower
-        # of 100M+ parameters computes longer than that, so its images go in groups whose copies overlap compute.
-        self.vision_groups = 4 if sum(p.numel() for p in self.base.visual.parameters()) >= 100e6 else 1
         vision_attn = getattr(model.config.vision_config, "_attn_implementation", None)
         self._host_seqlens = vision_attn in (None, "sdpa", "eager", PACKED_VISION_ATTENTION)  # read as Python ints
         self._shape: tuple = ()
@@ -143,21 +140,11 @@ class RolloutEngine:
         return got
 
     def _with_image_features(self, embeds: Tensor, ids: Tensor, part: dict[str, Tensor]) -> Tensor:
-        grid, pixels = part["image_grid_thw"], part["pixel_values"]
-        patches = grid.prod(-1)
-        bounds = torch.linspace(0, len(grid), self.vision_groups + 1).long().unique().tolist()  # image groups of about equal size
-        starts = [0] + patches.cumsum(0).tolist()
-        upload = _Uploader(self.device)
-        ahead = upload(pixels[starts[bounds[0]]:starts[bounds[1]]])
-        features = []
-        for lo, hi, nxt in zip(bounds, bounds[1:], bounds[2:] + [None]):
-            current = upload.take(ahead)
-            kwargs = self.vision_inputs(grid[lo:hi], self.device, host_seqlens=self._host_seqlens)
-            with _blocks_compiled(self._vision_blocks):
-                # the grid stays on the host: with every index precomputed it only sizes the per-image split
-                features += self.base.get_image_features(current, grid[lo:hi], **kwargs).pooler_output
-            if nxt is not None:  # this group's work is queued: the next group's pixels copy while it runs
-                ahead = upload(pixels[starts[hi]:starts[nxt]])
+        grid = part["image_grid_thw"]
+        kwargs = self.vision_inputs(grid, self.device, host_seqlens=self._host_seqlens)
+        with _blocks_compiled(self._vision_blocks):
+            # the grid stays on the host: with every index precomputed it only sizes the per-image split
+            features = self.base.get_image_features(part["pixel_values"].to(self.device), grid, **kwargs).pooler_output
         image = (ids == self.model.config.image_token_id)[..., None]
         return embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
 
@@ -257,28 +244,6 @@ class RolloutEngine:
         order = torch.argsort(buf.done[:active].to(torch.int8), stable=True)[:bucket]  # running rows first
         for t in (buf.valid, buf.tokens, buf.positions, buf.limits, buf.done, buf.rows, *buf.keys, *buf.values):
             t[:bucket] = t[:active][order]
-
-
-class _Uploader:
-    """Host-to-device copies on a side stream: a pageable copy waits for its stream's queued work, so on the
-    compute stream it would wait for the vision tower; here it runs beside it."""
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def __call__(self, host: Tensor) -> tuple[Tensor, Any]:
-        if self.stream is None:
-            return host.to(self.device), None
-        with torch.cuda.stream(self.stream):
-            return host.to(self.device, non_blocking=True), torch.cuda.current_stream().record_event()
-
-    def take(self, uploaded: tuple[Tensor, Any]) -> Tensor:
-        tensor, done = uploaded
-        if done is not None:
-            torch.cuda.current_stream().wait_event(done)
-            tensor.record_stream(torch.cuda.current_stream())  # allocated on the side stream, freed after use here
-        return tensor
 
 
 _ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")

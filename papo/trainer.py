@@ -102,7 +102,7 @@ class Trainer:
         m = cfg.model
         opts = ModelOptions(m.dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels)
-        self.policy.rollout_engine = cfg.rollout.engine
+        self.policy.rollout_engine, self.policy.rollout_compile = cfg.rollout.engine, cfg.rollout.compile
         self.ref = None
         if cfg.algorithm.kl_ref_coef > 0:
             self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)

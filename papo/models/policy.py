@@ -55,6 +55,7 @@ class Policy:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.rollout_engine = "auto"
+        self.rollout_compile = True  # papo.rollout compiles on CUDA unless False
         self._engine = None
 
     @classmethod
@@ -94,7 +95,8 @@ class Policy:
             if self._engine is None:
                 from papo.rollout import RolloutEngine
 
-                self._engine = RolloutEngine(self.model, self.suppress_ids, self.eos_ids, self.pad_id)
+                self._engine = RolloutEngine(self.model, self.suppress_ids, self.eos_ids, self.pad_id,
+                                             compile=None if self.rollout_compile else False)
             return self._engine.generate(batch, params, n)[0]
         return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
 
