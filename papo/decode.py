@@ -123,8 +123,9 @@ def decode_head(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor, suppress: 
 
 
 class DecodeStep:
-    """``step(b, params)``: one token for cache rows [0, b). ``compile``: torch.compile the layer and the head,
-    once per batch-size bucket (static shapes: dynamic ones measured slower than no compilation)."""
+    """``step(b, params, span)``: one token for cache rows [0, b); ``prefill``: whole prompts into the cache.
+    ``compile``: torch.compile the decode step's parts around attention and its head once per batch-size bucket
+    (static shapes: dynamic ones measured slower than no compilation), and the prefill layer with dynamic shapes."""
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int, compile: bool = False) -> None:
         self.model, self.text = model, model.model.language_model
@@ -190,7 +191,7 @@ class DecodeStep:
 
     def __call__(self, b: int, params: SamplingParams, span: int) -> None:
         """One token for rows [0, b), attending over cache slots [0, span): the step reads no more of the cache
-        than its rows have filled (a prompt of 311 tokens plus 256 new ones reads 440 slots on average, not 576)."""
+        than its rows have filled (with a 311-token prompt and 256 new tokens, 471 slots on average instead of 576)."""
         buf = self.buf
         h = self.text.embed_tokens(buf.tokens[:b])[:, None]  # (b, 1, H)
         freqs = buf.positions[:b, None].float() * self.inv_freq[None]  # (b, hd/2)
@@ -232,7 +233,6 @@ class DecodeStep:
         return logits_of(h[:, -1:], *self.final_norm, self.model.lm_head.weight)
 
     def sample(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
-        """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it)."""
         return sample(logits, self.suppress, params)
 
 

@@ -52,7 +52,8 @@ def supports(model: Any) -> bool:
 class RolloutEngine:
     """One engine per model; graphs and the cache are rebuilt when a call needs larger shapes.
 
-    ``compile``: torch.compile the decode step and the vision tower's blocks (None: on CUDA)."""
+    ``compile``: torch.compile the vision tower's blocks, the prefill layer and the decode step (None: on CUDA).
+    ``prefill_tokens``: prompt tokens per prefill pass, which bounds its activations."""
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int,
                  use_cuda_graphs: bool | None = None, prefill_tokens: int = 65536, compile: bool | None = None) -> None:
@@ -105,8 +106,8 @@ class RolloutEngine:
 
     @torch.no_grad()
     def _prefill(self, batch: PromptBatch, n: int) -> Tensor:
-        """Run the prompts through the model's vision tower and language model; copy their KV into cache rows
-        (each prompt n times). Returns the (P*n, V) fp32 logits of the last prompt token."""
+        """Run the prompts through the vision tower and the decoder, their keys and values into cache rows (each
+        prompt n times). Returns the (B*n, V) fp32 logits of the last prompt token."""
         buf, host = self._buf, batch.inputs
         P, base, out = batch.prompt_len, self.base, []
         positions, deltas = self._positions(host)
