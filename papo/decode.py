@@ -90,7 +90,7 @@ def decode_qkv(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor 
 
 def decode_rest(h: Tensor, o: Tensor, w: LayerWeights, eps: float) -> Tensor:
     """The layer after attention: h (b, 1, H), attention output o (b, kv_heads, group, hd) -> (b, 1, H)."""
-    h = h + F.linear(o.reshape(h.shape), w.o, w.o_bias)
+    h = h + F.linear(o.reshape(h.shape[0], 1, -1), w.o, w.o_bias)
     x = _rms_norm(w.post_norm, eps, h)
     return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
@@ -148,7 +148,7 @@ class DecodeStep:
         self.shape = (self.heads, self.kv_heads, self.head_dim, float(layers[0].input_layernorm.variance_epsilon),
                       float(layers[0].self_attn.scaling))
         self.final_norm = (self.text.norm.weight, float(self.text.norm.variance_epsilon))
-        self.scaling = self.shape[4]
+        self.eps, self.scaling = self.shape[3], self.shape[4]
         # the attention between them stays eager: its key length changes as the cache fills, their shapes do not
         self.qkv_fn = torch.compile(decode_qkv, dynamic=False) if compile else decode_qkv
         self.rest_fn = torch.compile(decode_rest, dynamic=False) if compile else decode_rest
@@ -160,10 +160,11 @@ class DecodeStep:
         kv = (rows, self.kv_heads, cache_len, self.head_dim)
         dev, layers = self.device, self.text.layers
 
-        def stacked(attn: Any) -> tuple[Tensor, Tensor | None]:
+        def stacked(attn: Any) -> tuple[Tensor, Tensor | None]:  # filled by refresh_weights
             parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-            bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in parts]).detach()
-            return torch.cat([p.weight for p in parts]).detach(), bias
+            out = sum(p.weight.shape[0] for p in parts)
+            bias = None if attn.q_proj.bias is None else torch.empty(out, dtype=attn.q_proj.bias.dtype, device=dev)
+            return torch.empty(out, attn.q_proj.weight.shape[1], dtype=attn.q_proj.weight.dtype, device=dev), bias
 
         qkv = [stacked(layer.self_attn) for layer in layers]
         self.buf = DecodeBuffers(
@@ -178,6 +179,7 @@ class DecodeStep:
             out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
             qkv_weight=[w for w, _ in qkv], qkv_bias=[b for _, b in qkv],
         )
+        self.refresh_weights()
         return self.buf
 
     @torch.no_grad()
@@ -204,7 +206,7 @@ class DecodeStep:
             keys, values = buf.keys[i][:b], buf.values[i][:b]
             q = self.qkv_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], keys, values, cos, sin, slot, self.shape)
             o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=bias, scale=self.scaling)
-            h = self.rest_fn(h, o, weights, self.shape[3])
+            h = self.rest_fn(h, o, weights, self.eps)
         token, logp = self.head_fn(h, *self.final_norm, self.model.lm_head.weight, self.suppress, params)
         done = buf.done[:b]
         token = torch.where(done, torch.full_like(token, self.pad_id), token)
