@@ -11,10 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
 from papo.masking import MaskingConfig
+from papo.models.precision import check as check_precision
+from papo.models.precision import dtype_of
 from papo.rewards import REWARDS
 
 PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
@@ -27,7 +30,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     name: str | None = None  # None: the embedded default; else a local dir or hub id
-    dtype: str = "float32"
+    # master weights, gradients and optimizer states; bfloat16 is the authors' memory-lean scheme (papo.models.precision)
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"  # forward/backward matmuls and rollouts: auto = bfloat16 on CUDA, param_dtype elsewhere
     attn_implementation: str | None = None
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
@@ -115,6 +120,7 @@ class OptimSection:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    kahan_summation: bool | None = None  # compensated AdamW updates; None: on exactly when model.param_dtype is 16-bit
 
 
 @dataclass
@@ -157,6 +163,15 @@ class TrainConfig:
             a.masking()
         except ValueError as err:
             raise ConfigError(f"algorithm: {err}") from None
+        try:
+            m = self.model
+            param = dtype_of(m.param_dtype)
+            if m.compute_dtype != "auto":
+                check_precision(param, dtype_of(m.compute_dtype))
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+        if self.optim.kahan_summation and param == torch.float32:
+            raise ConfigError("optim.kahan_summation applies to 16-bit parameters only (model.param_dtype=bfloat16)")
         checks = [
             (a.adv_estimator in ADV_ESTIMATORS, f"algorithm.adv_estimator must be one of {ADV_ESTIMATORS}"),
             (a.kl_prcp_schedule in GAMMA_SCHEDULES, f"algorithm.kl_prcp_schedule must be one of {GAMMA_SCHEDULES}"),
@@ -227,6 +242,10 @@ def _types(annotation: str) -> list[type]:
 def apply(cfg: TrainConfig, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     if key == "preset":
+        return
+    if key == "model.dtype":  # before the precision split: one dtype for weights and compute (saved runs hold it)
+        for new in ("model.param_dtype", "model.compute_dtype"):
+            apply(cfg, new, value)
         return
     target = getattr(cfg, section, None)
     if not dataclasses.is_dataclass(target) or not name:

@@ -250,12 +250,33 @@ def sample(logits: Tensor, suppress: Tensor, params: SamplingParams) -> tuple[Te
     if params.top_k:
         kth = torch.topk(kept, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         kept = kept.masked_fill(kept < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(kept, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) > params.top_p  # keep the smallest prefix reaching top_p
-        kept = kept.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     probs = kept.softmax(-1)
-    # exponential race (= sampling from probs) with no host sync, so it can live inside a CUDA graph
+    if params.top_p < 1.0:
+        probs = probs.masked_fill(probs <= top_p_cutoff(probs, params.top_p)[:, None], 0.0)
+    # exponential race (= sampling from probs, which need not sum to 1) with no host sync, so it can live inside
+    # a CUDA graph
     token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
     return token, logp_all.gather(-1, token[:, None])[:, 0]
+
+
+TOP_P_BISECTION_STEPS = 31  # bit patterns of floats in [0, 1] span < 2^30: the search ends on the exact cutoff
+
+
+def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
+    """(b, V) probabilities -> (b,) the nucleus cutoff: tokens with p <= cutoff are dropped.
+
+    transformers' TopPLogitsWarper drops the longest run of least likely tokens whose mass is at most 1 - top_p.
+    The same set is {p <= t} for the largest t with mass(p <= t) <= 1 - top_p (up to the order it picks inside a
+    run of exactly equal probabilities), and t is found here by bisection on the floats' bit patterns
+    (non-negative floats order like their int32 bits): 31 masked sums over the vocabulary, no sort and no cumsum.
+    Inductor cannot generate a cumsum over a 151,936-token vocabulary, and a sort of (b, V) per decode step costs
+    more than these passes."""
+    budget = 1.0 - top_p
+    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)  # mass(p <= 0) = 0 <= budget
+    hi = probs.amax(-1).view(torch.int32)  # mass(p <= max) = 1 > budget
+    for _ in range(TOP_P_BISECTION_STEPS):
+        mid = lo + (hi - lo) // 2
+        below = torch.where(probs <= mid.view(torch.float32)[:, None], probs, 0.0).sum(-1)
+        fits = below <= budget
+        lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
+    return lo.view(torch.float32)

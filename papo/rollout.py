@@ -21,7 +21,10 @@ asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampli
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,11 +59,18 @@ class RolloutEngine:
     ``prefill_tokens``: prompt tokens per prefill pass, which bounds its activations."""
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int,
-                 use_cuda_graphs: bool | None = None, prefill_tokens: int = 65536, compile: bool | None = None) -> None:
+                 use_cuda_graphs: bool | None = None, prefill_tokens: int = 65536, compile: bool | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if not supports(model):
             raise ValueError(f"papo.rollout cannot decode {type(model).__name__}; use hf_generate")
+        # weights in another dtype than the training model's (fp32 master weights, bf16 rollouts): the engine
+        # keeps its own copy, refreshed by load_weights; otherwise it reads the model's parameters directly
+        self.owns_weights = dtype is not None and dtype != model.lm_head.weight.dtype
+        if self.owns_weights:
+            model = _copy_in_dtype(model, dtype)
         self.model, self.base = model, model.model
-        self.eos_ids, self.pad_id, self.prefill_tokens = list(eos_ids), int(pad_id), prefill_tokens
+        self._params = dict(model.named_parameters()) if self.owns_weights else {}
+        self.suppress_ids, self.eos_ids, self.pad_id, self.prefill_tokens = list(suppress_ids), list(eos_ids), int(pad_id), prefill_tokens
         self.device = model.lm_head.weight.device
         on_cuda = self.device.type == "cuda"
         self.graphs_on = on_cuda if use_cuda_graphs is None else use_cuda_graphs
@@ -79,6 +89,25 @@ class RolloutEngine:
     @property
     def _buf(self) -> DecodeBuffers | None:
         return self.step.buf
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy (name, full tensor) pairs of the training model into the engine's own weights, in place (captured
+        graphs keep their addresses). A no-op when the engine reads the training model's parameters directly."""
+        if not self.owns_weights:
+            return
+        for name, tensor in named_tensors:
+            if name not in self._params:
+                raise KeyError(f"papo.rollout: the engine's model has no parameter {name!r}")
+            self._params[name].copy_(tensor)
+
+    def _fall_back_to_eager(self, err: Exception) -> None:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        warnings.warn(f"papo.rollout: compiling the engine failed ({type(err).__name__}: {first_line}); "
+                      "continuing with eager decode steps (rollout.compile=false skips the attempt)", RuntimeWarning, stacklevel=3)
+        self.release()
+        self.compile, self._vision_blocks = False, {}
+        self.step = DecodeStep(self.model, self.suppress_ids, self.eos_ids, self.pad_id, compile=False)
 
     def release(self) -> None:
         """Free the KV cache and the captured graphs (training needs the memory between rollouts)."""
@@ -158,7 +187,15 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(batch, params, n, max_new_tokens)
+            if not self.compile:
+                return self._generate(batch, params, n, max_new_tokens)
+            try:
+                return self._generate(batch, params, n, max_new_tokens)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # a compiler failure must not end a training run: eager gives the same tokens
+                self._fall_back_to_eager(err)
+                return self._generate(batch, params, n, max_new_tokens)
         finally:
             self.model.train(was_training)
 
@@ -222,6 +259,9 @@ class RolloutEngine:
     def _capture(self, b: int, params: SamplingParams, span: int) -> Any:
         state = self._buf.state()
         saved = [t.clone() for t in state]
+        # the warm-up steps draw sampling noise: put the generator back, so that a run's tokens do not depend on
+        # which graphs it happened to capture (a resumed run captures them at other steps than the original)
+        rng = torch.cuda.get_rng_state(self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), _compile_cache(64):
@@ -236,6 +276,7 @@ class RolloutEngine:
             self.step(b, params, span)
         for t, s in zip(state, saved):  # capturing ran the step once: undo it
             t.copy_(s)
+        torch.cuda.set_rng_state(rng, self.device)
         self._graphs[(b, span)] = graph
         return graph
 
@@ -248,6 +289,13 @@ class RolloutEngine:
 
 
 _ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+
+
+def _copy_in_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """A copy of ``model`` whose parameters are ``dtype`` tensors without grad, made one parameter at a time (never
+    a second full-precision model); tied parameters stay tied, buffers (rope tables) are copied as they are."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
 
 def _compiled_vision_blocks(visual: Any) -> dict[Any, Any]:

@@ -45,6 +45,9 @@ from papo.faults import failpoint
 from papo.models.generation import SamplingParams
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
+from papo.models.precision import Precision
+from papo.optim import build_optimizer, constant_with_warmup
+from papo.rng import rng_state, set_rng_state
 from papo.monitor import HackingMonitor
 from papo.rewards import get_reward, score_responses
 
@@ -100,20 +103,21 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, device: str) -> None:
         self.cfg, self.out, self.device = cfg, Path(out), device
         m = cfg.model
-        opts = ModelOptions(m.dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
-        self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels)
+        self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
+        opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
+        self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
+                                             compute_dtype=self.precision.compute_dtype)
         self.policy.rollout_engine, self.policy.rollout_compile = cfg.rollout.engine, cfg.rollout.compile
         self.ref = None
-        if cfg.algorithm.kl_ref_coef > 0:
+        if cfg.algorithm.kl_ref_coef > 0:  # same dtype and autocast as the policy: KL_ref is exactly 0 at step 0
             self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.loss_cfg = cfg.algorithm.loss_config()
         patch = getattr(self.policy.processor.image_processor, "patch_size", None) or 14
         self.masking = cfg.algorithm.masking(encoder_patch_size=int(patch))
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
-        self.optim = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        warm = max(1, cfg.optim.warmup_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda s: min(1.0, (s + 1) / warm))
+        self.optim = build_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, self.precision, cfg.optim.kahan_summation)
+        self.sched = constant_with_warmup(self.optim, cfg.optim.warmup_steps)
         self.stream = PromptStream(cfg.data.train, cfg.trainer.seed, count_tokens=self.prompt_tokens,
                                    max_prompt_length=cfg.data.max_prompt_length)
         self.reward = get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
@@ -344,7 +348,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step_no, "data_pos": self.stream.pos, "optimizer": self.optim.state_dict(),
-                "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(), "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
+                "scheduler": self.sched.state_dict(), "rng": rng_state(), "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
         return save_checkpoint(self.out / "checkpoints", self.step_no, self.policy, self.state(), self.cfg.trainer.keep_last)
@@ -356,7 +360,7 @@ class Trainer:
         self.policy.model.load_state_dict(saved.state_dict(), strict=True)
         self.optim.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state["rng"] if "rng" in state else {"cpu": state["torch_rng"]})  # "torch_rng": older checkpoints
         self.stream.pos, self.step_no = int(state["data_pos"]), int(state["step"])
         self.monitor.load(state.get("monitor", {}))
         self.bad_steps = int(state.get("bad_steps", 0))

@@ -257,7 +257,7 @@ def test_model_options_freeze_vision_and_checkpointing():
     assert any(p.requires_grad for p in model.parameters())
     assert model.is_gradient_checkpointing
     with pytest.raises(ValueError, match="unknown dtype"):
-        ModelOptions(dtype="fp8").torch_dtype()
+        ModelOptions(param_dtype="fp8").torch_dtype()
 
 
 def test_lora_wraps_the_language_model_only():

@@ -23,6 +23,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
+from papo.models.precision import dtype_of
+
 log = logging.getLogger(__name__)
 
 _TOKEN_ATTRS = ("image_token", "video_token", "vision_start_token", "vision_end_token")
@@ -104,7 +106,7 @@ def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    param_dtype: str = "float32"  # float32 | bfloat16 | float16: what the weights are stored in (papo.models.precision)
     attn_implementation: str | None = None  # sdpa (transformers default) | eager | flash_attention_2
     freeze_vision: bool = False  # official PAPO trains the vision tower
     gradient_checkpointing: bool = False
@@ -113,10 +115,7 @@ class ModelOptions:
     lora_target: str = "all-linear"
 
     def torch_dtype(self) -> torch.dtype:
-        try:
-            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or float16") from None
+        return dtype_of(self.param_dtype)
 
 
 def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

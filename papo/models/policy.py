@@ -21,6 +21,7 @@ from papo.models.generation import Completions, SamplingParams, hf_generate
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
+from papo.models.precision import Precision
 
 DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
 ENGINES = ("auto", "papo", "hf")  # rollout engines: auto = papo.rollout on CUDA where supported
@@ -41,8 +42,15 @@ def resolve_model(name_or_path: str | None) -> str:
 
 
 class Policy:
-    def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):
+    """``compute_dtype``: what forwards and rollouts run in (None: the parameters' dtype); with float32
+    parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
+    own bfloat16 copy of the weights (``papo.models.precision``)."""
+
+    def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
+                 compute_dtype: torch.dtype | None = None):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        param_dtype = next(model.parameters()).dtype
+        self.precision = Precision(param_dtype, compute_dtype or param_dtype)
         use_packed_vision_attention(model)  # one SDPA call per image size instead of one per image or window
         # papo resizes images with PAPO's rule before the processor; None keeps the dataset's pixels
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -61,10 +69,11 @@ class Policy:
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, opts: ModelOptions = ModelOptions(), device: str = "cpu",
                         min_pixels: int | None = None, max_pixels: int | None = None,
-                        processor_min_pixels: int | None = None, processor_max_pixels: int | None = None) -> "Policy":
+                        processor_min_pixels: int | None = None, processor_max_pixels: int | None = None,
+                        compute_dtype: torch.dtype | None = None) -> "Policy":
         path = resolve_model(name_or_path)
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
-        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels)
+        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -96,9 +105,12 @@ class Policy:
                 from papo.rollout import RolloutEngine
 
                 self._engine = RolloutEngine(self.model, self.suppress_ids, self.eos_ids, self.pad_id,
-                                             compile=None if self.rollout_compile else False)
+                                             compile=None if self.rollout_compile else False,
+                                             dtype=self.precision.compute_dtype)
+            self._engine.load_weights(self.model.named_parameters())  # the engine samples from the current weights
             return self._engine.generate(batch, params, n)[0]
-        return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
+        with self.precision.autocast(self.device):
+            return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
 
     def release_rollout_memory(self) -> None:
         """Drop the rollout engine's KV cache (kept between calls to save re-allocating in evaluation)."""
@@ -136,7 +148,9 @@ class Policy:
         inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
         if images is not None:
             inputs = with_images(inputs, images)
-        return response_logprobs(model or self.model, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens, with_entropy)
+        with self.precision.autocast(self.device):
+            return response_logprobs(model or self.model, inputs, mask.to(self.device), temperature, self.suppress,
+                                     chunk_tokens, with_entropy)
 
     def save(self, out_dir: str | Path) -> Path:
         """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template."""
