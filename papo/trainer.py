@@ -126,6 +126,7 @@ class Trainer:
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
         self._encodings: dict[tuple, tuple] = {}
+        self._encode_s = 0.0
 
     def prompt_tokens(self, sample: Sample) -> int:
         """Prompt length with image tokens, as the model sees it (chat template + processor)."""
