@@ -127,6 +127,9 @@ class OptimSection:
 class TrainerSection:
     max_steps: int = 100
     rollout_batch_size: int = 8  # prompts per step (official 384)
+    # DAPO filter: prompts drawn per generation round, rounds repeating until rollout_batch_size groups are kept;
+    # 0 = rollout_batch_size (official mini_rollout_batch_size 128, so a full batch needs at least 3 rounds)
+    gen_batch_size: int = 0
     mini_batch_size: int = 8  # prompts per optimizer update (official 128: 3 updates per step)
     micro_batch_size: int = 32  # sequences per forward/backward (official 4 per GPU)
     seed: int = 0
@@ -186,6 +189,9 @@ class TrainConfig:
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),
+            (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: trainer.rollout_batch_size)"),
+            (t.gen_batch_size == 0 or a.online_filter,
+             "trainer.gen_batch_size sizes DAPO's filter rounds; it needs algorithm.online_filter=true"),
             (t.mini_batch_size >= 1 and t.rollout_batch_size % t.mini_batch_size == 0,
              "trainer.rollout_batch_size must be a multiple of trainer.mini_batch_size"),
             (t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every >= 0 and trainer.keep_last >= 1"),

@@ -11,7 +11,7 @@ PANELS = [
     ("accuracy", ["accuracy", "format"], "train accuracy / format"),
     ("kl_prcp", ["kl_prcp"], "KL_prcp (full || masked)"),
     ("entropy", ["entropy", "masked_entropy"], "entropy estimates"),
-    ("clipfrac", ["clipfrac_high", "clipfrac_low", "clipfrac_dual"], "clip fractions"),
+    ("clipfrac", ["pg_clipfrac_higher", "clipfrac_high", "clipfrac_low", "clipfrac_dual"], "clip fractions"),
     ("length", ["response_length"], "response length (tokens)"),
 ]
 

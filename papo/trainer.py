@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from papo.algo import (
@@ -73,12 +74,18 @@ class Experience:
 
 
 class PromptStream:
-    """Training prompts in a reproducible order; ``pos`` is saved in checkpoints (no data skipped or repeated)."""
+    """Training prompts in a reproducible order; ``pos`` is saved in checkpoints (no data skipped or repeated).
+
+    A dataset is reshuffled every epoch, as the authors' loader does, with the permutation of epoch e a pure
+    function of (seed, e): ``pos`` alone fixes where a resumed run continues. Epoch 0 keeps the permutation
+    earlier versions used for every epoch, so their checkpoints resume unchanged within it. A synthetic spec is
+    an endless stream of fresh samples and needs no shuffle.
+    """
 
     def __init__(self, spec: str, seed: int, split: str = "train", count_tokens=None, max_prompt_length: int = 0) -> None:
-        if spec.startswith(SPEC_PREFIX):
+        self.endless = spec.startswith(SPEC_PREFIX)
+        if self.endless:
             self.data = dataset_from_spec(spec, split=split, n=10**9, seed=seed)
-            self.order = None
         else:
             self.data = load_samples(spec, split=split).samples
             if count_tokens is not None and max_prompt_length > 0:  # PAPO's filter_overlong_prompts
@@ -87,13 +94,21 @@ class PromptStream:
                     print(report.summary())
             if not self.data:
                 raise ValueError(f"{spec}: no usable training rows")
-            self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed)).tolist()
         self.seed, self.pos = seed, 0
+        self._epoch, self._order = -1, []
+
+    def order(self, epoch: int) -> list[int]:
+        """Dataset indices in the order epoch ``epoch`` visits them."""
+        if epoch != self._epoch:
+            key = self.seed if epoch == 0 else int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
+            self._order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(key)).tolist()
+            self._epoch = epoch
+        return self._order
 
     def take(self, n: int) -> list[tuple[int, Sample]]:
         out = []
         for _ in range(n):
-            i = self.pos if self.order is None else self.order[self.pos % len(self.order)]
+            i = self.pos if self.endless else self.order(self.pos // len(self.data))[self.pos % len(self.data)]
             out.append((self.pos, self.data[i]))
             self.pos += 1
         return out
@@ -153,6 +168,12 @@ class Trainer:
                                  [s.meta for s in samples], reward=self.reward)
         return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores)
 
+    @property
+    def round_size(self) -> int:
+        """Prompts one generation round draws: DAPO's filter rounds may draw fewer than the batch and repeat
+        (the config allows gen_batch_size only with the filter on)."""
+        return self.cfg.trainer.gen_batch_size or self.cfg.trainer.rollout_batch_size
+
     def collect(self, timing: dict[str, float]) -> tuple[Experience, dict[str, float]]:
         """Steps 1-4: prompts -> rollouts -> rewards, with DAPO's filter-and-regenerate when enabled."""
         a, want = self.cfg.algorithm, self.cfg.trainer.rollout_batch_size
@@ -167,7 +188,7 @@ class Trainer:
             if rounds >= a.max_filter_rounds:
                 raise RuntimeError(f"DAPO filter kept {groups} of {want} prompt groups after {rounds} rounds "
                                    "(algorithm.max_filter_rounds); the task is too easy or too hard for this model")
-            exp = self.rollout(self.stream.take(want))
+            exp = self.rollout(self.stream.take(self.round_size))
             rounds += 1
             result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
                                        a.filter_low, a.filter_high, a.keep_all_if_empty)
@@ -334,9 +355,10 @@ class Trainer:
 
     def _oom_message(self) -> str:
         c = self.cfg
+        size_key = "trainer.gen_batch_size" if c.trainer.gen_batch_size else "trainer.rollout_batch_size"
         lower = {
-            "rollout": (f"trainer.rollout_batch_size (now {c.trainer.rollout_batch_size}; x rollout.n = "
-                        f"{c.trainer.rollout_batch_size * c.rollout.n} sequences are sampled at once), "
+            "rollout": (f"{size_key} (now {self.round_size}; x rollout.n = {self.round_size * c.rollout.n} sequences are "
+                        "sampled at once), "
                         f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
         }.get(self.phase, f"trainer.micro_batch_size (now {c.trainer.micro_batch_size}), data.max_pixels (now "
                           f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "

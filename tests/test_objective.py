@@ -76,7 +76,7 @@ def test_metrics_dict():
     new, old, masked, ref, adv, mask = _batch(2)
     _, metrics = papo_loss(PRESETS["papo_g_7b"], new, old, adv, mask, masked_log_probs=masked, ref_log_probs=ref)
     for key in ("loss", "pg_loss", "kl_prcp", "kl_prcp_coef", "ref_kl", "entropy", "masked_entropy",
-                "clipfrac_low", "clipfrac_high", "clipfrac_dual", "ppo_kl"):
+                "clipfrac_low", "clipfrac_high", "clipfrac_dual", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl"):
         assert key in metrics and metrics[key].dim() == 0 and not metrics[key].requires_grad, key
     close(metrics["kl_prcp"], aggregate(kl_estimate(new, masked, "k3"), mask), tol=1e-6)
     close(metrics["masked_entropy"], aggregate(-masked, mask), tol=1e-6)

@@ -29,6 +29,8 @@ def test_hand_computed_loss_and_clip_fractions():
     close(out.clipfrac_high, 0.25)
     close(out.clipfrac_low, 0.25)
     close(out.clipfrac_dual, 0.25)
+    close(out.pg_clipfrac_higher, 0.5)  # authors': the 1.5/+1 and 0.5/-1 tokens take the clipped branch
+    close(out.pg_clipfrac_lower, 0.25)  # authors': the dual-clipped 4.0/-1 token
     close(out.ppo_kl, -sum(math.log(r) for r in RATIOS) / 4, tol=1e-6)
 
 
@@ -37,6 +39,39 @@ def test_hand_computed_gradient_only_unclipped_token_moves():
     ppo_clip_loss(new, old, ADV, MASK).loss.backward()
     # d(-A * ratio)/d logp = -A * ratio, divided by 4 tokens; clipped tokens get zero.
     close(new.grad, [[0.0], [0.0], [0.0], [-1.1 / 4]], tol=1e-6)
+
+
+# (ratio, advantage) per token, eps 0.2 / 0.3, dual clip 3; "branch" is the one max/min takes.
+#   1.5, +1: max(-1.5, -1.3)            clipped   -> higher, clipfrac_high
+#   0.5, -1: max(0.5, 0.8)              clipped   -> higher, clipfrac_low
+#   4.0, -1: max(4.0, 1.3) = 4 > 3      dual      -> lower, clipfrac_dual
+#   0.5, +1: max(-0.5, -0.8)            unclipped (ratio outside the band, but the pessimistic branch is the raw one)
+#   1.5, -1: max(1.5, 1.3)              unclipped
+#   1.2,  0: max(0, 0)                  neither (ties are not clipped)
+#   0.7, -2: max(1.4, 1.6); 1.6 < 6     clipped   -> higher, clipfrac_low
+#   2.0, -0.5: max(1.0, 0.65); 1.0 < 1.5  unclipped, dual cap not reached
+AUTHOR_RATIOS = [1.5, 0.5, 4.0, 0.5, 1.5, 1.2, 0.7, 2.0]
+AUTHOR_ADV = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 0.0, -2.0, -0.5])
+
+
+def test_authors_clip_fractions_count_the_branch_taken():
+    old = torch.full((8, 1), math.log(0.3))
+    new = old + torch.log(torch.tensor(AUTHOR_RATIOS))[:, None]
+    out = ppo_clip_loss(new, old, AUTHOR_ADV, torch.ones(8, 1), clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    close(out.pg_clipfrac_higher, 3 / 8)
+    close(out.pg_clipfrac_lower, 1 / 8)
+    close(out.clipfrac_high, 1 / 8)
+    close(out.clipfrac_low, 2 / 8)
+    close(out.clipfrac_dual, 1 / 8)
+    # padding: the last three tokens (one of them clipped) leave the denominator and the counts
+    mask = torch.tensor([[1]] * 5 + [[0]] * 3)
+    out = ppo_clip_loss(new, old, AUTHOR_ADV, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    close(out.pg_clipfrac_higher, 2 / 5)
+    close(out.pg_clipfrac_lower, 1 / 5)
+    # without the dual clip nothing counts as "lower", and the 4.0/-1 token still is not a higher-side clip
+    out = ppo_clip_loss(new, old, AUTHOR_ADV, torch.ones(8, 1), clip_low=0.2, clip_high=0.3, dual_clip=None)
+    close(out.pg_clipfrac_higher, 3 / 8)
+    close(out.pg_clipfrac_lower, 0.0)
 
 
 def test_no_dual_clip():
@@ -96,3 +131,6 @@ def test_against_float64_reference_on_random_inputs(clip_high):
     mask = (torch.arange(12)[None] < torch.randint(1, 13, (8, 1), generator=g)).long()
     out = ppo_clip_loss(new, old, adv, mask, 0.2, clip_high, 3.0)
     close(out.loss, _reference(new, old, adv, mask, 0.2, clip_high, 3.0), tol=1e-5)
+    # the authors' "higher" is papo's two sides together, their "lower" papo's dual clip
+    close(out.pg_clipfrac_higher, out.clipfrac_high + out.clipfrac_low, tol=1e-6)
+    close(out.pg_clipfrac_lower, out.clipfrac_dual, tol=0)

@@ -9,7 +9,7 @@ from papo.cli import main
 from papo.config import PRESETS, ConfigError, load_config
 from papo.monitor import HackingMonitor
 from papo.run import run_train
-from papo.trainer import Trainer
+from papo.trainer import PromptStream, Trainer
 
 SMALL = [
     "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=8", "rollout.n=4",
@@ -92,6 +92,50 @@ def test_dapo_regenerates_until_the_batch_is_full(tmp_path):
     row = trainer.step()
     assert row["filter_rounds"] == 2 and row["filter_kept_groups"] >= 2
     assert trainer.last_experience.size == 2 * 4
+
+
+def test_dapo_rounds_draw_gen_batch_size_prompts(tmp_path):
+    torch.manual_seed(2)
+    trainer = Trainer(small_cfg("dapo", ["trainer.gen_batch_size=1"]), tmp_path, "cpu")
+    drawn = []
+    real = trainer.rollout
+
+    def rollout(draws):
+        drawn.append([pos for pos, _ in draws])
+        exp = real(draws)
+        for i, s in enumerate(exp.scores):  # every group mixed: each kept
+            s["accuracy"] = float(i % 2)
+        return exp
+
+    trainer.rollout = rollout
+    exp, extra = trainer.collect({})
+    assert drawn == [[0], [1]] and extra == {"filter_rounds": 2, "filter_kept_groups": 2}
+    assert exp.size == 2 * 4
+    trainer.cfg.trainer.gen_batch_size = 3  # one round gives more groups than the batch: cut to exactly 2 groups
+    exp, extra = trainer.collect({})
+    assert drawn[2:] == [[2, 3, 4]] and extra == {"filter_rounds": 1, "filter_kept_groups": 3}
+    assert exp.size == 2 * 4 and exp.uids[0].startswith("2:") and exp.uids[-1].startswith("3:")
+    for bad, message in [("-1", "gen_batch_size must be >= 0"), ("4", "needs algorithm.online_filter")]:
+        with pytest.raises(ConfigError, match=message):
+            small_cfg("dapo" if bad == "-1" else "grpo", [f"trainer.gen_batch_size={bad}"])
+
+
+def test_prompt_stream_reshuffles_every_epoch_and_resumes_from_pos(tmp_path):
+    assert main(["data", "generate", "--task", "count", "--n", "8", "--size", "224", "--out", str(tmp_path / "d")]) == 0
+    stream = PromptStream(str(tmp_path / "d"), seed=3)
+    draws = [(pos, s.id) for pos, s in stream.take(24)]
+    epochs = [[i for _, i in draws[e * 8 : (e + 1) * 8]] for e in range(3)]
+    every_row = sorted(s.id for s in stream.data)
+    assert all(sorted(epoch) == every_row for epoch in epochs)  # each epoch visits each row once
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    # epoch 0 is the one permutation earlier versions reused, so their checkpoints resume unchanged
+    first = torch.randperm(8, generator=torch.Generator().manual_seed(3)).tolist()
+    assert epochs[0] == [stream.data[i].id for i in first]
+    restored = PromptStream(str(tmp_path / "d"), seed=3)
+    restored.pos = 11  # what Trainer.restore sets, mid-epoch 1
+    assert [(pos, s.id) for pos, s in restored.take(13)] == draws[11:]
+    other = PromptStream(str(tmp_path / "d"), seed=4)
+    assert [s.id for _, s in other.take(16)][8:] != epochs[1]
 
 
 def test_dapo_gives_up_with_a_clear_error(tmp_path):
@@ -208,6 +252,32 @@ def test_hacking_monitor_flags_a_collapse_that_starts_from_a_large_kl():
     assert not any(wobble.observe({**start, "kl_prcp": 1.8 + 0.4 * (i % 2)}) for i in range(30))
     warnings = [monitor.observe({"kl_prcp": 9.0, "clipfrac_high": 0.0, "entropy": 0.22, "masked_entropy": 13.0}) for _ in range(5)]
     assert "KL_prcp 1.8 -> 9" in warnings[-1] and "both entropies rising" in warnings[-1]
+
+
+def test_hacking_monitor_reads_the_authors_clip_fraction():
+    """The clip sign follows pg_clipfrac_higher (both clip sides, as the authors plot it), not papo's A > 0 side."""
+    calm = {"kl_prcp": 0.03, "pg_clipfrac_higher": 5e-3, "clipfrac_high": 5e-4, "entropy": 0.4, "masked_entropy": 0.4}
+    rising = HackingMonitor(window=5)
+    for _ in range(10):
+        rising.observe(calm)
+    warnings = [rising.observe({**calm, "kl_prcp": 1.2, "pg_clipfrac_higher": 1.2e-2}) for _ in range(5)]
+    assert "clip fraction (pg_clipfrac_higher) 0.005 -> 0.012" in warnings[-1]
+    # papo's high side alone rises 4x, but the authors' metric only 1.4x (< clip_rise 2): no second sign
+    one_side = HackingMonitor(window=5)
+    for _ in range(10):
+        one_side.observe(calm)
+    assert not any(one_side.observe({**calm, "kl_prcp": 1.2, "pg_clipfrac_higher": 7e-3, "clipfrac_high": 2e-3})
+                   for _ in range(5))
+
+
+def test_hacking_monitor_falls_back_to_clipfrac_high_for_older_rows():
+    """A baseline logged before pg_clipfrac_higher existed is compared on clipfrac_high in both windows."""
+    monitor = HackingMonitor(window=5)
+    for _ in range(10):
+        monitor.observe({"kl_prcp": 0.03, "clipfrac_high": 5e-4, "entropy": 0.4, "masked_entropy": 0.4})
+    new = {"kl_prcp": 1.2, "pg_clipfrac_higher": 9e-3, "clipfrac_high": 7e-3, "entropy": 0.4, "masked_entropy": 0.4}
+    warnings = [monitor.observe(new) for _ in range(5)]
+    assert "clip fraction (clipfrac_high) 0.0005 -> 0.007" in warnings[-1]
 
 
 def test_stop_on_hacking_rolls_back_to_the_last_good_checkpoint(tmp_path, monkeypatch):

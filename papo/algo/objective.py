@@ -120,6 +120,8 @@ def papo_loss(
         "clipfrac_high": pg.clipfrac_high,
         "clipfrac_low": pg.clipfrac_low,
         "clipfrac_dual": pg.clipfrac_dual,
+        "pg_clipfrac_higher": pg.pg_clipfrac_higher,
+        "pg_clipfrac_lower": pg.pg_clipfrac_lower,
         "ppo_kl": pg.ppo_kl,
     }
 

@@ -4,6 +4,11 @@ Ratios are formed in log space: ratio = exp(clamp(log pi - log pi_old, -20, 20))
 exp(clamp(log-ratio, log(1 - eps_low), log(1 + eps_high))), which is numerically identical to clamping the
 ratio but never overflows. The dual clip (Ye et al. 2020) bounds the loss of negative-advantage tokens at
 -A * c so a huge ratio on a bad token cannot dominate the batch.
+
+Two sets of clip fractions: papo's split by side (``clipfrac_high`` / ``_low`` / ``_dual``) and the authors'
+(``pg_clipfrac_higher`` / ``_lower``), kept because their plots and collapse signs are drawn from those. The
+authors' "higher" counts every token whose clipped branch is taken, whichever side, so it equals
+clipfrac_high + clipfrac_low; their "lower" is the dual clip, equal to clipfrac_dual.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class PolicyLossOutput:
     clipfrac_high: Tensor  # () share of tokens with A > 0 and ratio > 1 + eps_high (upper clip active)
     clipfrac_low: Tensor  # () share of tokens with A < 0 and ratio < 1 - eps_low (lower clip active)
     clipfrac_dual: Tensor  # () share of tokens with A < 0 whose loss was capped by the dual clip
+    pg_clipfrac_higher: Tensor  # () authors' metric: share of tokens whose clipped branch is taken (either side)
+    pg_clipfrac_lower: Tensor  # () authors' metric: share of tokens with A < 0 capped by the dual clip
     ppo_kl: Tensor  # () token-mean of (log pi_old - log pi), the approximate KL(old || new)
 
 
@@ -68,5 +75,7 @@ def ppo_clip_loss(
         clipfrac_high=masked_mean(as_float(clip_active & (advantages > 0)), mask).detach(),
         clipfrac_low=masked_mean(as_float(clip_active & negative), mask).detach(),
         clipfrac_dual=masked_mean(as_float(dual_active), mask).detach(),
+        pg_clipfrac_higher=masked_mean(as_float(clip_active), mask).detach(),
+        pg_clipfrac_lower=masked_mean(as_float(dual_active), mask).detach(),
         ppo_kl=masked_mean(-log_ratio, mask).detach(),
     )
