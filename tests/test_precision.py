@@ -131,7 +131,7 @@ def _nll_curve(precision: Precision, steps: int = 10, lr: float = 1e-3) -> list[
 
 def test_bf16_loss_curve_follows_fp32():
     fp32 = _nll_curve(Precision())
-    assert fp32[-1] < 0.5 * fp32[0], f"the fp32 loss should fall: {fp32}"
+    assert fp32[-1] < 0.6 * fp32[0], f"the fp32 loss should fall: {fp32}"
     for precision in (Precision(torch.float32, torch.bfloat16), Precision(torch.bfloat16, torch.bfloat16)):
         curve = _nll_curve(precision)
         gap = max(abs(a - b) / b for a, b in zip(curve, fp32))
