@@ -67,10 +67,16 @@ class Experience:
     mask: torch.Tensor  # (N, R)
     texts: list[str]
     scores: list[dict[str, Any]]
+    prompt_tokens: torch.Tensor  # (N,) prompt tokens of each sequence, image tokens included, padding not
 
     @property
     def size(self) -> int:
         return len(self.samples)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt and response tokens of every sequence: what verl and EasyR1 count for throughput."""
+        return int(self.prompt_tokens.sum() + self.mask.sum())
 
 
 class PromptStream:
@@ -166,7 +172,8 @@ class Trainer:
         texts = self.policy.decode(comp)
         scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],
                                  [s.meta for s in samples], reward=self.reward)
-        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores)
+        prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
+        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens)
 
     @property
     def round_size(self) -> int:
@@ -348,7 +355,12 @@ class Trainer:
             **extra,
             **{k: round(v, 3) for k, v in timing.items()},
             "step_s": round(time.time() - t0, 3),
+            "tokens": exp.tokens,
         }
+        row["tokens_per_s"] = round(exp.tokens / max(row["step_s"], 1e-9), 1)
+        if self.policy.device.type == "cuda":
+            row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.policy.device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
         row["hacking_warning"] = self.monitor.observe(row)
         self.last_experience = exp
         return row
@@ -393,7 +405,7 @@ def _select(exp: Experience, idx: list[int]) -> Experience:
     t = torch.as_tensor(idx, dtype=torch.long)
     return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
                       [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
-                      [exp.scores[i] for i in idx])
+                      [exp.scores[i] for i in idx], exp.prompt_tokens[t])
 
 
 def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -406,6 +418,7 @@ def _concat(parts: list[Experience]) -> Experience:
         [s for p in parts for s in p.samples], [u for p in parts for u in p.uids], [x for p in parts for x in p.images],
         [x for p in parts for x in p.masked_images], _pad_cat([p.ids for p in parts], width),
         _pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
+        torch.cat([p.prompt_tokens for p in parts]),
     )
 
 

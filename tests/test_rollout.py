@@ -148,3 +148,89 @@ def test_compiled_engine_gives_the_eager_tokens(policy):
     engine = RolloutEngine(policy.model, policy.suppress_ids, policy.eos_ids, policy.pad_id, compile=True)
     compiled, _ = engine.generate(batch, params, n=2)  # two buckets: 10 rows, then fewer as rows finish
     assert torch.equal(compiled.ids[::2], eager.ids) and torch.equal(compiled.ids[1::2], eager.ids)
+
+
+@pytest.mark.parametrize("vocab", [50, 4096, 151936])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
+    """The bisection cutoff keeps the same tokens as transformers' TopPLogitsWarper, at Qwen's vocabulary too."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from papo.decode import top_p_cutoff
+
+    gen = torch.Generator().manual_seed(vocab)
+    sharpness = torch.tensor([0.05, 0.5, 1.0, 3.0, 8.0, 20.0])[:, None]  # flat to peaked rows
+    logits = torch.randn(6, vocab, generator=gen) * sharpness
+    logits[0, :3] = float("-inf")  # suppressed ids
+    expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+    probs = logits.softmax(-1)
+    assert torch.equal(probs > top_p_cutoff(probs, top_p)[:, None], expected)
+
+
+def test_sampling_never_leaves_the_nucleus_and_follows_its_distribution():
+    from papo.decode import sample
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01]))[None].repeat(20000, 1)
+    token, logp = sample(logits, torch.zeros(5, dtype=torch.bool), SamplingParams(8, top_p=0.9))
+    counts = torch.bincount(token, minlength=5).float() / len(token)
+    # the nucleus at 0.9 is {0.5, 0.3, 0.15}: renormalised 0.526, 0.316, 0.158
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.015)
+    assert torch.allclose(logp, logits[0].log_softmax(-1)[token])  # the log-prob scoring sees: no truncation
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(policy, monkeypatch):
+    """A compiler error (e.g. Inductor at a 151,936-token vocabulary) must not end a run: one warning, then eager."""
+    import papo.decode
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("InductorError: list indices must be integers or slices, not NoneType")
+        return run
+
+    monkeypatch.setattr(papo.decode.torch, "compile", broken_compile)
+    monkeypatch.setattr(rollout.torch, "compile", broken_compile)
+    batch = _batch(policy, n=2)
+    params = SamplingParams(12, greedy=True)
+    engine = RolloutEngine(policy.model, policy.suppress_ids, policy.eos_ids, policy.pad_id, compile=True)
+    with pytest.warns(RuntimeWarning, match="compiling the engine failed.*InductorError") as caught:
+        got, _ = engine.generate(batch, params)
+        again, _ = engine.generate(batch, params)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1 and not engine.compile
+    expected, _ = _engine(policy).generate(batch, params)
+    assert torch.equal(got.ids, expected.ids) and torch.equal(again.ids, expected.ids)
+
+
+def test_engine_in_another_dtype_keeps_its_own_weights_and_follows_updates():
+    """fp32 master weights, bf16 rollouts: the engine holds a bf16 copy refreshed by load_weights (no aliasing)."""
+    tiny = tiny_policy()
+    tiny.model.lm_head.weight = tiny.model.model.language_model.embed_tokens.weight  # tied, as in Qwen2.5-VL-3B
+    engine = RolloutEngine(tiny.model, tiny.suppress_ids, tiny.eos_ids, tiny.pad_id, dtype=torch.bfloat16)
+    live = dict(tiny.model.named_parameters())
+    own = dict(engine.model.named_parameters())
+    assert engine.owns_weights and own.keys() == live.keys()
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in own.values())
+    assert engine.model.lm_head.weight is engine.model.model.language_model.embed_tokens.weight  # ties survive
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        live[name].add_(1.0)
+    assert not torch.equal(own[name].float(), live[name].to(torch.bfloat16).float())
+    engine.load_weights(tiny.model.named_parameters())
+    assert torch.equal(own[name], live[name].to(torch.bfloat16))
+    same = RolloutEngine(tiny.model, tiny.suppress_ids, tiny.eos_ids, tiny.pad_id, dtype=torch.float32)
+    assert not same.owns_weights and same.model is tiny.model
+
+
+def test_policy_with_bf16_compute_samples_from_its_current_weights():
+    tiny = tiny_policy()
+    tiny.precision = type(tiny.precision)(torch.float32, torch.bfloat16)
+    tiny.rollout_engine = "papo"
+    _, prompts, images = mixed_batch(tiny)
+    batch = tiny.encode(prompts, images)
+    params = SamplingParams(8, greedy=True)
+    first = tiny.generate(batch, params)
+    assert tiny._engine.owns_weights
+    with torch.no_grad():
+        tiny.model.lm_head.weight.mul_(-1.0)  # a different model: greedy tokens must change
+    assert not torch.equal(tiny.generate(batch, params).ids, first.ids)

@@ -150,6 +150,8 @@ def load_model(name_or_path: str, opts: ModelOptions = ModelOptions(), device: s
     kwargs: dict[str, Any] = {"dtype": opts.torch_dtype(), **hub_kwargs}
     if opts.attn_implementation:
         kwargs["attn_implementation"] = opts.attn_implementation
+    if torch.device(device).type == "cuda":  # straight onto the GPU: no host copy of a multi-GB model
+        kwargs.setdefault("device_map", str(device))
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs).to(device)
     return prepare_model(model, opts)
 
