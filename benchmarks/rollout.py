@@ -29,29 +29,14 @@ from papo.models.inputs import encode_prompts
 from papo.models.loading import set_pixel_bounds
 from papo.models.tiny import build_config, build_processor
 from papo.rollout import RolloutEngine
-
-
-def qwen25_vl_3b_config(tokenizer):
-    from transformers import Qwen2_5_VLConfig
-
-    tiny = build_config("tiny", tokenizer)  # for papo's special-token ids
-    ids = {k: getattr(tiny, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-                         tie_word_embeddings=True, use_sliding_window=False, eos_token_id=tiny.text_config.eos_token_id,
-                         pad_token_id=tiny.text_config.pad_token_id, bos_token_id=None),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=True, **ids)
+from architectures import qwen25_vl_config
 
 
 def build(name: str, device: str = "cuda"):
     from transformers import AutoModelForImageTextToText
 
     processor = build_processor()
-    cfg = qwen25_vl_3b_config(processor.tokenizer) if name == "qwen2.5-vl-3b" else build_config(name, processor.tokenizer)
+    cfg = qwen25_vl_config("3b", processor.tokenizer) if name == "qwen2.5-vl-3b" else build_config(name, processor.tokenizer)
     side = 448 if name == "qwen2.5-vl-3b" else 224
     set_pixel_bounds(processor, side * side, side * side)
     with torch.device(device):

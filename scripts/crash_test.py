@@ -31,11 +31,12 @@ SETTINGS = [
 KILL_POINTS = ["rollout", "update", "metrics", "checkpoint.model", "checkpoint.state", "checkpoint.rename"]
 
 
-def _train(out: Path, steps: int, resume: bool, failpoints: str = "", kill_after: float | None = None) -> int:
+def _train(out: Path, steps: int, resume: bool, failpoints: str = "", kill_after: float | None = None,
+           device: str = "cpu", extra: tuple[str, ...] = ()) -> int:
     cmd = [sys.executable, "-m", "papo", "train"]
-    cmd += ["--resume", str(out)] if resume else ["--out", str(out), "--max-steps", str(steps), "--device", "cpu"]
+    cmd += ["--resume", str(out)] if resume else ["--out", str(out), "--max-steps", str(steps), "--device", device]
     if not resume:
-        for s in SETTINGS:
+        for s in [*SETTINGS, *extra]:
             cmd += ["--set", s]
     env = {**os.environ, "PAPO_FAILPOINTS": failpoints}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -69,32 +70,34 @@ def _check_latest(out: Path) -> str:
 
 
 def _rows(out: Path) -> list[dict]:
-    timing = lambda k: k.endswith("_s")  # noqa: E731 - wall-clock times differ between any two runs
-    return [{k: v for k, v in json.loads(line).items() if not timing(k)}
+    measured = lambda k: k.endswith(("_s", "_gib"))  # noqa: E731 - times and memory peaks differ between any two runs
+    return [{k: v for k, v in json.loads(line).items() if not measured(k)}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_crash_test(out: Path, kills: int, steps: int, seed: int = 0, log=print) -> dict:
+def run_crash_test(out: Path, kills: int, steps: int, seed: int = 0, log=print, device: str = "cpu",
+                   extra: tuple[str, ...] = ()) -> dict:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    _train(out / "reference", steps, resume=False)
+    run_opts = dict(device=device, extra=extra)
+    _train(out / "reference", steps, resume=False, **run_opts)
     log(f"reference run: {steps} steps in {time.time() - t0:.0f} s")
     run, events, started = out / "killed", [], False
     for i in range(kills):
         if i % 2 == 0:
             where = f"{rng.choice(KILL_POINTS)}=kill@{rng.randint(1, 2)}"
-            rc = _train(run, steps, resume=started, failpoints=where)
+            rc = _train(run, steps, resume=started, failpoints=where, **run_opts)
         else:
             delay = rng.uniform(3.0, 12.0)
             where = f"SIGKILL after {delay:.1f} s"
-            rc = _train(run, steps, resume=started, kill_after=delay)
+            rc = _train(run, steps, resume=started, kill_after=delay, **run_opts)
         started = started or (run / "config.yaml").exists()
         event = {"kill": i + 1, "where": where, "killed": rc == -signal.SIGKILL, "latest_checkpoint": _check_latest(run)}
         events.append(event)
         log(f"kill {i + 1:2d}: {where:32s} {'killed' if event['killed'] else 'finished first'}; "
             f"latest checkpoint {event['latest_checkpoint']} loads")
-    _train(run, steps, resume=started)
+    _train(run, steps, resume=started, **run_opts)
     reference, killed = _rows(out / "reference"), _rows(run)
     result = {
         "kills": sum(e["killed"] for e in events), "steps": steps, "events": events,
@@ -115,8 +118,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/crash-test")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: exact resume of GPU sampling (CUDA RNG, graphs)")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
     args = ap.parse_args()
-    result = run_crash_test(Path(args.out), args.kills, args.steps, args.seed)
+    result = run_crash_test(Path(args.out), args.kills, args.steps, args.seed, device=args.device, extra=tuple(args.set))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     sys.exit(0 if result["passed"] else 1)

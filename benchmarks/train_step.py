@@ -1,0 +1,187 @@
+"""Real ``papo train`` steps at the authors' settings on the Qwen2.5-VL-3B / -7B architectures, one GPU.
+
+    python benchmarks/train_step.py --out benchmarks/results/train-step-h200.json --runs 3b:default,7b:lean
+    python benchmarks/train_step.py --smoke --out /tmp/train-step.json     # the embedded model on the CPU
+
+Each run writes a random-weight model directory (benchmarks/architectures.py: papo's tokenizer, so random
+weights stop after about 400 tokens on average with a tail to the cap, close to real runs' shape), loads it
+through papo's Trainer with the PAPO-G preset and the paper-scale settings below (fewer prompts per step), and
+runs ``--steps`` training steps. The first step includes compilation and is left out of the averages.
+
+Settings: n=5, T=1, top_p 0.99, top_k off, 2,048-token cap, PAPO's pixel bounds (200,704 to 1,003,520 pixels:
+the synthetic 224-px images become 448x448, 256 image tokens), micro-batch 4, gradient checkpointing, lr 1e-6,
+two optimizer updates per step. Precision: ``default`` = fp32 master weights with bf16 compute (papo's CUDA
+default), ``lean`` = bf16 weights with Kahan-compensated AdamW (the authors' scheme).
+
+Reported, as verl and EasyR1 count them:
+  * tokens/s/GPU: prompt + response tokens of every sequence (image tokens included, padding not) over the
+    step's wall time and the number of GPUs;
+  * update MFU: model FLOPs of the update phase (one forward and backward per sequence; recomputation by
+    gradient checkpointing not counted) over its time and the H200's dense bf16 peak (989.5 TFLOP/s). FLOPs =
+    6 N_text per text token + 6 N_vision per image patch + attention (12 x layers x width x sequence^2 for the
+    language model, the same per attention window of the vision tower); N_text leaves out the input embedding
+    table (a lookup), and counts the LM head;
+  * peak memory: torch's peak allocated bytes during a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import qwen25_vl_config  # noqa: E402
+
+from papo.config import load_config  # noqa: E402
+from papo.trainer import Trainer  # noqa: E402
+
+PEAK_BF16_FLOPS = 989.5e12  # H100/H200 SXM dense bf16
+PRECISIONS = {"default": ["model.param_dtype=float32", "model.compute_dtype=auto"],
+              "lean": ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16"]}
+PAPER = ["rollout.n=5", "rollout.temperature=1.0", "rollout.top_p=0.99", "rollout.top_k=0", "rollout.max_new_tokens=2048",
+         "data.min_pixels=200704", "data.max_pixels=1003520", "trainer.micro_batch_size=4",
+         "model.gradient_checkpointing=true", "optim.lr=1e-6"]
+QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.save_every=0", "trainer.log_samples_every=0"]
+PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
+
+
+def write_model(size: str, folder: Path) -> Path:
+    from transformers import AutoModelForImageTextToText
+
+    from papo.models.tiny import build_processor
+
+    processor = build_processor()
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def parameter_counts(model) -> tuple[int, int, int]:
+    """(language model without the input embedding, LM head included; vision tower; all)."""
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    tied = model.lm_head.weight is embed
+    return total - vision - (0 if tied else embed.numel()), vision, total
+
+
+def image_patches(trainer: Trainer, exp) -> list[int]:
+    """Vision-tower patches of each sequence's images, as the processor grids them."""
+    cache: dict[tuple, int] = {}
+    out = []
+    for sample, images in zip(exp.samples, exp.images):
+        key = tuple(im.size for im in images)
+        if key not in cache:
+            batch = trainer.policy.encode([sample.formatted_prompt()], [images])
+            grid = batch.inputs.get("image_grid_thw")
+            cache[key] = int(grid.prod(-1).sum()) if grid is not None else 0
+        out.append(cache[key])
+    return out
+
+
+def update_flops(trainer: Trainer, exp) -> float:
+    model = trainer.policy.model
+    n_text, n_vision, _ = parameter_counts(model)
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    lengths = (exp.prompt_tokens + exp.mask.sum(-1)).double()
+    flops = 6 * n_text * float(lengths.sum()) + 12 * text.num_hidden_layers * text.hidden_size * float((lengths**2).sum())
+    patches = image_patches(trainer, exp)
+    flops += 6 * n_vision * sum(patches)
+    window = (vision.window_size // vision.patch_size) ** 2  # patches per attention window
+    full = len(vision.fullatt_block_indexes)
+    for p in patches:  # full-attention blocks see the whole image, the others windows of `window` patches
+        flops += 12 * vision.hidden_size * (full * p**2 + (vision.depth - full) * p * min(p, window))
+    return flops
+
+
+def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str]) -> dict:
+    overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
+                 f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
+    cfg = load_config("papo_g", overrides=([] if device == "cpu" else PAPER) + overrides)
+    out = Path("/tmp/papo-train-step") / f"{name}-{precision}"
+    torch.manual_seed(0)
+    t0 = time.time()
+    trainer = Trainer(cfg, out, device)
+    load_s = time.time() - t0
+    rows = []
+    for i in range(steps):
+        row = trainer.step()
+        exp = trainer.last_experience
+        lengths = exp.mask.sum(-1)
+        row["update_tflop"] = round(update_flops(trainer, exp) / 1e12, 1)
+        row["update_mfu"] = round(row["update_tflop"] * 1e12 / row["update_s"] / PEAK_BF16_FLOPS, 4)
+        row["sequences"], row["max_response_tokens"] = exp.size, int(lengths.max())
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
+                                              "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib") if k in row}), flush=True)
+    steady = rows[1:] or rows
+
+    def mean(key):
+        values = [r[key] for r in steady if key in r]
+        return round(sum(values) / len(values), 3) if values else None
+
+    step_s = mean("step_s")
+    tokens = sum(r["tokens"] for r in steady) / len(steady)
+    _, _, total = parameter_counts(trainer.policy.model)
+    result = {
+        "model": name, "gpus": 1, "precision": precision, "precision_detail": trainer.precision.describe()
+        + (", Kahan-compensated AdamW" if type(trainer.optim).__module__.startswith("optimi") else ", AdamW"),
+        "parameters": total, "prompts_per_step": prompts, "sequences_per_step": steady[-1]["sequences"],
+        "tokens_per_s_per_gpu": round(tokens / step_s, 1), "step_s": step_s,
+        "update_mfu": mean("update_mfu"), "phases": {k: mean(k) for k in PHASES if mean(k) is not None},
+        "peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=None),
+        "mean_tokens_per_step": round(tokens, 1), "mean_response_tokens": mean("response_length"),
+        "load_s": round(load_s, 1), "first_step_s": rows[0]["step_s"], "steps_averaged": len(steady),
+        "steps": rows,
+    }
+    del trainer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", default="3b:default,7b:lean", help="size:precision pairs (precision: default | lean)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--models-dir", default="/tmp/papo-bench-models")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
+    args = ap.parse_args()
+    results: list[dict] = []
+    meta = {"torch": torch.__version__}
+    if args.smoke:
+        extra = ["rollout.n=2", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4", *args.set]
+        results.append(run("embedded-default", "default", "default", 2, 2, "cpu", extra))
+    else:
+        import transformers
+
+        meta.update(device=torch.cuda.get_device_name(), transformers=transformers.__version__, settings=PAPER)
+        for spec in args.runs.split(","):
+            size, precision = spec.split(":")
+            folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
+            if not (folder / "config.json").exists():
+                t = time.time()
+                write_model(size, folder)
+                print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
+            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, "cuda", args.set))
+            Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
+    Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
+    for r in results:
+        print(f"{r['model']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
+              f"update MFU {r['update_mfu']}, peak {r['peak_gib']} GiB, phases {r['phases']}")
+
+
+if __name__ == "__main__":
+    main()
