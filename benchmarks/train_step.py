@@ -6,7 +6,8 @@
 Each run writes a random-weight model directory (benchmarks/architectures.py: papo's tokenizer, so random
 weights stop after about 400 tokens on average with a tail to the cap, close to real runs' shape), loads it
 through papo's Trainer with the PAPO-G preset and the paper-scale settings below (fewer prompts per step), and
-runs ``--steps`` training steps. The first step includes compilation and is left out of the averages.
+runs ``--steps`` training steps. The first ``--warmup-steps`` compile the engine for new batch shapes and are left
+out of the averages.
 
 Settings: n=5, T=1, top_p 0.99, top_k off, 2,048-token cap, PAPO's pixel bounds (200,704 to 1,003,520 pixels:
 the synthetic 224-px images become 448x448, 256 image tokens), micro-batch 4, gradient checkpointing, lr 1e-6,
@@ -103,7 +104,8 @@ def update_flops(trainer: Trainer, exp) -> float:
     return flops
 
 
-def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str]) -> dict:
+def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str],
+        warmup: int = 1) -> dict:
     overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
                  f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
     cfg = load_config("papo_g", overrides=([] if device == "cpu" else PAPER) + overrides)
@@ -123,7 +125,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
                                               "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib") if k in row}), flush=True)
-    steady = rows[1:] or rows
+    steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 
     def mean(key):
         values = [r[key] for r in steady if key in r]
@@ -140,7 +142,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         "update_mfu": mean("update_mfu"), "phases": {k: mean(k) for k in PHASES if mean(k) is not None},
         "peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=None),
         "mean_tokens_per_step": round(tokens, 1), "mean_response_tokens": mean("response_length"),
-        "load_s": round(load_s, 1), "first_step_s": rows[0]["step_s"], "steps_averaged": len(steady),
+        "load_s": round(load_s, 1), "warmup_steps_s": [r["step_s"] for r in rows[:warmup]], "steps_averaged": len(steady),
         "steps": rows,
     }
     del trainer
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--runs", default="3b:default,7b:lean", help="size:precision pairs (precision: default | lean)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the averages (compilation)")
     ap.add_argument("--models-dir", default="/tmp/papo-bench-models")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
@@ -175,7 +178,8 @@ def main() -> None:
                 t = time.time()
                 write_model(size, folder)
                 print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
-            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, "cuda", args.set))
+            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, "cuda", args.set,
+                               args.warmup_steps))
             Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     for r in results:
