@@ -57,6 +57,7 @@ def write_model(size: str, folder: Path) -> Path:
     from papo.models.tiny import build_processor
 
     processor = build_processor()
+    torch.manual_seed(0)  # the same random weights in every run of a size
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
     model.save_pretrained(folder)
