@@ -43,3 +43,27 @@ def test_demo_example_runs_and_learns(tmp_path):
         first, last = [r for r in rows if r["method"] == method]
         assert last["accuracy"] > first["accuracy"] + 0.2, (method, first, last)
     assert (out / "masking.png").exists()
+
+
+def test_the_readme_paper_scale_command_is_a_valid_config():
+    """The README's real-model command parses, and on CUDA means fp32 master weights with bf16 compute."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    from papo.config import load_config
+    from papo.models.precision import Precision
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"^papo train --preset papo_g --model Qwen/Qwen2\.5-VL-3B-Instruct.*?--device cuda$", readme, re.M | re.S)
+    assert command, "README.md lost its paper-scale papo train command"
+    args = shlex.split(command.group(0).replace("\\\n", " "))
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert not any(s.startswith("model.dtype=") for s in sets), "use model.param_dtype / model.compute_dtype"
+    cfg = load_config(args[args.index("--preset") + 1], overrides=sets)
+    assert (cfg.optim.lr, cfg.rollout.n, cfg.rollout.top_p, cfg.rollout.max_new_tokens) == (1e-6, 5, 0.99, 2048)
+    assert (cfg.trainer.rollout_batch_size, cfg.trainer.mini_batch_size, cfg.trainer.micro_batch_size) == (384, 128, 4)
+    assert (cfg.data.min_pixels, cfg.data.max_pixels) == (200704, 1003520)
+    assert Precision.resolve(cfg.model.param_dtype, cfg.model.compute_dtype, "cuda") == Precision(torch.float32, torch.bfloat16)
