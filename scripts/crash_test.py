@@ -8,7 +8,10 @@ step). A second run is killed ``--kills`` times: half the kills fire inside the 
 from this script at a random wall-clock time (model loading included). After every kill the latest
 checkpoint must load (trainer state with ``weights_only``, weights through ``from_pretrained``); the run is
 then resumed with ``--resume``. At the end ``metrics.jsonl`` must hold each step exactly once and equal the
-reference's, timings aside. Exit status 1 if anything failed.
+reference's, timings and memory peaks aside. Exit status 1 if anything failed.
+
+``--device cuda`` does the same on a GPU (the compiled engine and CUDA graphs: exact resume needs the CUDA
+generator in the checkpoint); ``--set KEY=VALUE`` adds config overrides to both runs, e.g. fp32 compute.
 """
 
 from __future__ import annotations
