@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from papo.checkpoint import latest_checkpoint
-from papo.config import TrainConfig, load_config
+from papo.config import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
 from papo.errors import TrainingStopped
 from papo.evaluation import generate_and_score, summarize
@@ -98,7 +98,11 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
         rows = read_metrics(out_dir / "metrics.jsonl", up_to=trainer.step_no)
         # drop steps logged after the checkpoint (and a line cut short by a crash): each step is logged exactly once
         _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        before = json.loads((out_dir / "heldout_before.json").read_text()) if (out_dir / "heldout_before.json").exists() else None
+        before = _read_json(out_dir / "heldout_before.json")
+        if trainer.step_no >= cfg.trainer.max_steps and (out_dir / "final").is_dir():
+            console.print(f"{out_dir} already trained {trainer.step_no} steps (trainer.max_steps={cfg.trainer.max_steps}); "
+                          f"pass --max-steps N with N > {trainer.step_no} to extend it")
+            return {"before": before, "after": _read_json(out_dir / "heldout_after.json"), "steps": trainer.step_no, "warnings": []}
     else:
         if out_dir.exists() and (out_dir / "metrics.jsonl").exists():
             raise ValueError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
@@ -162,6 +166,10 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
 
 
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     """NaN and inf become null: metrics.jsonl stays strict JSON for every reader."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
@@ -192,8 +200,18 @@ def train_from_args(preset: str, model: str | None, data: str | None, overrides:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"{run_dir}/config.yaml not found: --resume takes a papo train output directory")
+        fixed = {"--model": model, "--data": data, "--out": out}
+        if given := [flag for flag, value in fixed.items() if value]:
+            raise ConfigError(f"{', '.join(given)} cannot change on --resume: {run_dir} continues with the model, data "
+                              "and directory it started with (start a new run with --out to change them)")
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        cfg = load_config(saved.get("preset", preset), file=str(run_dir / "config.yaml"), overrides=overrides)
+        extra = list(overrides)
+        if max_steps:  # extends a finished run, or stops a running one earlier
+            extra.append(f"trainer.max_steps={max_steps}")
+        if device:
+            extra.append(f"trainer.device={device}")
+        cfg = load_config(saved.get("preset", preset), file=str(run_dir / "config.yaml"), overrides=extra)
+        write_config(cfg, run_dir)  # what the continued run uses, e.g. its new max_steps
         return run_train(cfg, str(run_dir), resume=True)
     extra = list(overrides)
     if model:

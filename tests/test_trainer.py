@@ -310,3 +310,19 @@ def test_a_user_reward_file_named_in_the_config_scores_the_rollouts(tmp_path):
     assert row["reward"] == 0.25 and row["format"] == 1.0
     with pytest.raises(ConfigError, match="algorithm.reward"):
         small_cfg("grpo", ["algorithm.reward=exact_match"])
+
+
+def test_resume_with_max_steps_extends_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train(small_cfg("grpo", ["trainer.max_steps=2", "trainer.save_every=1"]), str(out))  # step-2 and final/
+    assert main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and (out / "checkpoints" / "step-3").is_dir()
+    assert "max_steps: 3" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0  # nothing left to train: says so, evaluates nothing
+    assert "already trained 3 steps" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    for flags in (["--model", "other"], ["--data", "synthetic:count"], ["--out", str(tmp_path / "x")]):
+        assert main(["train", "--resume", str(out), *flags]) == 2
+        assert f"{flags[0]} cannot change on --resume" in capsys.readouterr().err
