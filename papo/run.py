@@ -118,6 +118,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
                TimeElapsedColumn()]
     last_good = None
+    plain_every = max(1, t.max_steps // 20)
     with (out_dir / "metrics.jsonl").open("a") as log, Progress(*columns, console=console) as progress:
         bar = progress.add_task("train", total=t.max_steps, completed=trainer.step_no, reward=0.0, acc=0.0, kl=0.0, sec=0.0)
         while trainer.step_no < t.max_steps:
@@ -137,6 +138,10 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             if t.log_samples_every and step % t.log_samples_every == 0:
                 _log_samples(trainer, out_dir, step)
             progress.update(bar, completed=step, reward=row["reward"], acc=row["accuracy"], kl=row.get("kl_prcp", 0.0), sec=row["step_s"])
+            if not console.is_terminal and (step == 1 or step % plain_every == 0 or step == t.max_steps):
+                # logs, nohup and notebooks get no live bar: a plain line instead, a few times per run
+                console.print(f"step {step}/{t.max_steps}: reward {row['reward']:.3f} accuracy {row['accuracy']:.3f} "
+                              f"kl_prcp {row.get('kl_prcp', 0.0):.4f} {row['step_s']:.1f} s/step", soft_wrap=True)
             if row["hacking_warning"]:
                 warnings.append(f"step {step}: {row['hacking_warning']}")
                 console.print(f"[red]step {step}: {row['hacking_warning']}")

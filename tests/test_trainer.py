@@ -326,3 +326,15 @@ def test_resume_with_max_steps_extends_a_finished_run(tmp_path, capsys):
     for flags in (["--model", "other"], ["--data", "synthetic:count"], ["--out", str(tmp_path / "x")]):
         assert main(["train", "--resume", str(out), *flags]) == 2
         assert f"{flags[0]} cannot change on --resume" in capsys.readouterr().err
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    run_train(small_cfg("grpo", ["trainer.max_steps=2"]), str(tmp_path / "run"), console=Console(file=buf, force_terminal=False))
+    lines = [line for line in buf.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1/2", "step 2/2"]
+    assert all("reward" in line and "s/step" in line for line in lines)
