@@ -7,3 +7,7 @@ class TrainingStopped(RuntimeError):
 
 class CheckpointError(OSError):
     """A checkpoint could not be written; the previous ones are untouched."""
+
+
+class DataError(ValueError):
+    """A bad row under ``strict=True``, or a source that cannot be read at all; the message names the file."""

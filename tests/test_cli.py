@@ -67,3 +67,14 @@ def test_the_readme_paper_scale_command_is_a_valid_config():
     assert (cfg.trainer.rollout_batch_size, cfg.trainer.mini_batch_size, cfg.trainer.micro_batch_size) == (384, 128, 4)
     assert (cfg.data.min_pixels, cfg.data.max_pixels) == (200704, 1003520)
     assert Precision.resolve(cfg.model.param_dtype, cfg.model.compute_dtype, "cuda") == Precision(torch.float32, torch.bfloat16)
+
+
+def test_a_missing_model_dir_and_a_corrupt_parquet_file_are_named(tmp_path, capsys):
+    assert main(["train", "--model", str(tmp_path / "no" / "such" / "dir"), "--max-steps", "1", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "no/such/dir" in err and "not found" in err and "Repo id" not in err
+    bad = tmp_path / "train.parquet"
+    bad.write_bytes(b"this is not parquet")
+    assert main(["train", "--data", str(bad), "--max-steps", "1", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not a readable parquet file" in err

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from papo.errors import DataError
+
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,14 @@ _BATCH_ROWS = 256  # parquet / arrow rows turned into Python objects at a time
 def parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
     """Rows of ``files`` in order, read in batches so only one batch is held as Python objects."""
     for file in files:
+        import pyarrow as pa
         import pyarrow.parquet as pq  # imported here: only parquet sources need pyarrow
 
-        for batch in pq.ParquetFile(file).iter_batches(_BATCH_ROWS):
+        try:  # pyarrow's own messages ("Parquet magic bytes not found") do not say which file
+            batches = pq.ParquetFile(file).iter_batches(_BATCH_ROWS)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        for batch in batches:
             yield from batch.to_pylist()
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from papo.errors import DataError
 from papo.data.hub import arrow_dataset_rows, is_hub_id, load_hub_rows, parquet_rows, select_split_files
 from papo.data.sample import ANSWER_TYPES, IMAGE_PLACEHOLDER, Sample, strip_format_suffix
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
@@ -40,10 +41,6 @@ _USER_ROLES = ("user", "human")
 _ASSISTANT_ROLES = ("assistant", "gpt")
 _MAX_IDS_SHOWN = 10
 _WARNED_TYPES: set = set()
-
-
-class DataError(ValueError):
-    """A bad row under ``strict=True``, or a source that cannot be read at all."""
 
 
 class _BadRow(Exception):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
 from papo.images import resize_to_pixel_bounds
 from papo.masking import corrupt_images
@@ -38,7 +39,10 @@ def resolve_model(name_or_path: str | None) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the embedded default model is missing from {path}; reinstall papo")
         return str(path)
-    return str(name_or_path)
+    name = str(name_or_path)
+    if not Path(name).expanduser().exists() and not is_hub_id(name):  # otherwise a hub error about repo ids
+        raise FileNotFoundError(f"model {name!r} not found: no such directory, and not a hub id (owner/name)")
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
 class Policy:
