@@ -80,13 +80,15 @@ def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
                                 "reward": exp.scores[i]["overall"], "image": f"step-{step}-image.png"}) + "\n")
 
 
-def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None, train_data: Any = None,
+              reward: Any = None) -> dict[str, Any]:
+    """``train_data`` / ``reward``: Python objects in place of ``cfg.data.train`` / ``cfg.algorithm.reward``."""
     from papo.sft import resolve_device
 
     console = console or Console()
     out_dir = Path(out)
     torch.manual_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device))
+    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device), train_data=train_data, reward=reward)
     rows: list[dict[str, Any]] = []
     before = None
     if resume:

@@ -50,7 +50,7 @@ from papo.models.precision import Precision
 from papo.optim import build_optimizer, constant_with_warmup
 from papo.rng import rng_state, set_rng_state
 from papo.monitor import HackingMonitor
-from papo.rewards import get_reward, score_responses
+from papo.rewards import RewardFunction, get_reward, score_responses
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
 
@@ -88,8 +88,9 @@ class PromptStream:
     an endless stream of fresh samples and needs no shuffle.
     """
 
-    def __init__(self, spec: str, seed: int, split: str = "train", count_tokens=None, max_prompt_length: int = 0) -> None:
-        self.endless = spec.startswith(SPEC_PREFIX)
+    def __init__(self, spec: Any, seed: int, split: str = "train", count_tokens=None, max_prompt_length: int = 0) -> None:
+        """``spec``: a data spec string, or rows in memory (a ``datasets.Dataset``, a list of dicts)."""
+        self.endless = isinstance(spec, str) and spec.startswith(SPEC_PREFIX)
         if self.endless:
             self.data = dataset_from_spec(spec, split=split, n=10**9, seed=seed)
         else:
@@ -121,7 +122,10 @@ class PromptStream:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: str | Path, device: str) -> None:
+    def __init__(self, cfg: TrainConfig, out: str | Path, device: str, train_data: Any = None,
+                 reward: RewardFunction | None = None) -> None:
+        """``train_data`` / ``reward``: Python objects that replace ``cfg.data.train`` / ``cfg.algorithm.reward``
+        (the Python API's rows in memory and reward callables)."""
         self.cfg, self.out, self.device = cfg, Path(out), device
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
@@ -139,9 +143,9 @@ class Trainer:
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optim = build_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, self.precision, cfg.optim.kahan_summation)
         self.sched = constant_with_warmup(self.optim, cfg.optim.warmup_steps)
-        self.stream = PromptStream(cfg.data.train, cfg.trainer.seed, count_tokens=self.prompt_tokens,
+        self.stream = PromptStream(cfg.data.train if train_data is None else train_data, cfg.trainer.seed, count_tokens=self.prompt_tokens,
                                    max_prompt_length=cfg.data.max_prompt_length)
-        self.reward = get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
+        self.reward = reward or get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
         self.monitor = HackingMonitor()
         self.step_no = 0
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
@@ -172,6 +176,8 @@ class Trainer:
         texts = self.policy.decode(comp)
         scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],
                                  [s.meta for s in samples], reward=self.reward)
+        for score in scores:  # a reward need only return "overall": it then stands for correctness too
+            score.setdefault("accuracy", score["overall"])
         prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
         return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens)
 
@@ -348,7 +354,7 @@ class Trainer:
             "step": self.step_no,
             "reward": _finite_mean(rewards.tolist()),
             "accuracy": _finite_mean([float(s["accuracy"]) for s in exp.scores]),
-            "format": _finite_mean([float(s["format"]) for s in exp.scores]),
+            **({"format": _finite_mean([float(s["format"]) for s in exp.scores])} if all("format" in s for s in exp.scores) else {}),
             "response_length": float(lengths.mean()),
             "lr": self.sched.get_last_lr()[0],
             **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items() if k != "updates"},
