@@ -16,6 +16,7 @@ import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
 from papo.masking import MaskingConfig
+from papo.models.generation import ENGINES
 from papo.models.precision import check as check_precision
 from papo.models.precision import dtype_of
 from papo.rewards import REWARDS
@@ -183,7 +184,7 @@ class TrainConfig:
             (a.max_filter_rounds >= 1, "algorithm.max_filter_rounds must be >= 1"),
             (a.reward in REWARDS or ":" in a.reward, f"algorithm.reward must be one of {', '.join(REWARDS)} or path/to/file.py:function"),
             (t.max_bad_steps >= 1, "trainer.max_bad_steps must be >= 1"),
-            (r.engine in ("auto", "papo", "hf"), "rollout.engine must be auto, papo or hf"),
+            (r.engine in ENGINES, f"rollout.engine must be one of {', '.join(ENGINES)}"),
             (a.kl_prcp_reward_coef >= 0, "algorithm.kl_prcp_reward_coef must be >= 0"),
             (a.mask_patch_size >= 0, "algorithm.mask_patch_size must be >= 0 (0: the encoder's patch size)"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from papo.models.generation import SamplingParams
+from papo.models.logprobs import suppress_mask
 
 
 @dataclass
@@ -135,9 +136,7 @@ class DecodeStep:
         self.vocab = model.lm_head.weight.shape[0]
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.pad_id = int(pad_id)
-        self.suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-        if suppress_ids:
-            self.suppress[torch.as_tensor(suppress_ids, device=self.device)] = True
+        self.suppress = suppress_mask(suppress_ids, self.vocab, self.device)
         self.eos = torch.as_tensor(list(eos_ids) or [-1], device=self.device)
         rotary = self.text.rotary_emb
         self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))

@@ -149,7 +149,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from papo.sft import resolve_device
+    from papo.models.loading import resolve_device
 
     console = Console()
     torch.manual_seed(cfg.seed)

@@ -23,6 +23,8 @@ from rich.progress import (
 from papo.checkpoint import latest_checkpoint
 from papo.config import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
+from papo.data.synthetic import SPEC_PREFIX
+from papo.models.loading import resolve_device
 from papo.errors import TrainingStopped
 from papo.evaluation import generate_and_score, summarize
 from papo.faults import failpoint
@@ -32,7 +34,7 @@ from papo.trainer import Trainer
 
 
 def _heldout(trainer: Trainer, spec: str, k: int) -> dict[str, Any]:
-    samples = load_samples(spec, split="test" if not spec.startswith("synthetic:") else None).samples
+    samples = load_samples(spec, split=None if spec.startswith(SPEC_PREFIX) else "test").samples
     params = SamplingParams(trainer.cfg.rollout.max_new_tokens, trainer.cfg.rollout.temperature)
     return summarize(generate_and_score(trainer.policy, samples, params, k=k), k).to_dict()
 
@@ -83,8 +85,6 @@ def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
 def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None, train_data: Any = None,
               reward: Any = None) -> dict[str, Any]:
     """``train_data`` / ``reward``: Python objects in place of ``cfg.data.train`` / ``cfg.algorithm.reward``."""
-    from papo.sft import resolve_device
-
     console = console or Console()
     out_dir = Path(out)
     torch.manual_seed(cfg.trainer.seed)

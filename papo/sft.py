@@ -26,6 +26,7 @@ from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.evaluation import generate_and_score, summarize
 from papo.models.generation import SamplingParams
 from papo.models.inputs import encode_prompts, tokenize_completions
+from papo.models.loading import resolve_device
 from papo.models.policy import Policy
 from papo.models.tiny import SIZES, build_tiny
 
@@ -58,14 +59,6 @@ class SFTConfig:
                 raise ValueError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"sft lr must be > 0, got {self.lr}")
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    return device
 
 
 def _train_samples(cfg: SFTConfig):

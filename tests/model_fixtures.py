@@ -4,6 +4,7 @@ import functools
 
 import torch
 
+from papo.config import load_config
 from papo.data.synthetic import make_sample
 from papo.models.policy import Policy
 from papo.models.tiny import build_tiny
@@ -94,3 +95,15 @@ def qwen3_vl_policy() -> Policy:
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
     cls = Qwen3VLProcessor if is_torchvision_available() else image_only_processor_class(Qwen3VLProcessor)
     return Policy(model, cls(ip, tok, chat_template=CHAT_TEMPLATE))
+
+
+# a PAPO training step small enough for CPU tests: 2 prompts x 4 rollouts of at most 24 tokens, no evaluation
+SMALL = [
+    "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=8", "rollout.n=4",
+    "rollout.max_new_tokens=24", "trainer.eval_before_after=false", "trainer.report_to=none",
+    "trainer.log_samples_every=0", "trainer.save_every=0", "optim.lr=1e-4",
+]
+
+
+def small_cfg(preset="papo_g", extra=()):
+    return load_config(preset, overrides=SMALL + list(extra))

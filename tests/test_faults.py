@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_trainer import small_cfg
+from model_fixtures import small_cfg
 
 from papo import faults
 from papo.checkpoint import checkpoint_dirs, load_trainer_state

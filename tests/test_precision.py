@@ -11,8 +11,7 @@ from papo.data.synthetic import make_sample
 from papo.models.precision import Precision
 from papo.optim import build_optimizer
 from papo.trainer import Trainer
-from tests.model_fixtures import tiny_policy
-from tests.test_trainer import small_cfg
+from model_fixtures import small_cfg, tiny_policy
 
 MIXED = ["model.param_dtype=float32", "model.compute_dtype=bfloat16"]
 

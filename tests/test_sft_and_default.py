@@ -11,6 +11,7 @@ from papo.evaluation import generate_and_score, summarize
 from papo.models.generation import SamplingParams
 from papo.models.loading import load_processor
 from papo.models.policy import Policy, default_model_dir
+from papo.models.tiny import build_tiny
 
 
 def test_papo_sft_writes_a_model_that_learned_something(tmp_path):
@@ -23,7 +24,11 @@ def test_papo_sft_writes_a_model_that_learned_something(tmp_path):
     result = json.loads((out / "sft_result.json").read_text())
     assert set(result["heldout"]["sampled_t1"]["per_task"]) == {"count", "clock"}
     assert Image.open(out / "sft_loss.png").size[0] > 100
-    assert AutoModelForImageTextToText.from_pretrained(out) is not None
+    saved = AutoModelForImageTextToText.from_pretrained(out)
+    start, _ = build_tiny("tiny", seed=0)  # the random init SFT started from (its seed is the default 0)
+    trained = saved.state_dict()
+    changed = [k for k, v in start.state_dict().items() if not torch.equal(v, trained[k])]
+    assert saved.config.model_type == "qwen2_5_vl" and len(changed) > 0.9 * len(trained)
     assert (out / "step-7" / "model.safetensors").is_file() and (out / "step-7" / "sft_result.json").is_file()
 
 

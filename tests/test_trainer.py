@@ -10,16 +10,7 @@ from papo.config import PRESETS, ConfigError, load_config
 from papo.monitor import HackingMonitor
 from papo.run import run_train
 from papo.trainer import PromptStream, Trainer
-
-SMALL = [
-    "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "trainer.micro_batch_size=8", "rollout.n=4",
-    "rollout.max_new_tokens=24", "trainer.eval_before_after=false", "trainer.report_to=none",
-    "trainer.log_samples_every=0", "trainer.save_every=0", "optim.lr=1e-4",
-]
-
-
-def small_cfg(preset="papo_g", extra=()):
-    return load_config(preset, overrides=SMALL + list(extra))
+from model_fixtures import small_cfg
 
 
 def _params(model):
@@ -29,15 +20,29 @@ def _params(model):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     torch.manual_seed(0)
-    trainer = Trainer(small_cfg(preset), tmp_path, "cpu")
+    cfg = small_cfg(preset)
+    trainer = Trainer(cfg, tmp_path, "cpu")
+    names = [n for n, p in trainer.policy.model.named_parameters() if p.requires_grad]
     before = _params(trainer.policy.model)
     row = trainer.step()
-    moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.policy.model.parameters()))
-    assert moved > 0
-    for key in ("reward", "accuracy", "format", "kl_prcp", "entropy", "response_length", "rollout_s", "update_s"):
-        assert key in row, key
-    assert row["skipped_updates"] == 0
-    assert ("ref_kl" in row) == (preset in ("grpo", "papo_g", "papo_g_7b"))  # presets with a reference KL
+    params = dict(trainer.policy.model.named_parameters())
+    with_grad = {n for n in names if params[n].grad is not None and params[n].grad.abs().sum() > 0}
+    moved = {n for n, b in zip(names, before) if not torch.equal(b, params[n])}
+    assert with_grad and moved == with_grad  # every tensor with a gradient took the update, no other one changed
+    exp = trainer.last_experience
+    overall = torch.tensor([float(s["overall"]) for s in exp.scores])
+    assert row["reward"] == pytest.approx(float(overall.mean()))
+    assert row["accuracy"] == pytest.approx(sum(float(s["accuracy"]) for s in exp.scores) / exp.size)
+    assert row["response_length"] == pytest.approx(float(exp.mask.sum(-1).float().mean()))
+    assert row["tokens"] == exp.tokens == int(exp.prompt_tokens.sum() + exp.mask.sum())
+    assert row["skipped_updates"] == 0 and row["skipped"] == ""
+    assert abs(row["ppo_kl"]) < 1e-5  # one on-policy mini-batch: ratio 1
+    assert row["kl_prcp_coef"] == pytest.approx(cfg.algorithm.kl_prcp_coef)
+    assert row["kl_prcp"] > 0 and row["entropy"] > 0 and row["masked_entropy"] > 0
+    if cfg.algorithm.kl_ref_coef > 0:
+        assert row["ref_kl"] == 0.0  # the reference is the policy before its first update
+    else:
+        assert "ref_kl" not in row
 
 
 def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ from torch import Tensor
 from papo.models.inputs import PromptBatch
 
 
+ENGINES = ("auto", "papo", "hf")  # rollout engines: auto = papo.rollout on CUDA where supported, else hf
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 2048

@@ -144,6 +144,15 @@ def prepare_model(model: torch.nn.Module, opts: ModelOptions) -> torch.nn.Module
     return model
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda where available, else cpu; an explicit cuda without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    return device
+
+
 def load_model(name_or_path: str, opts: ModelOptions = ModelOptions(), device: str | torch.device = "cpu",
                **hub_kwargs: Any) -> torch.nn.Module:
     """``AutoModelForImageTextToText.from_pretrained`` plus the options above."""

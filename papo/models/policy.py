@@ -18,14 +18,13 @@ from papo.data.sample import Sample
 from papo.images import resize_to_pixel_bounds
 from papo.masking import corrupt_images
 from papo.models.attention import use_packed_vision_attention
-from papo.models.generation import Completions, SamplingParams, hf_generate
+from papo.models.generation import ENGINES, Completions, SamplingParams, hf_generate
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
 from papo.models.precision import Precision
 
 DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
-ENGINES = ("auto", "papo", "hf")  # rollout engines: auto = papo.rollout on CUDA where supported
 
 
 def default_model_dir() -> Path:
