@@ -11,7 +11,8 @@ hit; ``@1-3``: hits one to three; ``@*``: every hit). Actions:
   kill    SIGKILL this process (what a crash, an OOM-killer or a preemption does)
   enospc  raise OSError(ENOSPC), as a full disk does mid-write
   oom     raise torch.OutOfMemoryError, as CUDA does
-  nan     return "nan": the caller poisons the value it is about to use
+  nan     make one element of the value at that point NaN (rewards, logprobs, grad), through ``Poison``,
+          the trainer's hook object
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import errno
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 ENV = "PAPO_FAILPOINTS"
 ACTIONS = ("kill", "enospc", "oom", "nan")
@@ -95,6 +97,32 @@ def failpoint(name: str) -> str | None:
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at failpoint {name})")
     return rule.action
+
+
+class Poison:
+    """The trainer's values that the "nan" action corrupts, each through one hook: the loop hands a value over
+    and gets it back unchanged unless that failpoint fires (then one element is NaN, as a real overflow makes it).
+    The loop never writes into its own tensors for a fault."""
+
+    @staticmethod
+    def rewards(rewards: Any) -> Any:  # (N,) float tensor
+        if failpoint("rewards") == "nan":
+            rewards = rewards.clone()
+            rewards[0] = float("nan")
+        return rewards
+
+    @staticmethod
+    def logprobs(logps: dict[str, Any]) -> dict[str, Any]:  # name -> (N, R) tensors; "old" is poisoned
+        if failpoint("logprobs") == "nan":
+            old = logps["old"].clone()
+            old[0, 0] = float("nan")
+            logps = {**logps, "old": old}
+        return logps
+
+    @staticmethod
+    def gradients(parameters: Any) -> None:  # after backward, before the norm: the first gradient gets a NaN
+        if failpoint("grad") == "nan":
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = float("nan")
 
 
 configure(os.environ.get(ENV))

@@ -42,7 +42,7 @@ from papo.data.loaders import filter_by_prompt_length, load_samples
 from papo.data.sample import Sample
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import TrainingStopped
-from papo.faults import failpoint
+from papo.faults import Poison, failpoint
 from papo.models.generation import SamplingParams
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
@@ -147,6 +147,7 @@ class Trainer:
                                    max_prompt_length=cfg.data.max_prompt_length)
         self.reward = reward or get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
         self.monitor = HackingMonitor()
+        self.poison = Poison()  # failpoints' "nan" faults (papo.faults); inert unless configured
         self.step_no = 0
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
@@ -255,10 +256,8 @@ class Trainer:
                 out["ref"].append(self.policy.logprobs(full, ids, mask, T, model=self.ref)[0].cpu())
                 timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
         self.policy.model.train()
-        if failpoint("logprobs") == "nan":
-            out["old"][0][0, 0] = float("nan")
         width = exp.ids.shape[1]
-        return {k: _pad_cat(v, width) for k, v in out.items() if v}
+        return self.poison.logprobs({k: _pad_cat(v, width) for k, v in out.items() if v})
 
     def update(self, exp: Experience, logps: dict[str, torch.Tensor], adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
@@ -292,8 +291,7 @@ class Trainer:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-            if failpoint("grad") == "nan":
-                next(p for p in self.policy.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+            self.poison.gradients(self.policy.model.parameters())
             norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
             if torch.isfinite(norm):
                 self.optim.step()
@@ -321,9 +319,7 @@ class Trainer:
             exp, extra = self.collect(timing)
             self.phase = "scoring"
             logps = self.score_experience(exp, timing)
-            rewards = torch.tensor([float(s["overall"]) for s in exp.scores])
-            if failpoint("rewards") == "nan":
-                rewards[0] = float("nan")
+            rewards = self.poison.rewards(torch.tensor([float(s["overall"]) for s in exp.scores]))
             a = self.cfg.algorithm
             scores = rewards  # what advantages are computed from; "reward" in the metrics stays the task reward
             if a.kl_prcp_reward_coef > 0:  # variant: KL_prcp in the reward instead of (or besides) the loss
