@@ -23,6 +23,7 @@ from rich.progress import (
 from papo.checkpoint import latest_checkpoint
 from papo.config import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
+from papo.distributed import DistContext
 from papo.data.synthetic import SPEC_PREFIX
 from papo.models.loading import resolve_device
 from papo.errors import TrainingStopped
@@ -83,12 +84,16 @@ def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
 
 
 def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None, train_data: Any = None,
-              reward: Any = None) -> dict[str, Any]:
-    """``train_data`` / ``reward``: Python objects in place of ``cfg.data.train`` / ``cfg.algorithm.reward``."""
+              reward: Any = None, ctx: DistContext | None = None) -> dict[str, Any]:
+    """``train_data`` / ``reward``: Python objects in place of ``cfg.data.train`` / ``cfg.algorithm.reward``.
+    ``ctx``: the distributed context; every rank runs this loop, the main rank alone writes."""
     console = console or Console()
     out_dir = Path(out)
     torch.manual_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device), train_data=train_data, reward=reward)
+    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device), train_data=train_data, reward=reward, ctx=ctx)
+    main = trainer.ctx.is_main  # only the main rank prints and writes files
+    if not main:
+        console = Console(quiet=True)
     rows: list[dict[str, Any]] = []
     before = None
     if resume:
@@ -98,8 +103,8 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
         else:  # stopped before its first checkpoint: start over in the same directory
             console.print(f"{out_dir} has no checkpoint yet; starting it from step 0")
         rows = read_metrics(out_dir / "metrics.jsonl", up_to=trainer.step_no)
-        # drop steps logged after the checkpoint (and a line cut short by a crash): each step is logged exactly once
-        _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if main:  # drop steps logged after the checkpoint (and a line cut short by a crash): each step logged once
+            _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         before = _read_json(out_dir / "heldout_before.json")
         if trainer.step_no >= cfg.trainer.max_steps and (out_dir / "final").is_dir():
             console.print(f"{out_dir} already trained {trainer.step_no} steps (trainer.max_steps={cfg.trainer.max_steps}); "
@@ -108,20 +113,23 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     else:
         if out_dir.exists() and (out_dir / "metrics.jsonl").exists():
             raise ValueError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
-        write_config(cfg, out_dir)
+        if main:
+            write_config(cfg, out_dir)
     t = cfg.trainer
     if before is None and t.eval_before_after:
         console.print(f"held-out check before training ({cfg.data.test}, k={t.eval_k})")
         before = _heldout(trainer, cfg.data.test, t.eval_k)
-        (out_dir / "heldout_before.json").write_text(json.dumps(before, indent=1))
-    loggers = Loggers(out_dir, [r for r in t.report_to if r != "none"], cfg.to_dict())
+        if main:
+            (out_dir / "heldout_before.json").write_text(json.dumps(before, indent=1))
+    loggers = Loggers(out_dir, [r for r in t.report_to if r != "none" and main], cfg.to_dict())
     warnings: list[str] = []
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
                TimeElapsedColumn()]
     last_good = None
     plain_every = max(1, t.max_steps // 20)
-    with (out_dir / "metrics.jsonl").open("a") as log, Progress(*columns, console=console) as progress:
+    metrics_path = out_dir / "metrics.jsonl" if main else Path(os.devnull)
+    with metrics_path.open("a") as log, Progress(*columns, console=console) as progress:
         bar = progress.add_task("train", total=t.max_steps, completed=trainer.step_no, reward=0.0, acc=0.0, kl=0.0, sec=0.0)
         while trainer.step_no < t.max_steps:
             row = trainer.step()
@@ -137,7 +145,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             log.flush()
             loggers.log(row)
             rows.append(row)
-            if t.log_samples_every and step % t.log_samples_every == 0:
+            if main and t.log_samples_every and step % t.log_samples_every == 0:
                 _log_samples(trainer, out_dir, step)
             progress.update(bar, completed=step, reward=row["reward"], acc=row["accuracy"], kl=row.get("kl_prcp", 0.0), sec=row["step_s"])
             if not console.is_terminal and (step == 1 or step % plain_every == 0 or step == t.max_steps):
@@ -164,6 +172,9 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     after = None
     if t.eval_before_after:
         after = _heldout(trainer, cfg.data.test, t.eval_k)
+    if not main:
+        return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
+    if after is not None:
         (out_dir / "heldout_after.json").write_text(json.dumps(after, indent=1))
     trainer.policy.save(out_dir / "final")
     report = write_report(out_dir, rows, before, after, cfg.to_dict(), warnings)

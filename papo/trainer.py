@@ -40,6 +40,7 @@ from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoi
 from papo.config import TrainConfig
 from papo.data.loaders import filter_by_prompt_length, load_samples
 from papo.data.sample import Sample
+from papo.distributed import DistContext
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import TrainingStopped
 from papo.faults import Poison, failpoint
@@ -123,10 +124,12 @@ class PromptStream:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, device: str, train_data: Any = None,
-                 reward: RewardFunction | None = None) -> None:
+                 reward: RewardFunction | None = None, ctx: DistContext | None = None) -> None:
         """``train_data`` / ``reward``: Python objects that replace ``cfg.data.train`` / ``cfg.algorithm.reward``
-        (the Python API's rows in memory and reward callables)."""
+        (the Python API's rows in memory and reward callables). ``ctx``: the distributed context (default: the
+        current process group, or a single process)."""
         self.cfg, self.out, self.device = cfg, Path(out), device
+        self.ctx = ctx or DistContext.current(device)
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
@@ -293,7 +296,7 @@ class Trainer:
                 count += 1
             self.poison.gradients(self.policy.model.parameters())
             norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
-            if torch.isfinite(norm):
+            if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
                 self.optim.step()
             else:  # a non-finite gradient never reaches the weights
                 skipped += 1
@@ -328,8 +331,8 @@ class Trainer:
                 extra["kl_prcp_reward"] = float(bonus.mean())
             self.phase = "update"
             fault = nonfinite_inputs(scores, logps, exp.mask)
-            if fault:  # skip the whole step: its advantages or ratios would be garbage
-                metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault}
+            if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
+                metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault or "non-finite inputs on another rank"}
             else:
                 adv = group_advantages(scores, exp.uids, a.adv_estimator)
                 gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
@@ -388,6 +391,9 @@ class Trainer:
                 "scheduler": self.sched.state_dict(), "rng": rng_state(), "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
+        """The main rank writes the checkpoint; every rank gets its path."""
+        if not self.ctx.is_main:
+            return self.out / "checkpoints" / f"step-{self.step_no}"
         return save_checkpoint(self.out / "checkpoints", self.step_no, self.policy, self.state(), self.cfg.trainer.keep_last)
 
     def restore(self, ckpt: Path) -> None:

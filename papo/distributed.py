@@ -1,0 +1,57 @@
+"""The distributed context the training loop runs in: rank, world size, the main-rank check and reductions.
+
+One process is world size 1 and every reduction is the identity. Under ``torchrun`` (an initialised default
+process group) the same calls become collectives, so a decision that skips or stops a step is taken from
+every rank's view at once and all ranks agree on it. Only the main rank writes files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"  # where reductions run: NCCL needs CUDA tensors, gloo takes CPU ones
+
+    @classmethod
+    def current(cls, device: str = "cpu") -> "DistContext":
+        """The default process group's rank and size if one is initialised, else a single process."""
+        if dist.is_available() and dist.is_initialized():
+            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            return cls(dist.get_rank(), dist.get_world_size(), backend_device if device == "cpu" else device)
+        return cls(device=device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def sum(self, *values: float) -> list[float]:
+        return self._all_reduce([float(v) for v in values], dist.ReduceOp.SUM)
+
+    def mean(self, *values: float) -> list[float]:
+        return [v / self.world_size for v in self.sum(*values)]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any: a step one rank must skip is skipped by all."""
+        return self._all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
+
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's string (e.g. the causes of a skipped step), in rank order."""
+        if self.world_size == 1:
+            return [text]
+        out: list[str] = [""] * self.world_size
+        dist.all_gather_object(out, text)
+        return out
