@@ -112,12 +112,11 @@ class Poison:
         return rewards
 
     @staticmethod
-    def logprobs(logps: dict[str, Any]) -> dict[str, Any]:  # name -> (N, R) tensors; "old" is poisoned
+    def logprobs(old: Any) -> Any:  # (N, R) old log-probs of a step
         if failpoint("logprobs") == "nan":
-            old = logps["old"].clone()
+            old = old.clone()
             old[0, 0] = float("nan")
-            logps = {**logps, "old": old}
-        return logps
+        return old
 
     @staticmethod
     def gradients(parameters: Any) -> None:  # after backward, before the norm: the first gradient gets a NaN

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,18 +41,19 @@ from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoi
 from papo.config import TrainConfig
 from papo.data.loaders import filter_by_prompt_length, load_samples
 from papo.data.sample import Sample
-from papo.distributed import DistContext
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
+from papo.distributed import DistContext
 from papo.errors import TrainingStopped
 from papo.faults import Poison, failpoint
 from papo.models.generation import SamplingParams
+from papo.models.inputs import PromptBatch
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
 from papo.models.precision import Precision
-from papo.optim import build_optimizer, constant_with_warmup
-from papo.rng import rng_state, set_rng_state
 from papo.monitor import HackingMonitor
+from papo.optim import build_optimizer, constant_with_warmup
 from papo.rewards import RewardFunction, get_reward, score_responses
+from papo.rng import rng_state, set_rng_state
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
 
@@ -78,6 +80,60 @@ class Experience:
     def tokens(self) -> int:
         """Prompt and response tokens of every sequence: what verl and EasyR1 count for throughput."""
         return int(self.prompt_tokens.sum() + self.mask.sum())
+
+
+@dataclass
+class LogProbs:
+    """Step 5's no-grad log-probs of the sampled tokens, (N, R) each."""
+
+    old: torch.Tensor  # full image, the weights that sampled
+    masked: torch.Tensor  # masked image, same tokens and positions
+    ref: torch.Tensor | None = None  # the reference model, when the loss has a KL_ref term
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("old", self.old), ("masked", self.masked), ("ref", self.ref)) if v is not None}
+
+
+@dataclass
+class MicroBatch:
+    """Sequences ``rows`` of a step, encoded for one forward pass."""
+
+    rows: list[int]
+    full: PromptBatch  # the prompts with their full images
+    masked: PromptBatch  # the same prompts with the masked images
+    ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
+    mask: torch.Tensor  # (b, R')
+
+
+class MicroBatches:
+    """A step's sequences in micro-batches, each encoded by the processor once: the scoring and the update pass
+    see the same micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
+    running the image processor twice (larger steps would hold every image tensor of the step in memory).
+    ``seconds``: time spent in the processor."""
+
+    def __init__(self, exp: Experience, policy: Policy, size: int) -> None:
+        self.exp, self.policy, self.size = exp, policy, size
+        self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
+        self.cache: dict[tuple[int, ...], MicroBatch] = {}
+        self.seconds = 0.0
+
+    def over(self, rows: list[int]) -> Iterator[MicroBatch]:
+        for start in range(0, len(rows), self.size):
+            idx = rows[start : start + self.size]
+            mb = self.cache.get(tuple(idx)) or self._encode(idx)
+            if self.keep:
+                self.cache[tuple(idx)] = mb
+            yield mb
+
+    def _encode(self, idx: list[int]) -> MicroBatch:
+        t0 = time.time()
+        sub = _select(self.exp, idx)
+        width = max(1, int(sub.mask.sum(-1).max()))
+        prompts = [s.formatted_prompt() for s in sub.samples]
+        mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
+                        sub.ids[:, :width], sub.mask[:, :width])
+        self.seconds += time.time() - t0
+        return mb
 
 
 class PromptStream:
@@ -154,8 +210,6 @@ class Trainer:
         self.step_no = 0
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
-        self._encodings: dict[tuple, tuple] = {}
-        self._encode_s = 0.0
 
     def prompt_tokens(self, sample: Sample) -> int:
         """Prompt length with image tokens, as the model sees it (chat template + processor)."""
@@ -217,78 +271,55 @@ class Trainer:
         timing["rollout_s"] = time.time() - t0
         return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
 
-    def _micro_batches(self, exp: Experience, rows: list[int]):
-        """(rows, full-image prompts, masked-image prompts, ids, mask) per micro-batch. The scoring pass and the
-        update pass see the same micro-batches, so small steps keep their encodings instead of running the image
-        processor twice (large steps would hold every image tensor of the step in memory)."""
-        size = self.cfg.trainer.micro_batch_size
-        cache = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
-        for start in range(0, len(rows), size):
-            idx = rows[start : start + size]
-            key = tuple(idx)
-            if key not in self._encodings:
-                t0 = time.time()
-                sub = _select(exp, idx)
-                width = max(1, int(sub.mask.sum(-1).max()))
-                prompts = [s.formatted_prompt() for s in sub.samples]
-                item = (idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
-                        sub.ids[:, :width], sub.mask[:, :width])
-                self._encode_s += time.time() - t0
-                if not cache:
-                    yield item
-                    continue
-                self._encodings[key] = item
-            yield self._encodings[key]
-
     @torch.no_grad()
-    def score_experience(self, exp: Experience, timing: dict[str, float]) -> dict[str, torch.Tensor]:
+    def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
         """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights."""
         T = self.cfg.rollout.temperature
         # the masked pass runs for GRPO/DAPO too: KL_prcp is then a logged perception metric, not a loss term
         out: dict[str, list] = {"old": [], "masked": [], "ref": []}
         self.policy.model.eval()
-        for idx, full, masked, ids, mask in self._micro_batches(exp, list(range(exp.size))):
+        for mb in batches.over(list(range(exp.size))):
             t = time.time()
-            out["old"].append(self.policy.logprobs(full, ids, mask, T)[0].cpu())
+            out["old"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T)[0].cpu())
             timing["old_logp_s"] = timing.get("old_logp_s", 0) + time.time() - t
             t = time.time()
-            out["masked"].append(self.policy.logprobs(full, ids, mask, T, images=masked)[0].cpu())
+            out["masked"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked)[0].cpu())
             timing["masked_logp_s"] = timing.get("masked_logp_s", 0) + time.time() - t
             if self.ref is not None:
                 t = time.time()
-                out["ref"].append(self.policy.logprobs(full, ids, mask, T, model=self.ref)[0].cpu())
+                out["ref"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, model=self.ref)[0].cpu())
                 timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
         self.policy.model.train()
         width = exp.ids.shape[1]
-        return self.poison.logprobs({k: _pad_cat(v, width) for k, v in out.items() if v})
+        return LogProbs(old=self.poison.logprobs(_pad_cat(out["old"], width)), masked=_pad_cat(out["masked"], width),
+                        ref=_pad_cat(out["ref"], width) if out["ref"] else None)
 
-    def update(self, exp: Experience, logps: dict[str, torch.Tensor], adv: torch.Tensor, gamma: float,
+    def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
         """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
-        t0, c, g = time.time(), self.cfg, self.cfg.rollout.n
+        t0, c, g, T = time.time(), self.cfg, self.cfg.rollout.n, self.cfg.rollout.temperature
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
         weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
+        exact = self.loss_cfg.entropy_estimator == "exact"
         per_update = c.trainer.mini_batch_size * g
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
         for start in range(0, exp.size, per_update):
-            rows = list(range(start, min(start + per_update, exp.size)))
-            micro = list(self._micro_batches(exp, rows))
+            micro = list(batches.over(list(range(start, min(start + per_update, exp.size)))))
             self.optim.zero_grad(set_to_none=True)
-            for idx, full, masked, ids, mask in micro:
+            for mb in micro:
                 failpoint("update")
-                w = ids.shape[1]
-                exact = self.loss_cfg.entropy_estimator == "exact"
-                logp, ent = self.policy.logprobs(full, ids, mask, c.rollout.temperature, with_entropy=exact)
-                masked_logp, masked_ent = logps["masked"][idx, :w].to(logp.device), None
-                if self.loss_cfg.masked_grad or (exact and self.loss_cfg.masked_entropy_coef > 0):
-                    masked_logp, masked_ent = self.policy.logprobs(full, ids, mask, c.rollout.temperature, images=masked, with_entropy=exact)
+                rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
+                logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
+                masked_logp, masked_ent = logps.masked[rows, :w].to(dev), None
+                if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
+                    masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
                 loss, metrics = papo_loss(
-                    self.loss_cfg, logp, logps["old"][idx, :w].to(logp.device), adv[idx].to(logp.device), mask.to(logp.device),
+                    self.loss_cfg, logp, logps.old[rows, :w].to(dev), adv[rows].to(dev), mb.mask.to(dev),
                     masked_log_probs=masked_logp,
-                    ref_log_probs=logps["ref"][idx, :w].to(logp.device) if "ref" in logps else None,
-                    kl_prcp_coef=gamma, kl_prcp_weights=weights[idx].to(logp.device), entropies=ent, masked_entropies=masked_ent,
+                    ref_log_probs=logps.ref[rows, :w].to(dev) if logps.ref is not None else None,
+                    kl_prcp_coef=gamma, kl_prcp_weights=weights[rows].to(dev), entropies=ent, masked_entropies=masked_ent,
                 )
                 (loss / len(micro)).backward()
                 for k, v in metrics.items():
@@ -313,39 +344,40 @@ class Trainer:
         return metrics
 
     def step(self) -> dict[str, Any]:
-        self._encodings: dict[tuple, tuple] = {}
-        self._encode_s = 0.0  # the image processor, re-encoding prompts for scoring and update
+        """One step of the paper's algorithm; returns its metrics row."""
         timing: dict[str, float] = {}
         t0 = time.time()
+        a = self.cfg.algorithm
         try:
+            # 1-4. prompts and their masked images, G rollouts each, rewards (DAPO: filter and draw again)
             self.phase = "rollout"
             exp, extra = self.collect(timing)
+            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size)
+            # 5. old, masked and reference log-probs
             self.phase = "scoring"
-            logps = self.score_experience(exp, timing)
+            logps = self.score_experience(exp, batches, timing)
             rewards = self.poison.rewards(torch.tensor([float(s["overall"]) for s in exp.scores]))
-            a = self.cfg.algorithm
             scores = rewards  # what advantages are computed from; "reward" in the metrics stays the task reward
             if a.kl_prcp_reward_coef > 0:  # variant: KL_prcp in the reward instead of (or besides) the loss
-                bonus = perception_reward(logps["old"], logps["masked"], exp.mask, a.kl_prcp_reward_coef, a.kl_prcp_estimator)
+                bonus = perception_reward(logps.old, logps.masked, exp.mask, a.kl_prcp_reward_coef, a.kl_prcp_estimator)
                 scores = rewards + bonus
                 extra["kl_prcp_reward"] = float(bonus.mean())
             self.phase = "update"
-            fault = nonfinite_inputs(scores, logps, exp.mask)
+            fault = nonfinite_inputs(scores, logps.named(), exp.mask)
             if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
                 metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault or "non-finite inputs on another rank"}
             else:
+                # 6. group advantages; 7. clipped-surrogate + KL terms, mini-batch updates
                 adv = group_advantages(scores, exp.uids, a.adv_estimator)
                 gamma = kl_prcp_coef_at(self.step_no, self.cfg.trainer.max_steps, a.kl_prcp_coef, a.kl_prcp_schedule,
                                         anneal_ratio=a.kl_prcp_anneal_ratio)
-                metrics = self.update(exp, logps, adv, gamma, timing)
+                metrics = self.update(exp, batches, logps, adv, gamma, timing)
         except torch.OutOfMemoryError as err:
             self.optim.zero_grad(set_to_none=True)
-            self._encodings = {}
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise TrainingStopped(self._oom_message()) from err
-        self._encodings = {}
-        timing["encode_s"] = self._encode_s
+        timing["encode_s"] = batches.seconds
         self.step_no += 1
         self.bad_steps = self.bad_steps + 1 if metrics["skipped_updates"] >= max(1, metrics["updates"]) else 0
         lengths = exp.mask.sum(-1).float()

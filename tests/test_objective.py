@@ -157,3 +157,10 @@ def test_scheduled_gamma_also_scales_double_entropy():
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**{field: value})
+
+
+def test_masked_forward_in_update_follows_gradient_flow_and_exact_entropy():
+    assert not LossConfig().masked_forward_in_update  # official: step 5's no-grad masked log-probs serve
+    assert LossConfig(masked_grad=True).masked_forward_in_update
+    assert LossConfig(entropy_estimator="exact", masked_entropy_coef=0.03).masked_forward_in_update
+    assert not LossConfig(entropy_estimator="exact").masked_forward_in_update  # no masked entropy term

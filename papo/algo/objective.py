@@ -88,6 +88,13 @@ class LossConfig:
     def uses_masked_branch(self) -> bool:
         return self.kl_prcp_coef > 0 or self.masked_entropy_coef > 0
 
+    @property
+    def masked_forward_in_update(self) -> bool:
+        """Does the update need its own masked-image forward? With ``masked_grad`` (gradient through both
+        branches) or for exact masked entropies; otherwise step 5's no-grad masked log-probs serve. Whether
+        gradient flows through the masked branch is decided in ``papo_loss`` alone (``masked_grad``)."""
+        return self.masked_grad or (self.entropy_estimator == "exact" and self.masked_entropy_coef > 0)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
