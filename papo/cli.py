@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # papo draws its own progress bars
-    from papo.errors import CheckpointError, TrainingStopped
+    from papo.errors import CheckpointError, TrainingStopped, UserError
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, no traceback
+    except (UserError, FileNotFoundError) as err:  # bad input: one clear line; anything else keeps its traceback
         print(f"papo {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (TrainingStopped, CheckpointError) as err:  # the run stopped; the message says what to do next

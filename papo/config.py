@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
+from papo.errors import UserError
 from papo.masking import MaskingConfig
 from papo.models.generation import ENGINES
 from papo.models.precision import check as check_precision
@@ -24,7 +25,7 @@ from papo.rewards import REWARDS
 PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

@@ -6,9 +6,9 @@ transformers' own 3-D rope tables, and in decoding, with text-only inputs, Qwen'
 ``last prompt position + 1 + t``. A decode step reads and writes only the fixed-address tensors of
 ``DecodeBuffers``, so ``papo.rollout`` can capture it as a CUDA graph.
 
-Measured on an H100 for Qwen2.5-VL-3B at 128 rows: a graph-captured step is bound by its kernels, not by
-launches, so the step does less work rather than fewer launches:
-* q, k and v come from one GEMM over weights stacked once per rollout (6 us instead of 16 per layer);
+A graph-captured step is bound by its kernels, not by launches, so the step does less work rather than fewer
+launches (measurements: docs/rollout.md):
+* q, k and v come from one GEMM over weights stacked once per rollout;
 * grouped-query attention runs without expanding the cache: the query heads that share a KV head become that
   head's query positions, one token each, in one masked SDPA call over the cache slots filled so far;
 * compiled, the parts around attention are one graph of fused kernels per batch size, reused by every layer,

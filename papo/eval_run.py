@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from papo.errors import UserError
 from papo.analysis import breakdown, classify
 from papo.data.loaders import ColumnMap, load_samples
 from papo.data.synthetic import SPEC_PREFIX
@@ -57,12 +58,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"--k must be >= 1, got {self.k}")
+            raise UserError(f"--k must be >= 1, got {self.k}")
         for r in self.mask_ratios:
             if not 0 < r <= 1:
-                raise ValueError(f"--mask-ratio must be in (0, 1], got {r}")
+                raise UserError(f"--mask-ratio must be in (0, 1], got {r}")
         if not self.data and not self.suite:
-            raise ValueError("give --data or --suite")
+            raise UserError("give --data or --suite")
         if self.suite:
             get_suite(self.suite)
         if self.baseline and not (Path(self.baseline) / "summary.json").is_file():
@@ -100,7 +101,7 @@ def _read_done(path: Path, k: int) -> dict[str, dict]:
         except json.JSONDecodeError:
             continue
         if len(rec.get("correct", [])) != k:
-            raise ValueError(f"{path} was written with k={len(rec.get('correct', []))}; rerun with --k {len(rec['correct'])} or a new --out")
+            raise UserError(f"{path} was written with k={len(rec.get('correct', []))}; rerun with --k {len(rec['correct'])} or a new --out")
         done[rec["id"]] = rec
     # rewrite without the torn tail so appends start on a clean line
     path.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")

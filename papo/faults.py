@@ -22,6 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 from typing import Any
+from papo.errors import UserError
 
 ENV = "PAPO_FAILPOINTS"
 ACTIONS = ("kill", "enospc", "oom", "nan")
@@ -58,9 +59,9 @@ def parse(spec: str) -> dict[str, _Rule]:
         action, at, hits = rest.partition("@")
         name, action, hits = name.strip(), action.strip(), hits.strip() or "1"
         if not eq or name not in POINTS:
-            raise ValueError(f"{ENV}: unknown failpoint in {part!r}; known: {', '.join(POINTS)}")
+            raise UserError(f"{ENV}: unknown failpoint in {part!r}; known: {', '.join(POINTS)}")
         if action not in ACTIONS:
-            raise ValueError(f"{ENV}: unknown action in {part!r}; choose one of {', '.join(ACTIONS)}")
+            raise UserError(f"{ENV}: unknown action in {part!r}; choose one of {', '.join(ACTIONS)}")
         try:
             if hits == "*":
                 first, last = 1, -1
@@ -68,7 +69,7 @@ def parse(spec: str) -> dict[str, _Rule]:
                 lo, _, hi = hits.partition("-")
                 first, last = int(lo), int(hi or lo)
         except ValueError:
-            raise ValueError(f"{ENV}: bad hit count in {part!r} (want @N, @N-M or @*)") from None
+            raise UserError(f"{ENV}: bad hit count in {part!r} (want @N, @N-M or @*)") from None
         rules[name] = _Rule(action, first, last)
     return rules
 

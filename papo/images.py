@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from papo.errors import UserError
 
 # PAPO / EasyR1 training bounds: 256 * 28^2 and 1280 * 28^2 pixels
 MIN_PIXELS = 200_704
@@ -32,7 +33,7 @@ def to_rgb(image: Any, source: str = "image") -> Image.Image:
         elif path:
             image = path
         else:
-            raise ValueError(f"{source}: image dict has neither 'bytes' nor 'path'")
+            raise UserError(f"{source}: image dict has neither 'bytes' nor 'path'")
     try:
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(bytes(image)))
@@ -50,9 +51,9 @@ def to_rgb(image: Any, source: str = "image") -> Image.Image:
     except (FileNotFoundError, ImageTooLarge):
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{source}: undecodable image ({err})") from err
+        raise UserError(f"{source}: undecodable image ({err})") from err
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"{source}: zero-size image {image.size}")
+        raise UserError(f"{source}: zero-size image {image.size}")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -60,7 +61,7 @@ def resize_to_pixel_bounds(image: Image.Image, min_pixels: int = MIN_PIXELS, max
     """PAPO's ``process_image`` rule: scale down (keeping aspect) above ``max_pixels``, up below ``min_pixels``,
     with integer truncation of the new sides. Applied after masking, to full and masked image alike."""
     if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
+        raise UserError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
     for bound, too_far in ((max_pixels, lambda a: a > max_pixels), (min_pixels, lambda a: a < min_pixels)):
         area = image.width * image.height
         if too_far(area):

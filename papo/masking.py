@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from papo.errors import UserError
 from papo.images import to_rgb
 
 MaskFn = Callable[[Image.Image, np.random.Generator], Image.Image]
@@ -50,9 +51,9 @@ def mask_rng(seed: int, sample_id: Any, draw: int = 0, image_index: int = 0) -> 
 def draw_cell_mask(height: int, width: int, ratio: float, rng: np.random.Generator, cell: int = 14) -> np.ndarray:
     """(ceil(H / cell), ceil(W / cell)) bool grid, each cell True with probability ``ratio`` (row-major draws)."""
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+        raise UserError(f"mask ratio must be in [0, 1], got {ratio}")
     if cell < 1:
-        raise ValueError(f"cell size must be >= 1, got {cell}")
+        raise UserError(f"cell size must be >= 1, got {cell}")
     return rng.random((math.ceil(height / cell), math.ceil(width / cell))) < ratio
 
 
@@ -115,12 +116,12 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"masking ratio must be in [0, 1], got {self.ratio}")
+            raise UserError(f"masking ratio must be in [0, 1], got {self.ratio}")
         if self.patch_size < 1:
-            raise ValueError(f"masking patch_size must be >= 1, got {self.patch_size}")
+            raise UserError(f"masking patch_size must be >= 1, got {self.patch_size}")
         if self.strategy not in STRATEGIES and self.strategy not in _CUSTOM:
             known = ", ".join([*STRATEGIES, *_CUSTOM])
-            raise ValueError(f"unknown masking strategy {self.strategy!r}; known: {known}")
+            raise UserError(f"unknown masking strategy {self.strategy!r}; known: {known}")
 
 
 _CUSTOM: dict[str, MaskFn] = {}

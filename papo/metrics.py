@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from papo.errors import UserError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -11,7 +12,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n, got c={c}, n={n}")
     if not 1 <= k <= n:
-        raise ValueError(f"pass@{k} needs at least k samples per question, got n={n}")
+        raise UserError(f"pass@{k} needs at least k samples per question, got n={n}")
     if n - c < k:
         return 1.0
     prob_all_wrong = 1.0

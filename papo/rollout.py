@@ -1,8 +1,8 @@
 """``papo.rollout``: batched sampling with a static KV cache and CUDA-graph decode steps.
 
 transformers ``generate`` spends a decode step mostly in Python and kernel launches (a growing cache, a new
-attention mask, a dozen logits processors): at 128 prompts on an H100 it runs about 3k tokens/s where the
-memory-bandwidth bound is over 10x higher. This engine keeps what must be model-specific small and visible:
+attention mask, a dozen logits processors), an order of magnitude below the memory-bandwidth bound at
+training batch sizes (docs/rollout.md). This engine keeps what must be model-specific small and visible:
 
 * prefill, once per distinct prompt (``n`` samples per prompt share it): the model's own vision tower (its
   blocks compiled) on host-precomputed indices, Qwen's 3-D rope positions from ``papo.models.mrope``, and the
@@ -16,7 +16,7 @@ memory-bandwidth bound is over 10x higher. This engine keeps what must be model-
 
 Supported: the Qwen2-VL / Qwen2.5-VL decoder family (``supports``); anything else, and sampling on CPU when
 asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampling log-probs come back as
-``Completions``, the format the trainer and ``papo eval`` use. Measured figures: README "Fast rollouts".
+``Completions``, the format the trainer and ``papo eval`` use. Measured figures: docs/rollout.md.
 """
 
 from __future__ import annotations

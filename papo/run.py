@@ -26,7 +26,7 @@ from papo.data.loaders import load_samples
 from papo.distributed import DistContext
 from papo.data.synthetic import SPEC_PREFIX
 from papo.models.loading import resolve_device
-from papo.errors import TrainingStopped
+from papo.errors import TrainingStopped, UserError
 from papo.evaluation import generate_and_score, summarize
 from papo.faults import failpoint
 from papo.models.generation import SamplingParams
@@ -51,7 +51,7 @@ class Loggers:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("trainer.report_to includes wandb but wandb is not installed (pip install wandb)") from None
+                raise UserError("trainer.report_to includes wandb but wandb is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project="papo", config=config, dir=str(out))
 
     def log(self, row: dict[str, Any]) -> None:
@@ -112,7 +112,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             return {"before": before, "after": _read_json(out_dir / "heldout_after.json"), "steps": trainer.step_no, "warnings": []}
     else:
         if out_dir.exists() and (out_dir / "metrics.jsonl").exists():
-            raise ValueError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
+            raise UserError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
         if main:
             write_config(cfg, out_dir)
     t = cfg.trainer

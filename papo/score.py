@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from papo.errors import UserError
 from papo.metrics import avg_and_pass_at_k
 from papo.rewards import score_responses
 
@@ -28,13 +29,13 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: not JSON ({err.msg})") from None
+                raise UserError(f"{path} line {lineno}: not JSON ({err.msg})") from None
             missing = [k for k in REQUIRED if k not in row] if isinstance(row, dict) else list(REQUIRED)
             if missing:
-                raise ValueError(f"{path} line {lineno}: missing key(s) {', '.join(missing)}")
+                raise UserError(f"{path} line {lineno}: missing key(s) {', '.join(missing)}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no predictions")
+        raise UserError(f"{path}: no predictions")
     return rows
 
 
@@ -49,7 +50,7 @@ def score_predictions(path: str | Path, k: int | None = None) -> dict[str, Any]:
     k = k or min(sizes)
     short = [key[0] for key, g in groups.items() if len(g) < k]
     if short:
-        raise ValueError(f"{path}: {len(short)} question(s) have fewer than k={k} predictions (e.g. id {short[0]})")
+        raise UserError(f"{path}: {len(short)} question(s) have fewer than k={k} predictions (e.g. id {short[0]})")
     avg, passk = avg_and_pass_at_k(list(groups.values()), k)
     return {"avg_at_k": avg, "pass_at_k": passk, "k": k, "n": len(groups), "responses": len(rows),
             "responses_per_question": sorted(sizes)}

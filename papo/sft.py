@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from papo.errors import UserError
 from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.evaluation import generate_and_score, summarize
@@ -56,9 +57,9 @@ class SFTConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"sft {name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"sft lr must be > 0, got {self.lr}")
+            raise UserError(f"sft lr must be > 0, got {self.lr}")
 
 
 def _train_samples(cfg: SFTConfig):
@@ -68,7 +69,7 @@ def _train_samples(cfg: SFTConfig):
     samples = load_samples(cfg.data, split="train").samples
     missing = [s.id for s in samples if not s.meta.get("solution")]
     if missing:
-        raise ValueError(f"{cfg.data}: SFT needs a 'solution' per row (meta['solution']); missing in {missing[:5]}")
+        raise UserError(f"{cfg.data}: SFT needs a 'solution' per row (meta['solution']); missing in {missing[:5]}")
     return samples
 
 

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from papo.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ SUITES = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
     return SUITES[name]
 
 
@@ -57,7 +58,7 @@ def suite_files(suite: Suite, root: str | Path | None = None, cache_dir: str | N
         if not files:
             raise FileNotFoundError(f"{root}: no data/{split}-*.parquet for {column} (the {suite.repo} layout)")
         if len(files) > 1:
-            raise ValueError(f"{root}: several parquet files for split {split}: {[f.name for f in files]}")
+            raise UserError(f"{root}: several parquet files for split {split}: {[f.name for f in files]}")
         _unzip_images(root, split)
         out.append((column, str(files[0])))
     return out
@@ -72,7 +73,7 @@ def _unzip_images(root: Path, split: str) -> None:
         names = [n for n in z.namelist() if not n.endswith("/")]
         for name in names:  # a member may not escape the dataset directory
             if name.startswith("/") or ".." in Path(name).parts:
-                raise ValueError(f"{archive}: refusing member {name!r} outside the dataset directory")
+                raise UserError(f"{archive}: refusing member {name!r} outside the dataset directory")
         # rows point at ./data/images/<folder>/<file>: put the archive's tree where those paths land
         target = root if all(n.startswith("data/") for n in names) else root / "data" if all(
             n.startswith("images/") for n in names) else root / "data" / "images"
@@ -86,7 +87,7 @@ def suite_scores(summary: dict[str, Any], suite: Suite, baseline: dict[str, Any]
     def scores(s: dict[str, Any]) -> dict[str, float]:
         missing = [c for c, _ in suite.columns if c not in s["benchmarks"]]
         if missing:
-            raise ValueError(f"summary lacks suite columns {missing}")
+            raise UserError(f"summary lacks suite columns {missing}")
         return {c: 100 * s["benchmarks"][c]["avg_at_k"] for c, _ in suite.columns}
 
     cols = scores(summary)

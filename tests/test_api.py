@@ -1,4 +1,4 @@
-"""The Python API: papo.train with rows in memory and a reward callable, and the README's example as written."""
+"""The Python API: papo.train with rows in memory and a reward callable, and examples/python_api.py as written."""
 
 import json
 import runpy

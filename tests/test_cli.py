@@ -78,3 +78,22 @@ def test_a_missing_model_dir_and_a_corrupt_parquet_file_are_named(tmp_path, caps
     assert main(["train", "--data", str(bad), "--max-steps", "1", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "not a readable parquet file" in err
+
+
+def test_internal_errors_keep_their_traceback_and_user_errors_get_one_line(monkeypatch, capsys):
+    import pytest
+
+    import papo.run
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug, not the user's input")
+
+    monkeypatch.setattr(papo.run, "train_from_args", broken)
+    with pytest.raises(ValueError, match="internal bug"):  # not swallowed into exit code 2
+        main(["train", "--max-steps", "1"])
+    monkeypatch.undo()
+    assert main(["train", "--set", "rollout.top_p=2"]) == 2  # a config value: one line naming the key
+    err = capsys.readouterr().err
+    assert err.startswith("papo train: error: rollout:") and "Traceback" not in err
+    assert main(["mask", "x.png", "--out", "o", "--ratio", "2"]) == 2
+    assert "ratio must be in [0, 1]" in capsys.readouterr().err

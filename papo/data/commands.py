@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from papo.errors import UserError
 
 
 def _knobs(pairs: list[str]) -> dict[str, int]:
@@ -11,7 +12,7 @@ def _knobs(pairs: list[str]) -> dict[str, int]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not value.lstrip("-").isdigit():
-            raise ValueError(f"--knob expects KEY=INTEGER, got {pair!r}")
+            raise UserError(f"--knob expects KEY=INTEGER, got {pair!r}")
         knobs[key] = int(value)
     return knobs
 

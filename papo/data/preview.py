@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
+from papo.errors import UserError
 from papo.data.sample import IMAGE_PLACEHOLDER, Sample
 from papo.data.synthetic.common import font
 from papo.masking import MaskingConfig, corrupt_images
@@ -19,7 +20,7 @@ def contact_sheet(samples: Sequence[Sample], masking: MaskingConfig | None = Mas
                   columns: int = 4) -> Image.Image:
     """A grid of tiles: [image | masked image] above the question (wrapped) and the answer."""
     if not samples:
-        raise ValueError("no samples to preview")
+        raise UserError("no samples to preview")
     panels = 2 if masking is not None else 1
     tile_w, tile_h = panels * THUMB + 8, THUMB + 18 * (TEXT_LINES + 1) + 12
     rows = -(-len(samples) // columns)

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from papo.errors import UserError
 from papo.images import MAX_PIXELS, MIN_PIXELS, resize_to_pixel_bounds, to_rgb
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -57,7 +58,7 @@ def chat_content(prompt: str, images: list[Any]) -> list[dict[str, Any]]:
     """Split ``prompt`` on ``<image>`` into a chat message's content list (EasyR1's ``_build_messages``)."""
     parts = prompt.split(IMAGE_PLACEHOLDER)
     if len(parts) - 1 != len(images):
-        raise ValueError(f"{len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+        raise UserError(f"{len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
     content: list[dict[str, Any]] = []
     for i, text in enumerate(parts):
         if i:

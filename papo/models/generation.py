@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from papo.errors import UserError
 from papo.models.inputs import PromptBatch
 
 
@@ -26,11 +27,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.greedy and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} (use greedy=True)")
+            raise UserError(f"temperature must be > 0 when sampling, got {self.temperature} (use greedy=True)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -72,8 +73,8 @@ def hf_generate(model: Any, batch: PromptBatch, params: SamplingParams, suppress
     else:
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
     if inputs["input_ids"].is_cuda:
-        # cuDNN's SDPA builds a new graph for every new KV length: the first generate of each shape costs
-        # seconds (measured 12.8 s vs 2.0 s warm on an H100); the flash / memory-efficient kernels do not
+        # cuDNN's SDPA builds a new graph for every new KV length, so the first generate of each shape costs
+        # seconds; the flash / memory-efficient kernels do not
         torch.backends.cuda.enable_cudnn_sdp(False)
     was_training = model.training
     model.eval()

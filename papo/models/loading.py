@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
+from papo.errors import UserError
 from papo.models.precision import dtype_of
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixe
     ip = processor.image_processor
     size = dict(getattr(ip, "size", None) or {})
     if "shortest_edge" not in size or "longest_edge" not in size:
-        raise ValueError(f"{type(ip).__name__} has no min/max pixel bounds (size={size}); leave them unset")
+        raise UserError(f"{type(ip).__name__} has no min/max pixel bounds (size={size}); leave them unset")
     if min_pixels is not None:
         size["shortest_edge"] = int(min_pixels)
     if max_pixels is not None:
@@ -96,7 +97,7 @@ def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels:
     else:
         processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-        raise ValueError(
+        raise UserError(
             f"{name_or_path}: AutoProcessor returned {type(processor).__name__}, not an image-text processor "
             "(missing processor_config.json / preprocessor_config.json?)"
         )
@@ -149,7 +150,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
+        raise UserError("--device cuda requested but no CUDA device is available")
     return device
 
 

@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from papo.errors import UserError
 from papo.rewards.pool import grade_math_many
 from papo.rewards.text import extract_answer, format_ok, mathruler_answer, normalize_response
 from papo.rewards.verifiers import TYPED_VERIFIERS
@@ -19,7 +20,7 @@ FORMAT_WEIGHT = 0.1  # official format_weight: overall = 0.9 * accuracy + 0.1 * 
 RewardFunction = Callable[..., Mapping[str, Any]]
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError):
     """A reward name or ``path/to/file.py:function`` spec that cannot be used."""
 
 
@@ -39,7 +40,7 @@ def _score(
         if not isinstance(response, str) or not isinstance(gold, str):
             raise TypeError(f"response and answer must be str, got {type(response).__name__} and {type(gold).__name__}")
         if typed and kind not in ANSWER_TYPES:  # math_only grades everything with mathruler, whatever the type
-            raise ValueError(f"unknown answer_type {kind!r}; choose from {', '.join(ANSWER_TYPES)}")
+            raise UserError(f"unknown answer_type {kind!r}; choose from {', '.join(ANSWER_TYPES)}")
         text = normalize_response(response)
         pred = extract_answer(text)
         fmt = 1.0 if format_ok(text) else 0.0

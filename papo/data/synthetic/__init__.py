@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
+from papo.errors import UserError
 from papo.data.sample import IMAGE_PLACEHOLDER, Sample
 from papo.data.synthetic.charts import BarChart, Clock, TriangleAngle
 from papo.data.synthetic.common import SPLITS, Scene, check_size, rng_for
@@ -32,7 +33,7 @@ def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
     names = [t for name in names for t in str(name).split("+")]
     unknown = [t for t in names if t not in FAMILIES]
     if unknown or not names:
-        raise ValueError(f"unknown synthetic task {unknown or tasks!r}; choose from all, {', '.join(FAMILIES)}")
+        raise UserError(f"unknown synthetic task {unknown or tasks!r}; choose from all, {', '.join(FAMILIES)}")
     return names
 
 
@@ -65,14 +66,14 @@ class SyntheticDataset(Sequence):
     def __init__(self, tasks: str | Sequence[str] = "all", split: str = "train", n: int = 1000, seed: int = 0,
                  size: int = DEFAULT_SIZE, **knobs: int) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise UserError(f"n must be >= 1, got {n}")
         self.tasks, self.split, self.n, self.seed, self.size = resolve_tasks(tasks), split, n, seed, check_size(size)
         unused = set(knobs) - {k for t in self.tasks for k in FAMILIES[t].knobs}
         if unused:
             known = {t: FAMILIES[t].knobs for t in self.tasks}
-            raise ValueError(f"unknown knob(s) {sorted(unused)} for tasks {self.tasks}; knobs: {known}")
+            raise UserError(f"unknown knob(s) {sorted(unused)} for tasks {self.tasks}; knobs: {known}")
         self.knobs = {t: {k: v for k, v in knobs.items() if k in FAMILIES[t].knobs} for t in self.tasks}
 
     def __len__(self) -> int:
@@ -101,7 +102,7 @@ class SyntheticDataset(Sequence):
 def dataset_from_spec(spec: str, **defaults: Any) -> SyntheticDataset:
     """``synthetic:TASKS[?split=..&n=..&seed=..&size=..&KNOB=..]`` with TASKS = all or names joined by '+'."""
     if not spec.startswith(SPEC_PREFIX):
-        raise ValueError(f"not a synthetic spec: {spec!r}")
+        raise UserError(f"not a synthetic spec: {spec!r}")
     tasks, _, query = spec[len(SPEC_PREFIX):].partition("?")
     options: dict[str, Any] = dict(defaults)
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
@@ -113,7 +114,7 @@ def _int(spec: str, key: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{spec}: option {key}={value!r} must be an integer") from None
+        raise UserError(f"{spec}: option {key}={value!r} must be an integer") from None
 
 
 __all__ = ["DEFAULT_SIZE", "FAMILIES", "Family", "Scene", "SyntheticDataset", "dataset_from_spec", "make_sample", "make_scene", "resolve_tasks"]

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from papo.errors import UserError
+
 BASE = 448  # layouts are designed on a 448-px canvas (PAPO's min_pixels = 448 * 448) and scaled
 BACKGROUND = (245, 245, 245)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -53,14 +55,14 @@ def seen(facts: dict[str, Any]) -> str:
 def rng_for(task: str, split: str, seed: int, index: int, stream: int) -> np.random.Generator:
     """Independent generators per (task, split, seed, sample index); stream 0 = scene, 1 = rendering."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     task_key = int.from_bytes(hashlib.blake2b(task.encode(), digest_size=4).digest(), "little")
     return np.random.default_rng(np.random.SeedSequence([task_key, SPLITS[split], int(seed), int(index), stream]))
 
 
 def check_size(size: int) -> int:
     if size % 28 or size < 28:
-        raise ValueError(f"image size must be a positive multiple of 28 (Qwen2.5-VL patch 14 x merge 2), got {size}")
+        raise UserError(f"image size must be a positive multiple of 28 (Qwen2.5-VL patch 14 x merge 2), got {size}")
     return size
 
 
