@@ -268,8 +268,8 @@ def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
     The same set is {p <= t} for the largest t with mass(p <= t) <= 1 - top_p (up to the order it picks inside a
     run of exactly equal probabilities), and t is found here by bisection on the floats' bit patterns
     (non-negative floats order like their int32 bits): 31 masked sums over the vocabulary, no sort and no cumsum.
-    Inductor cannot generate a cumsum over a 151,936-token vocabulary, and a sort of (b, V) per decode step costs
-    more than these passes."""
+    The reason: Inductor cannot generate the sorted cumsum over a 151,936-token vocabulary, and these passes
+    compile into the engine's decode step like the rest of the sampling head."""
     budget = 1.0 - top_p
     lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)  # mass(p <= 0) = 0 <= budget
     hi = probs.amax(-1).view(torch.int32)  # mass(p <= max) = 1 > budget
