@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from architectures import qwen25_vl_config
 from PIL import Image
 
 from papo.models.attention import use_packed_vision_attention
@@ -29,7 +30,6 @@ from papo.models.inputs import encode_prompts
 from papo.models.loading import set_pixel_bounds
 from papo.models.tiny import build_config, build_processor
 from papo.rollout import RolloutEngine
-from architectures import qwen25_vl_config
 
 
 def build(name: str, device: str = "cuda"):

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from papo.errors import UserError
 from papo.analysis import breakdown, classify
 from papo.data.loaders import ColumnMap, load_samples
 from papo.data.synthetic import SPEC_PREFIX
+from papo.errors import UserError
 from papo.evaluation import SampleResult, generate_and_score
+from papo.jsonl import read_records, write_records
 from papo.masking import MaskingConfig
 from papo.metrics import avg_and_pass_at_k
 from papo.models.generation import SamplingParams
@@ -93,18 +94,12 @@ def _record(r: SampleResult) -> dict[str, Any]:
 def _read_done(path: Path, k: int) -> dict[str, dict]:
     """Finished records of an interrupted run; a torn last line (killed mid-write) is ignored."""
     done: dict[str, dict] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in read_records(path):
         if len(rec.get("correct", [])) != k:
             raise UserError(f"{path} was written with k={len(rec.get('correct', []))}; rerun with --k {len(rec['correct'])} or a new --out")
         done[rec["id"]] = rec
-    # rewrite without the torn tail so appends start on a clean line
-    path.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+    if path.exists():
+        write_records(path, done.values())  # without the torn tail, so appends start on a clean line
     return done
 
 

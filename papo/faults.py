@@ -22,6 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 from typing import Any
+
 from papo.errors import UserError
 
 ENV = "PAPO_FAILPOINTS"

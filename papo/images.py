@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from papo.errors import UserError
 
 # PAPO / EasyR1 training bounds: 256 * 28^2 and 1280 * 28^2 pixels

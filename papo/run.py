@@ -23,13 +23,14 @@ from rich.progress import (
 from papo.checkpoint import latest_checkpoint
 from papo.config import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
-from papo.distributed import DistContext
 from papo.data.synthetic import SPEC_PREFIX
-from papo.models.loading import resolve_device
+from papo.distributed import DistContext
 from papo.errors import TrainingStopped, UserError
 from papo.evaluation import generate_and_score, summarize
 from papo.faults import failpoint
+from papo.jsonl import read_records, write_records
 from papo.models.generation import SamplingParams
+from papo.models.loading import resolve_device
 from papo.report import write_report
 from papo.trainer import Trainer
 
@@ -104,7 +105,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             console.print(f"{out_dir} has no checkpoint yet; starting it from step 0")
         rows = read_metrics(out_dir / "metrics.jsonl", up_to=trainer.step_no)
         if main:  # drop steps logged after the checkpoint (and a line cut short by a crash): each step logged once
-            _write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_records(out_dir / "metrics.jsonl", rows)
         before = _read_json(out_dir / "heldout_before.json")
         if trainer.step_no >= cfg.trainer.max_steps and (out_dir / "final").is_dir():
             console.print(f"{out_dir} already trained {trainer.step_no} steps (trainer.max_steps={cfg.trainer.max_steps}); "
@@ -193,12 +194,6 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _table(before: dict, after: dict):
     from rich.table import Table
 
@@ -251,19 +246,8 @@ def write_config(cfg: TrainConfig, out: Path) -> None:
 
 
 def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        if up_to is None or row["step"] <= up_to:
-            rows.append(row)
-    return rows
+    """The step rows of a metrics.jsonl (up to step ``up_to``), whatever a crash left of its last line."""
+    return [r for r in read_records(path) if isinstance(r.get("step"), int) and (up_to is None or r["step"] <= up_to)]
 
 
 def resume_point(out: Path) -> Path | None:

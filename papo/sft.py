@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from papo.errors import UserError
 from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
+from papo.errors import UserError
 from papo.evaluation import generate_and_score, summarize
 from papo.models.generation import SamplingParams
 from papo.models.inputs import encode_prompts, tokenize_completions

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import group_advantages
-from conftest import close
 
 
 def test_grpo_hand_computed_groups_of_two_and_three():

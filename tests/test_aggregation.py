@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import aggregate, masked_mean
-from conftest import close
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])

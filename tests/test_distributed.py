@@ -5,8 +5,8 @@ import json
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from model_fixtures import small_cfg
+
 from papo.distributed import DistContext
 from papo.run import run_train
 

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from papo.data.sample import Sample, chat_content, format_prompt, strip_format_suffix, PAPO_FORMAT_SUFFIX
+from papo.data.sample import PAPO_FORMAT_SUFFIX, Sample, chat_content, format_prompt, strip_format_suffix
 from papo.images import resize_to_pixel_bounds
 
 

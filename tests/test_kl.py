@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import entropy_from_logits, kl_estimate
-from conftest import close
 
 LOG_P = torch.log(torch.tensor([[0.5]]))
 LOG_Q = torch.log(torch.tensor([[0.25]]))

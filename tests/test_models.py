@@ -5,16 +5,23 @@ import sys
 
 import pytest
 import torch
+from model_fixtures import mixed_batch, sharpen_vision, tiny_policy
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from model_fixtures import mixed_batch, sharpen_vision, tiny_policy
-from papo.masking import PatchLayout, corrupt_images, MaskingConfig, mask_rng, random_mask_pixel_values
+from papo.masking import MaskingConfig, PatchLayout, corrupt_images, mask_rng, random_mask_pixel_values
 from papo.models.generation import SamplingParams, trim_after_eos
 from papo.models.inputs import append_completions, with_images, with_pixel_values
-from papo.models.loading import ModelOptions, load_processor, model_from_config, prepare_model, set_pixel_bounds, vision_parameters
+from papo.models.loading import (
+    ModelOptions,
+    load_processor,
+    model_from_config,
+    prepare_model,
+    set_pixel_bounds,
+    vision_parameters,
+)
 from papo.models.logprobs import response_logprobs
-from papo.models.tiny import build_config, build_tokenizer, build_tiny
+from papo.models.tiny import build_config, build_tiny, build_tokenizer
 
 
 def _tokenizer_hash() -> str:

@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import LossConfig, aggregate, kl_estimate, papo_loss, ppo_clip_loss
-from conftest import close
 
 B, T = 6, 10
 

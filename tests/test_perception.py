@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import (
     double_entropy_loss,
@@ -11,7 +12,6 @@ from papo.algo import (
     sampled_entropy,
     token_top_p_mask,
 )
-from conftest import close
 
 # Two tokens. Token 1: pi = 0.5 under the full image, 0.25 under the masked image (r = 0.5).
 #             Token 2: pi = 0.2 under the full image, 0.4 under the masked image (r = 2).

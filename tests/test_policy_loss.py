@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import close
 
 from papo.algo import ppo_clip_loss
-from conftest import close
 
 # Four tokens, one per row: (ratio, advantage) and what each branch gives with eps 0.2 / 0.3, dual clip 3.
 #   ratio 1.5, A=+1: max(-1.5, -1.3) = -1.3           upper clip active

@@ -3,7 +3,7 @@ names that choose them. CPU autocast runs the same bf16 matmuls the CUDA default
 
 import pytest
 import torch
-
+from model_fixtures import small_cfg, tiny_policy
 from PIL import Image
 
 from papo.config import ConfigError, load_config
@@ -11,7 +11,6 @@ from papo.data.synthetic import make_sample
 from papo.models.precision import Precision
 from papo.optim import build_optimizer
 from papo.trainer import Trainer
-from model_fixtures import small_cfg, tiny_policy
 
 MIXED = ["model.param_dtype=float32", "model.compute_dtype=bfloat16"]
 

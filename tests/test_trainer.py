@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from model_fixtures import small_cfg
 from PIL import Image
 
 from papo.algo import group_advantages
@@ -10,7 +11,6 @@ from papo.config import PRESETS, ConfigError, load_config
 from papo.monitor import HackingMonitor
 from papo.run import run_train
 from papo.trainer import PromptStream, Trainer
-from model_fixtures import small_cfg
 
 
 def _params(model):

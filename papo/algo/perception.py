@@ -19,9 +19,8 @@ estimate) under the full and the masked image, added with positive weights (an e
 
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from papo.algo.aggregation import aggregate, masked_mean
 from papo.algo.kl import kl_estimate

@@ -17,7 +17,6 @@ from typing import Any
 
 from papo.errors import DataError
 
-
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")

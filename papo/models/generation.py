@@ -13,7 +13,6 @@ from torch import Tensor
 from papo.errors import UserError
 from papo.models.inputs import PromptBatch
 
-
 ENGINES = ("auto", "papo", "hf")  # rollout engines: auto = papo.rollout on CUDA where supported, else hf
 
 

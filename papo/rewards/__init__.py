@@ -62,7 +62,6 @@ from papo.rewards.verifiers import (
     verify_word,
 )
 
-
 __all__ = [
     "ANSWER_TYPES", "FORMAT_WEIGHT", "MAX_ANSWER_CHARS", "REWARDS", "STATS", "TYPED_VERIFIERS",
     "GraderConfig", "RewardFunction", "RewardSpecError",

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from papo.errors import UserError
 from papo.data.sample import IMAGE_PLACEHOLDER, Sample
 from papo.data.synthetic.charts import BarChart, Clock, TriangleAngle
 from papo.data.synthetic.common import SPLITS, Scene, check_size, rng_for
 from papo.data.synthetic.maze import Maze
 from papo.data.synthetic.scenes import Closest, Count, CountSubtract, Family
+from papo.errors import UserError
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Count(), CountSubtract(), Closest(), BarChart(), TriangleAngle(), Maze(), Clock())}
 DEFAULT_SIZE = 448
