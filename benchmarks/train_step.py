@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
                  f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
     cfg = load_config("papo_g", overrides=([] if device == "cpu" else PAPER) + overrides)
-    out = Path("/tmp/papo-train-step") / f"{name}-{precision}"
+    out = Path(tempfile.gettempdir()) / "papo-train-step" / f"{name}-{precision}"
     torch.manual_seed(0)
     t0 = time.time()
     trainer = Trainer(cfg, out, device)
@@ -159,7 +160,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the averages (compilation)")
-    ap.add_argument("--models-dir", default="/tmp/papo-bench-models")
+    ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
     args = ap.parse_args()
