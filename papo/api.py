@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from papo.config import TrainConfig, apply, load_config
+from papo.config import ConfigError, TrainConfig, apply, load_config
 from papo.run import run_train
 
 
@@ -63,7 +63,7 @@ def train(preset: str = "papo_g", overrides: Mapping[str, Any] | Sequence[str] =
 def _split(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep:
-        raise ValueError(f"overrides take KEY=VALUE, got {item!r}")
+        raise ConfigError(f"overrides take KEY=VALUE, got {item!r}")
     return key.strip(), value.strip()
 
 

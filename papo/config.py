@@ -11,15 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
 from papo.errors import UserError
 from papo.masking import MaskingConfig
 from papo.models.generation import ENGINES
-from papo.models.precision import check as check_precision
-from papo.models.precision import dtype_of
+from papo.models.precision import Precision
 from papo.rewards import REWARDS
 
 PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
@@ -168,14 +166,11 @@ class TrainConfig:
             a.masking()
         except ValueError as err:
             raise ConfigError(f"algorithm: {err}") from None
-        try:
-            m = self.model
-            param = dtype_of(m.param_dtype)
-            if m.compute_dtype != "auto":
-                check_precision(param, dtype_of(m.compute_dtype))
+        try:  # "auto" compute resolves per device at load time; any choice there is valid for any param dtype
+            precision = Precision.resolve(self.model.param_dtype, self.model.compute_dtype, "cpu")
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
-        if self.optim.kahan_summation and param == torch.float32:
+        if self.optim.kahan_summation and not precision.low_precision_params:
             raise ConfigError("optim.kahan_summation applies to 16-bit parameters only (model.param_dtype=bfloat16)")
         checks = [
             (a.adv_estimator in ADV_ESTIMATORS, f"algorithm.adv_estimator must be one of {ADV_ESTIMATORS}"),

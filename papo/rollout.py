@@ -70,7 +70,8 @@ class RolloutEngine:
             model = _copy_in_dtype(model, dtype)
         self.model, self.base = model, model.model
         self._params = dict(model.named_parameters()) if self.owns_weights else {}
-        self.suppress_ids, self.eos_ids, self.pad_id, self.prefill_tokens = list(suppress_ids), list(eos_ids), int(pad_id), prefill_tokens
+        self.suppress_ids, self.eos_ids = list(suppress_ids), list(eos_ids)
+        self.pad_id, self.prefill_tokens = int(pad_id), prefill_tokens
         self.device = model.lm_head.weight.device
         on_cuda = self.device.type == "cuda"
         self.graphs_on = on_cuda if use_cuda_graphs is None else use_cuda_graphs
@@ -187,13 +188,13 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            if not self.compile:
-                return self._generate(batch, params, n, max_new_tokens)
             try:
                 return self._generate(batch, params, n, max_new_tokens)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a compiler failure must not end a training run: eager gives the same tokens
+                if not self.compile:
+                    raise
                 self._fall_back_to_eager(err)
                 return self._generate(batch, params, n, max_new_tokens)
         finally:

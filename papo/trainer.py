@@ -365,7 +365,9 @@ class Trainer:
             self.phase = "update"
             fault = nonfinite_inputs(scores, logps.named(), exp.mask)
             if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
-                metrics = {"skipped_updates": 1, "updates": 0, "skipped": fault or "non-finite inputs on another rank"}
+                causes = "; ".join(f"rank {r}: {c}" if self.ctx.world_size > 1 else c
+                                   for r, c in enumerate(self.ctx.gather_text(fault)) if c)
+                metrics = {"skipped_updates": 1, "updates": 0, "skipped": causes}
             else:
                 # 6. group advantages; 7. clipped-surrogate + KL terms, mini-batch updates
                 adv = group_advantages(scores, exp.uids, a.adv_estimator)

@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL position inputs computed on the host in a few vectorised ops.
 
 transformers derives them with Python loops: ``get_rope_index`` walks every prompt (on the GPU, a host sync per
-row; docs/rollout.md has the cost), and the vision tower rebuilds its window and rope indices image by image. Both are pure functions of token types and image grids, so they are computed here on the CPU tensors the
+row; docs/rollout.md has the cost), and the vision tower rebuilds its window and rope indices image by image.
+Both are pure functions of token types and image grids, so they are computed here on the CPU tensors the
 processor returns, equal to transformers' own (tested): the positions feed transformers' rope tables, and the
 vision indices go in as the tower's precomputed inputs (``image_position_ids``, ``image_cu_seqlens``, ...).
 
@@ -81,8 +82,8 @@ def _run_lengths(image: Tensor) -> Tensor:
 class VisionInputs:
     """The vision tower's precomputed inputs for a batch of images, built once per distinct image grid.
 
-    transformers' index helpers loop over images; here each distinct
-    grid's indices come from those same helpers once, and a batch is tiled from them with offsets."""
+    transformers' index helpers loop over images; here each distinct grid's indices come from those same
+    helpers once, and a batch is tiled from them with offsets."""
 
     def __init__(self, visual: Any) -> None:
         self.visual = visual

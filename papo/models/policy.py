@@ -38,10 +38,12 @@ def resolve_model(name_or_path: str | None) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the embedded default model is missing from {path}; reinstall papo")
         return str(path)
-    name = str(name_or_path)
-    if not Path(name).expanduser().exists() and not is_hub_id(name):  # otherwise a hub error about repo ids
-        raise FileNotFoundError(f"model {name!r} not found: no such directory, and not a hub id (owner/name)")
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    local = Path(str(name_or_path)).expanduser()
+    if local.exists():
+        return str(local)
+    if not is_hub_id(str(name_or_path)):  # else the hub client fails with a message about repo id syntax
+        raise FileNotFoundError(f"model {str(name_or_path)!r} not found: no such directory, and not a hub id (owner/name)")
+    return str(name_or_path)
 
 
 class Policy:
