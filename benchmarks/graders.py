@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from mathruler.grader import extract_boxed_content, grade_answer
 

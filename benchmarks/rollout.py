@@ -25,11 +25,12 @@ from architectures import qwen25_vl_config
 from PIL import Image
 
 from papo.models.attention import use_packed_vision_attention
-from papo.models.generation import SamplingParams, hf_generate
 from papo.models.inputs import encode_prompts
 from papo.models.loading import set_pixel_bounds
 from papo.models.tiny import build_config, build_processor
 from papo.rollout import RolloutEngine
+from papo.rollout.hf import hf_generate
+from papo.rollout.sampling import SamplingParams
 
 
 def build(name: str, device: str = "cuda"):
@@ -139,7 +140,7 @@ def check(new_tokens: int = 64, n: int = 16) -> dict:
 
 def _slice(batch, n):
     from papo.models.inputs import PromptBatch
-    from papo.rollout import _slice_rows
+    from papo.rollout.engine import _slice_rows
 
     return PromptBatch(_slice_rows(batch.inputs, 0, n), batch.image_keys)
 

@@ -25,8 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import qwen25_vl_config  # noqa: E402
 
-from papo.decode import sample  # noqa: E402
-from papo.models.generation import SamplingParams  # noqa: E402
+from papo.rollout import Sampler  # noqa: E402
+from papo.rollout.decode_step import sample  # noqa: E402
+from papo.rollout.hf import hf_generate  # noqa: E402
+from papo.rollout.sampling import SamplingParams  # noqa: E402
 
 VOCAB = 151936
 
@@ -89,11 +91,13 @@ def rollout_check(prompts: int = 16, n: int = 5, new_tokens: int = 256, top_p: f
     batch = policy.encode([s.formatted_prompt() for s in samples], [policy.load_images(s) for s in samples])
     params = SamplingParams(new_tokens, temperature=1.0, top_p=top_p)
     out = {"model": "qwen2.5-vl-3b (random weights, bf16)", "prompts": prompts, "n": n, "max_new_tokens": new_tokens}
-    for engine in ("papo", "hf"):
-        policy.rollout_engine = engine
+    for engine in ("papo", "hf"):  # papo's engine and keyed sampler; transformers generate with its own sampler
         torch.manual_seed(1)
         t = time.time()
-        comp = policy.generate(batch, params, n=n)
+        if engine == "papo":
+            comp = Sampler(policy, "papo").generate(batch, params, n=n)
+        else:
+            comp = hf_generate(policy.model, batch, params, policy.suppress_ids, policy.eos_ids, policy.pad_id, n)
         seconds = time.time() - t
         rows = torch.arange(batch.size).repeat_interleave(n)
         logps = []

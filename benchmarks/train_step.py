@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import qwen25_vl_config  # noqa: E402
 
-from papo.config import load_config  # noqa: E402
-from papo.trainer import Trainer  # noqa: E402
+from papo.config.schema import load_config  # noqa: E402
+from papo.training.trainer import Trainer  # noqa: E402
 
 PEAK_BF16_FLOPS = 989.5e12  # H100/H200 SXM dense bf16
 PRECISIONS = {"default": ["model.param_dtype=float32", "model.compute_dtype=auto"],

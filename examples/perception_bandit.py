@@ -2,7 +2,7 @@
 
 What is real: images, PAPO's official masking (14-px cells, p = 0.6, one mask per prompt shared by its G
 rollouts, fresh per draw), sampling G answers per prompt, rewards, group advantages, the clipped policy loss,
-KL_prcp on a masked-image forward pass, and optimiser updates -- all from papo.algo and papo.masking.
+KL_prcp on a masked-image forward pass, and optimiser updates -- all from papo.algo and papo.data.masking.
 What is simplified: the policy is a two-layer MLP reading 4x4 cell colour averages of the image and the
 "response" is one answer token, so there is no tokenizer, no chat template and no VLM. The VLM trainer
 (`papo train`) replaces this demo as the main job once it lands.
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from papo.algo import LossConfig, group_advantages, papo_loss
-from papo.masking import MaskingConfig, corrupt_images
+from papo.data.masking import MaskingConfig, corrupt_images
 
 GRID, CELL, N_ANSWERS = 4, 14, 4
 BACKGROUND = 235

@@ -26,8 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from papo.monitor import HackingMonitor
-from papo.run import read_metrics
+from papo.training.monitor import HackingMonitor
+from papo.training.loop import read_metrics
 
 # (method name, preset, overrides): the paper's comparisons and ablations (docs/papo-algorithm claims, §3.2, §7, §8)
 PLANS = {
@@ -200,7 +200,7 @@ def tables(rows: list[dict]) -> str:
             *(_mean_std([r.get(f"final_{key}") for r in rs], 1.0, 3) for key in ("kl_prcp", "entropy", "masked_entropy")),
             _flagged(rs) + " |"]))
     classes = ("correct", "lucky_guess", "perception", "reasoning", "format")
-    lines += ["", "Every response of the held-out evaluation, classified from the facts its `<think>` states (papo.analysis), "
+    lines += ["", "Every response of the held-out evaluation, classified from the facts its `<think>` states (papo.evaluation.analysis), "
               "% of responses, mean ± std over seeds:", "",
               "| method | " + " | ".join(c.replace("_", " ") for c in classes) + " | perception errors, % of wrong answers |",
               "|---|" + "---|" * (len(classes) + 1)]

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from papo.config import ConfigError, TrainConfig, apply, load_config
-from papo.run import run_train
+from papo.config.schema import ConfigError, TrainConfig, apply, load_config
+from papo.training.loop import run_train
 
 
 def train(preset: str = "papo_g", overrides: Mapping[str, Any] | Sequence[str] = (), *, config: TrainConfig | None = None,

@@ -15,8 +15,8 @@ from papo import __version__
 def _cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from papo.images import to_rgb
-    from papo.masking import MaskingConfig, corrupt_images
+    from papo.data.images import to_rgb
+    from papo.data.masking import MaskingConfig, corrupt_images
 
     cfg = MaskingConfig(strategy=args.strategy, ratio=args.ratio, patch_size=args.patch_size, noise_std=args.noise_std)
     out = Path(args.out)
@@ -32,7 +32,7 @@ def _cmd_mask(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from papo.sft import SFTConfig, run_sft
+    from papo.training.sft import SFTConfig, run_sft
 
     data = args.data or f"synthetic:{args.task}"
     cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
@@ -53,21 +53,21 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from papo.run import train_from_args
+    from papo.training.loop import train_from_args
 
     train_from_args(args.preset, args.model, args.data, args.set, args.max_steps, args.out, args.resume, args.device)
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from papo.score import run_score
+    from papo.evaluation.score import run_score
 
     run_score(args.predictions, args.out, args.k)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from papo.eval_run import EvalConfig, run_eval
+    from papo.evaluation.run import EvalConfig, run_eval
 
     cfg = EvalConfig(data=[d for spec in args.data or [] for d in spec.split(",") if d], out=args.out, model=args.model,
                      k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -9,6 +9,10 @@ class UserError(ValueError):
     """Bad input from the user: the message names the file, row, key or flag."""
 
 
+class ConfigError(UserError):
+    """A config value, preset or override that papo cannot use; the message names the key."""
+
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on (out of memory, repeated non-finite values); the message says what to change."""
 

@@ -3,7 +3,7 @@
     python scripts/crash_test.py --kills 10 --steps 40 --out runs/crash-test [--seed 0] [--json results.json]
 
 A reference run trains the embedded model on CPU for ``--steps`` steps (small settings, a checkpoint every
-step). A second run is killed ``--kills`` times: half the kills fire inside the trainer through papo.faults
+step). A second run is killed ``--kills`` times: half the kills fire inside the trainer through papo.training.faults
 (during a rollout, an update, the metrics write, or at one of three moments of a checkpoint write), half come
 from this script at a random wall-clock time (model loading included). After every kill the latest
 checkpoint must load (trainer state with ``weights_only``, weights through ``from_pretrained``); the run is
@@ -59,7 +59,7 @@ def _check_latest(out: Path) -> str:
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    from papo.checkpoint import latest_checkpoint, load_trainer_state
+    from papo.training.checkpoint import latest_checkpoint, load_trainer_state
 
     hf_logging.disable_progress_bar()
 

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from papo.data.synthetic import FAMILIES, dataset_from_spec
-from papo.evaluation import generate_and_score, summarize
-from papo.models.generation import SamplingParams
 from papo.models.policy import Policy
+from papo.rollout.graded import generate_and_score, summarize
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
 
 
 def main() -> None:
@@ -28,8 +29,8 @@ def main() -> None:
     policy = Policy.from_pretrained(args.model)
     samples = list(dataset_from_spec(f"synthetic:{'+'.join(FAMILIES)}", split="test", n=args.per_task * len(FAMILIES), size=args.image_size))
     t0 = time.time()
-    sampled = summarize(generate_and_score(policy, samples, SamplingParams(64, temperature=1.0), k=args.k), args.k)
-    greedy = summarize(generate_and_score(policy, samples, SamplingParams(64, greedy=True), k=1), 1)
+    sampled = summarize(generate_and_score(Sampler(policy), samples, SamplingParams(64, temperature=1.0), k=args.k), args.k)
+    greedy = summarize(generate_and_score(Sampler(policy), samples, SamplingParams(64, greedy=True), k=1), 1)
     report = {"model": args.model or "default", "split": "test", "seed": 0, "image_size": args.image_size,
               "per_task_n": args.per_task, "sampled_t1": sampled.to_dict(), "greedy": greedy.to_dict(),
               "seconds": round(time.time() - t0, 1)}

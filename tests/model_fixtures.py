@@ -4,13 +4,13 @@ import functools
 
 import torch
 
-from papo.config import load_config
+from papo.config.schema import load_config
 from papo.data.synthetic import make_sample
 from papo.models.policy import Policy
 from papo.models.tiny import build_tiny
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_state():
     model, processor = build_tiny("tiny", seed=0)
     return model.state_dict(), processor
@@ -72,7 +72,9 @@ def llava_policy() -> Policy:
 def qwen3_vl_policy() -> Policy:
     """A tiny Qwen3-VL: 16-px patches and its own processor class."""
     from transformers import Qwen3VLConfig, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
     from transformers.utils import is_torchvision_available
 
     from papo.models.loading import image_only_processor_class, model_from_config

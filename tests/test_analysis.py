@@ -2,9 +2,9 @@
 
 import json
 
-from papo.analysis import breakdown, classify, stated_facts
 from papo.cli import main
 from papo.data.synthetic import FAMILIES, make_sample
+from papo.evaluation.analysis import breakdown, classify, stated_facts
 
 FACTS = {"objects": 9, "red objects": 4}
 

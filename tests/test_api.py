@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import papo
-from papo.config import ConfigError, load_config
+from papo.config.schema import ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
 

@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from model_fixtures import (
-    llava_policy,
-    mixed_batch,
-    qwen3_vl_policy,
-    sharpen_vision,
-    tiny_policy,
-)
+from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, sharpen_vision, tiny_policy
 from transformers import AttentionInterface
 
-import papo.models.attention as attention
-from papo.models.attention import (
-    PACKED_VISION_ATTENTION,
-    packed_vision_attention,
-    use_packed_vision_attention,
-)
+from papo.models import attention
+from papo.models.attention import PACKED_VISION_ATTENTION, packed_vision_attention, use_packed_vision_attention
 from papo.models.inputs import append_completions
 
 

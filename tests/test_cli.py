@@ -53,11 +53,11 @@ def test_the_readme_paper_scale_command_is_a_valid_config():
 
     import torch
 
-    from papo.config import load_config
+    from papo.config.schema import load_config
     from papo.models.precision import Precision
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    command = re.search(r"^papo train --preset papo_g --model Qwen/Qwen2\.5-VL-3B-Instruct.*?--device cuda$", readme, re.M | re.S)
+    command = re.search(r"^papo train --preset papo_g --model Qwen/Qwen2\.5-VL-3B-Instruct.*?--device cuda$", readme, re.MULTILINE | re.DOTALL)
     assert command, "README.md lost its paper-scale papo train command"
     args = shlex.split(command.group(0).replace("\\\n", " "))
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
@@ -83,12 +83,12 @@ def test_a_missing_model_dir_and_a_corrupt_parquet_file_are_named(tmp_path, caps
 def test_internal_errors_keep_their_traceback_and_user_errors_get_one_line(monkeypatch, capsys):
     import pytest
 
-    import papo.run
+    import papo.training.loop
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug, not the user's input")
 
-    monkeypatch.setattr(papo.run, "train_from_args", broken)
+    monkeypatch.setattr(papo.training.loop, "train_from_args", broken)
     with pytest.raises(ValueError, match="internal bug"):  # not swallowed into exit code 2
         main(["train", "--max-steps", "1"])
     monkeypatch.undo()

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from model_fixtures import small_cfg
 
-from papo.distributed import DistContext
-from papo.run import run_train
+from papo.training.distributed import DistContext
+from papo.training.loop import run_train
 
 
 def test_a_single_process_reduces_to_itself():

@@ -5,9 +5,9 @@ from math import comb
 import pytest
 
 from papo.cli import main
-from papo.metrics import pass_at_k
-from papo.models.policy import Policy
+from papo.evaluation.pass_at_k import pass_at_k
 from papo.rewards import grade
+from papo.rollout.sampler import Sampler
 
 
 @pytest.mark.parametrize("n,c,k", [(8, 0, 1), (8, 3, 1), (8, 3, 2), (8, 3, 8), (5, 5, 3), (6, 2, 4), (4, 1, 4)])
@@ -95,19 +95,19 @@ def test_papo_eval_resumes_without_redoing_finished_samples(eval_data, tmp_path,
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # killed while writing line 3
     generated = []
-    original = Policy.generate
+    original = Sampler.generate
 
-    def counting(self, batch, params, n=1):
+    def counting(self, batch, params, n=1, **kwargs):
         generated.append(batch.size * n)
-        return original(self, batch, params, n)
+        return original(self, batch, params, n, **kwargs)
 
-    monkeypatch.setattr(Policy, "generate", counting)
+    monkeypatch.setattr(Sampler, "generate", counting)
     assert main(args) == 0
     assert sum(generated) == 4 * 2  # only the 4 unfinished questions, k=2 each
     ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     assert len(ids) == 6 and len(set(ids)) == 6
     with pytest.raises(ValueError, match="k=2"):
-        from papo.eval_run import _read_done
+        from papo.evaluation.run import _read_done
         _read_done(path, 8)
 
 

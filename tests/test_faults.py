@@ -1,4 +1,4 @@
-"""Faults injected through papo.faults: full disks, non-finite values and out-of-memory never corrupt a run."""
+"""Faults injected through papo.training.faults: full disks, non-finite values and out-of-memory never corrupt a run."""
 
 import json
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from model_fixtures import small_cfg
 
-from papo import faults
-from papo.checkpoint import checkpoint_dirs, load_trainer_state
 from papo.cli import main
 from papo.errors import CheckpointError, TrainingStopped
 from papo.models.policy import Policy
-from papo.run import run_train
-from papo.trainer import Trainer, nonfinite_inputs
+from papo.training import faults
+from papo.training.checkpoint import checkpoint_dirs, load_trainer_state
+from papo.training.loop import run_train
+from papo.training.trainer import Trainer, nonfinite_inputs
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from papo.data.formats import encode_image, write_papo_eval, write_papo_train
+from papo.data.images import to_rgb
 from papo.data.loaders import load_samples
 from papo.data.sample import PAPO_FORMAT_SUFFIX, Sample
-from papo.images import to_rgb
 
 
 def noise_image(seed: int, size=(56, 56), mode="RGB") -> Image.Image:

@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
+from papo.data.images import resize_to_pixel_bounds
 from papo.data.sample import PAPO_FORMAT_SUFFIX, Sample, chat_content, format_prompt, strip_format_suffix
-from papo.images import resize_to_pixel_bounds
 
 
 def test_papo_resize_rule_hand_computed():

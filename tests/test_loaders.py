@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from papo.data.hub import select_split_files
+from papo.data.images import to_rgb
 from papo.data.loaders import ColumnMap, DataError, LoadReport, filter_by_prompt_length, load_samples
 from papo.data.sample import PAPO_FORMAT_SUFFIX, Sample
-from papo.images import to_rgb
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from papo.images import to_rgb
-from papo.masking import (
+from papo.data.images import to_rgb
+from papo.data.masking import (
     MaskingConfig,
     PatchLayout,
     apply_cell_mask,

@@ -9,8 +9,7 @@ from model_fixtures import mixed_batch, sharpen_vision, tiny_policy
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from papo.masking import MaskingConfig, PatchLayout, corrupt_images, mask_rng, random_mask_pixel_values
-from papo.models.generation import SamplingParams, trim_after_eos
+from papo.data.masking import MaskingConfig, PatchLayout, corrupt_images, image_pair, mask_rng, random_mask_pixel_values
 from papo.models.inputs import append_completions, with_images, with_pixel_values
 from papo.models.loading import (
     ModelOptions,
@@ -22,6 +21,8 @@ from papo.models.loading import (
 )
 from papo.models.logprobs import response_logprobs
 from papo.models.tiny import build_config, build_tiny, build_tokenizer
+from papo.rollout import Sampler
+from papo.rollout.sampling import SamplingParams, trim_after_eos
 
 
 def _tokenizer_hash() -> str:
@@ -97,7 +98,7 @@ def test_chunked_equals_unchunked_and_exact_entropies():
     policy.model.eval()
     _, prompts, images = mixed_batch(policy)
     batch = policy.encode(prompts, images)
-    comp = policy.generate(batch, SamplingParams(10))
+    comp = Sampler(policy).generate(batch, SamplingParams(10))
     inputs = append_completions(batch, comp.ids, comp.mask)
     with torch.no_grad():
         a, ea = response_logprobs(policy.model, inputs, comp.mask, 1.0, policy.suppress, chunk_tokens=3, with_entropy=True)
@@ -133,7 +134,7 @@ def test_masked_forward_swaps_only_image_tensors():
     batch = policy.encode(prompts, images)
     masked_images = [corrupt_images(ims, MaskingConfig(ratio=0.6), 0, s.id) for s, ims in zip(samples, images)]
     masked = policy.encode(prompts, masked_images)
-    comp = policy.generate(batch, SamplingParams(8))
+    comp = Sampler(policy).generate(batch, SamplingParams(8))
     inputs = append_completions(batch, comp.ids, comp.mask)
     swapped = with_images(inputs, masked)
     for key in inputs:
@@ -169,7 +170,7 @@ def test_policy_that_prefers_image_pad_never_samples_it_and_scoring_works():
     assert (unsuppressed.ids == image_pad).any()
     with pytest.raises(Exception):
         policy.logprobs(batch, unsuppressed.ids, unsuppressed.mask)
-    comp = policy.generate(batch, SamplingParams(6))
+    comp = Sampler(policy).generate(batch, SamplingParams(6))
     assert not (comp.ids == image_pad).any()
     assert not any((comp.ids == i).any() for i in policy.suppress_ids)
     logp, _ = policy.logprobs(batch, comp.ids, comp.mask)
@@ -181,7 +182,7 @@ def test_mm_token_type_ids_are_extended_and_matter():
     policy.model.eval()
     _, prompts, images = mixed_batch(policy)
     batch = policy.encode(prompts, images)
-    comp = policy.generate(batch, SamplingParams(6))
+    comp = Sampler(policy).generate(batch, SamplingParams(6))
     inputs = append_completions(batch, comp.ids, comp.mask)
     assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
     assert (inputs["mm_token_type_ids"][:, batch.prompt_len:] == 0).all()
@@ -305,7 +306,7 @@ def test_masks_are_drawn_before_the_resize_like_the_official_code():
     policy = tiny_policy()
     policy.min_pixels, policy.max_pixels = 28 * 28, 112 * 112  # 224-px images are scaled down by PAPO's rule
     sample = make_sample("count", "test", 0, 0, size=224)
-    full, masked = policy.load_image_pair(sample, MaskingConfig(ratio=0.6), seed=0)
+    full, masked = image_pair(sample, MaskingConfig(ratio=0.6), 0, 0, policy.min_pixels, policy.max_pixels)
     assert full[0].size == masked[0].size == (112, 112)
     raw_masked = corrupt_images(sample.load_images(None, None), MaskingConfig(ratio=0.6), 0, sample.id)[0]
     expected = raw_masked.resize((112, 112))

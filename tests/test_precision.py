@@ -6,11 +6,11 @@ import torch
 from model_fixtures import small_cfg, tiny_policy
 from PIL import Image
 
-from papo.config import ConfigError, load_config
+from papo.config.schema import ConfigError, load_config
 from papo.data.synthetic import make_sample
 from papo.models.precision import Precision
-from papo.optim import build_optimizer
-from papo.trainer import Trainer
+from papo.training.optim import build_optimizer
+from papo.training.trainer import Trainer
 
 MIXED = ["model.param_dtype=float32", "model.compute_dtype=bfloat16"]
 

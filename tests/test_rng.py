@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from papo.rng import rng_state, set_rng_state
+from papo.training.rng import rng_state, set_rng_state
 
 
 def _draws():

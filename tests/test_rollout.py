@@ -4,12 +4,14 @@ import pytest
 import torch
 from model_fixtures import llava_policy, mixed_batch, qwen3_vl_policy, tiny_policy
 
-import papo.rollout as rollout
 from papo.data.synthetic import make_sample
-from papo.decode import DecodeStep
-from papo.models.generation import SamplingParams, hf_generate
+from papo.errors import ConfigError
 from papo.models.policy import Policy
-from papo.rollout import RolloutEngine, supports
+from papo.rollout import RolloutEngine, Sampler, supports
+from papo.rollout import engine as rollout_engine
+from papo.rollout.decode_step import DecodeStep
+from papo.rollout.hf import hf_generate
+from papo.rollout.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_compaction_keeps_every_rows_tokens(policy, monkeypatch):
     batch = _batch(policy)
     params = SamplingParams(40, greedy=True)
     full, _ = _engine(policy).generate(batch, params)
-    monkeypatch.setattr(rollout, "CHECK_EVERY", 1)
+    monkeypatch.setattr(rollout_engine, "CHECK_EVERY", 1)
     compacted = []
     original = RolloutEngine._compact
     monkeypatch.setattr(RolloutEngine, "_compact", lambda self, a, b: (compacted.append((a, b)), original(self, a, b)))
@@ -107,17 +109,17 @@ def test_policy_uses_the_engine_where_it_can():
     tiny = tiny_policy()
     assert supports(tiny.model)
     assert not supports(llava_policy().model) and not supports(qwen3_vl_policy().model)
-    tiny.rollout_engine = "papo"  # forced on CPU: same tokens as the transformers path
+    forced = Sampler(tiny, engine="papo")  # forced on CPU: same tokens as the transformers path
+    assert forced.uses_engine and not Sampler(tiny).uses_engine  # auto: the engine on CUDA only
     _, prompts, images = mixed_batch(tiny)
     batch = tiny.encode(prompts, images)
     params = SamplingParams(8, greedy=True)
-    via_engine = tiny.generate(batch, params, n=2)
-    tiny.rollout_engine = "hf"
-    assert torch.equal(via_engine.ids, tiny.generate(batch, params, n=2).ids)
-    other = llava_policy()
-    other.rollout_engine = "papo"
-    with pytest.raises(ValueError, match="cannot decode"):
-        other.generate(other.encode(prompts, images), params)
+    via_engine = forced.generate(batch, params, n=2)
+    assert torch.equal(via_engine.ids, Sampler(tiny, engine="hf").generate(batch, params, n=2).ids)
+    with pytest.raises(ConfigError, match="cannot decode"):
+        Sampler(llava_policy(), engine="papo")
+    with pytest.raises(ConfigError, match="must be one of"):
+        Sampler(tiny, engine="vllm")
 
 
 def test_prompts_without_images_decode_like_transformers(policy):
@@ -156,7 +158,7 @@ def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
     """The bisection cutoff keeps the same tokens as transformers' TopPLogitsWarper, at Qwen's vocabulary too."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from papo.decode import top_p_cutoff
+    from papo.rollout.decode_step import top_p_cutoff
 
     gen = torch.Generator().manual_seed(vocab)
     sharpness = torch.tensor([0.05, 0.5, 1.0, 3.0, 8.0, 20.0])[:, None]  # flat to peaked rows
@@ -168,7 +170,7 @@ def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
 
 
 def test_sampling_never_leaves_the_nucleus_and_follows_its_distribution():
-    from papo.decode import sample
+    from papo.rollout.decode_step import sample
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01]))[None].repeat(20000, 1)
@@ -182,15 +184,15 @@ def test_sampling_never_leaves_the_nucleus_and_follows_its_distribution():
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(policy, monkeypatch):
     """A compiler error (e.g. Inductor at a 151,936-token vocabulary) must not end a run: one warning, then eager."""
-    import papo.decode
+    import papo.rollout.decode_step
 
     def broken_compile(fn, **kwargs):
         def run(*args, **kw):
             raise RuntimeError("InductorError: list indices must be integers or slices, not NoneType")
         return run
 
-    monkeypatch.setattr(papo.decode.torch, "compile", broken_compile)
-    monkeypatch.setattr(rollout.torch, "compile", broken_compile)
+    monkeypatch.setattr(papo.rollout.decode_step.torch, "compile", broken_compile)
+    monkeypatch.setattr(rollout_engine.torch, "compile", broken_compile)
     batch = _batch(policy, n=2)
     params = SamplingParams(12, greedy=True)
     engine = RolloutEngine(policy.model, policy.suppress_ids, policy.eos_ids, policy.pad_id, compile=True)
@@ -225,12 +227,12 @@ def test_engine_in_another_dtype_keeps_its_own_weights_and_follows_updates():
 def test_policy_with_bf16_compute_samples_from_its_current_weights():
     tiny = tiny_policy()
     tiny.precision = type(tiny.precision)(torch.float32, torch.bfloat16)
-    tiny.rollout_engine = "papo"
+    sampler = Sampler(tiny, engine="papo")
     _, prompts, images = mixed_batch(tiny)
     batch = tiny.encode(prompts, images)
     params = SamplingParams(8, greedy=True)
-    first = tiny.generate(batch, params)
-    assert tiny._engine.owns_weights
+    first = sampler.generate(batch, params)
+    assert sampler.engine.owns_weights
     with torch.no_grad():
         tiny.model.lm_head.weight.mul_(-1.0)  # a different model: greedy tokens must change
-    assert not torch.equal(tiny.generate(batch, params).ids, first.ids)
+    assert not torch.equal(sampler.generate(batch, params).ids, first.ids)

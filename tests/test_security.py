@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from papo.checkpoint import load_trainer_state
 from papo.models.policy import Policy, default_model_dir
 from papo.rewards import score_responses
+from papo.training.checkpoint import load_trainer_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "papo"
 

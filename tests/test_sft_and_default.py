@@ -7,11 +7,12 @@ from transformers import AutoModelForImageTextToText
 
 from papo.cli import main
 from papo.data.synthetic import FAMILIES, SyntheticDataset
-from papo.evaluation import generate_and_score, summarize
-from papo.models.generation import SamplingParams
 from papo.models.loading import load_processor
 from papo.models.policy import Policy, default_model_dir
 from papo.models.tiny import build_tiny
+from papo.rollout.graded import generate_and_score, summarize
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
 
 
 def test_papo_sft_writes_a_model_that_learned_something(tmp_path):
@@ -46,11 +47,11 @@ def test_embedded_default_follows_the_format_and_reads_images():
     torch.manual_seed(0)
     policy = Policy.from_pretrained(None)
     samples = list(SyntheticDataset("all", split="test", n=2 * len(FAMILIES), seed=5, size=224))
-    summary = summarize(generate_and_score(policy, samples, SamplingParams(64, greedy=True), k=1), 1)
+    summary = summarize(generate_and_score(Sampler(policy), samples, SamplingParams(64, greedy=True), k=1), 1)
     assert summary.format_rate >= 0.9
     # bar charts are read well after warm-start (held-out ~0.9): a blind model would score ~1/8
     bars = list(SyntheticDataset("bar_chart", split="test", n=12, seed=6, size=224))
-    assert summarize(generate_and_score(policy, bars, SamplingParams(64, greedy=True), k=1), 1).avg_at_k >= 0.5
+    assert summarize(generate_and_score(Sampler(policy), bars, SamplingParams(64, greedy=True), k=1), 1).avg_at_k >= 0.5
 
 
 def test_model_export_round_trip(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from papo.cli import main
 from papo.data.sample import PAPO_FORMAT_SUFFIX
-from papo.suites import SUITES, suite_files, suite_scores
+from papo.evaluation.suites import SUITES, suite_files, suite_scores
 
 SUITE = SUITES["papo-eval"]
 # Table 1 of the paper (avg@8, %), in the suite's column order

@@ -4,10 +4,10 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
+from papo.data.images import MAX_PIXELS, MIN_PIXELS
 from papo.data.sample import IMAGE_PLACEHOLDER, PAPO_FORMAT_SUFFIX
 from papo.data.synthetic import FAMILIES, SyntheticDataset, dataset_from_spec, make_sample, make_scene
 from papo.data.synthetic.common import COLOURS
-from papo.images import MAX_PIXELS, MIN_PIXELS
 
 TASKS = list(FAMILIES)
 

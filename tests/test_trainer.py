@@ -7,10 +7,10 @@ from PIL import Image
 
 from papo.algo import group_advantages
 from papo.cli import main
-from papo.config import PRESETS, ConfigError, load_config
-from papo.monitor import HackingMonitor
-from papo.run import run_train
-from papo.trainer import PromptStream, Trainer
+from papo.config.schema import PRESETS, ConfigError, load_config
+from papo.training.loop import run_train
+from papo.training.monitor import HackingMonitor
+from papo.training.trainer import PromptStream, Trainer
 
 
 def _params(model):
@@ -51,7 +51,7 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
     torch.manual_seed(1)
     trainer = Trainer(small_cfg("papo_g"), tmp_path, "cpu")
     recorded = []
-    import papo.trainer as trainer_module
+    import papo.training.trainer as trainer_module
 
     real = trainer_module.papo_loss
 

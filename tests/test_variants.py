@@ -5,8 +5,8 @@ import torch
 from model_fixtures import small_cfg
 
 from papo.algo import LossConfig, entropy_band_loss, papo_loss, perception_reward, relative_kl_prcp_coef
-from papo.config import ConfigError, load_config
-from papo.trainer import Trainer
+from papo.config.schema import ConfigError, load_config
+from papo.training.trainer import Trainer
 
 
 def test_band_limited_entropy_penalises_only_outside_the_band():

@@ -23,7 +23,7 @@ from papo.algo.perception import (
     sampled_entropy,
     token_top_p_mask,
 )
-from papo.algo.policy import PolicyLossOutput, ppo_clip_loss
+from papo.algo.surrogate import PolicyLossOutput, ppo_clip_loss
 
 __all__ = [
     "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS",

@@ -8,8 +8,7 @@ baseline. The advantage is one scalar per response and is broadcast over its tok
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor

@@ -9,9 +9,8 @@ explicit option (off by default) and logs it when it fires.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 from torch import Tensor

@@ -31,12 +31,12 @@ from papo.algo.perception import (
     relative_kl_prcp_coef,
     sampled_entropy,
 )
-from papo.algo.policy import ppo_clip_loss
+from papo.algo.surrogate import ppo_clip_loss
 
 ENTROPY_ESTIMATORS = ("sampled", "exact")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossConfig:
     """Loss hyper-parameters. Defaults are the official PAPO-G (3B) values; gamma = 0 gives plain GRPO."""
 

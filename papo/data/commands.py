@@ -32,8 +32,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    from papo.data.masking import MaskingConfig
     from papo.data.preview import contact_sheet
-    from papo.masking import MaskingConfig
 
     if args.data:
         from papo.data.loaders import load_samples

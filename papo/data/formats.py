@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from papo.data.images import to_rgb
 from papo.data.sample import Sample, format_prompt
-from papo.images import to_rgb
 
 TRAIN_FILE = "data.parquet"
 EVAL_FILE = "data.json"

@@ -26,10 +26,10 @@ from typing import Any
 from PIL import Image
 
 from papo.data.hub import arrow_dataset_rows, is_hub_id, load_hub_rows, parquet_rows, select_split_files
+from papo.data.images import ImageTooLarge, to_rgb
 from papo.data.sample import ANSWER_TYPES, IMAGE_PLACEHOLDER, Sample, strip_format_suffix
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import DataError
-from papo.images import ImageTooLarge, to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
+from papo.data.masking import MaskingConfig, corrupt_images
 from papo.data.sample import IMAGE_PLACEHOLDER, Sample
 from papo.data.synthetic.common import font
 from papo.errors import UserError
-from papo.masking import MaskingConfig, corrupt_images
 
 THUMB = 224
 TEXT_LINES = 5

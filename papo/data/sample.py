@@ -7,8 +7,8 @@ from typing import Any
 
 from PIL import Image
 
+from papo.data.images import MAX_PIXELS, MIN_PIXELS, resize_to_pixel_bounds, to_rgb
 from papo.errors import UserError
-from papo.images import MAX_PIXELS, MIN_PIXELS, resize_to_pixel_bounds, to_rgb
 
 IMAGE_PLACEHOLDER = "<image>"
 # examples/format_prompt/math_perception.jinja of the official code, appended after a blank line
@@ -26,7 +26,7 @@ class Sample:
     id: str
     prompt: str
     answer: str
-    images: list[Any] = field(default_factory=list)  # anything papo.images.to_rgb reads: PIL, {bytes, path}, path
+    images: list[Any] = field(default_factory=list)  # anything papo.data.images.to_rgb reads: PIL, {bytes, path}, path
     answer_type: str = "math"  # which verifier grades it (papo.rewards); "math" = mathruler
     task: str = ""  # benchmark or synthetic family
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. solution (SFT target), facts (scene ground truth)

@@ -33,7 +33,7 @@ class PromptBatch:
     def prompt_len(self) -> int:
         return self.inputs["input_ids"].shape[1]
 
-    def to(self, device: Any) -> "PromptBatch":
+    def to(self, device: Any) -> PromptBatch:
         return PromptBatch({k: v.to(device) for k, v in self.inputs.items()}, self.image_keys)
 
 

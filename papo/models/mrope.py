@@ -92,7 +92,10 @@ class VisionInputs:
         self._cache: dict[tuple[int, int, int], tuple[Tensor, Tensor | None, Tensor | None]] = {}
 
     def _template(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+        from transformers.vision_utils import (
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
 
         if grid not in self._cache:
             g = torch.tensor([grid])

@@ -1,5 +1,6 @@
 """``Policy``: a model, its processor and the token support they share, behind the small interface the
-trainer, SFT and evaluation use (encode prompts, sample, decode, score log-probs, save)."""
+trainer, SFT and evaluation use (encode prompts, decode responses, score log-probs, save). Sampling lives in
+``papo.rollout`` and image masking in ``papo.data.masking``: the bundle holds neither an engine nor a mask."""
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ from torch import Tensor
 
 from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
-from papo.images import resize_to_pixel_bounds
-from papo.masking import corrupt_images
 from papo.models.attention import use_packed_vision_attention
-from papo.models.generation import ENGINES, Completions, SamplingParams, hf_generate
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
@@ -67,15 +65,12 @@ class Policy:
         self.eos_ids = sorted({int(e) for e in eos} | {int(self.tokenizer.eos_token_id)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self.rollout_engine = "auto"
-        self.rollout_compile = True  # papo.rollout compiles on CUDA unless False
-        self._engine = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, opts: ModelOptions = ModelOptions(), device: str = "cpu",
                         min_pixels: int | None = None, max_pixels: int | None = None,
                         processor_min_pixels: int | None = None, processor_max_pixels: int | None = None,
-                        compute_dtype: torch.dtype | None = None) -> "Policy":
+                        compute_dtype: torch.dtype | None = None) -> Policy:
         path = resolve_model(name_or_path)
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
         return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype)
@@ -84,58 +79,21 @@ class Policy:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def patch_size(self) -> int:
+        """The vision encoder's patch side in pixels (PAPO masks patches of this size)."""
+        return int(getattr(self.processor.image_processor, "patch_size", None) or 14)
+
     # ------------------------------------------------------------- prompts and sampling
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
         return sample.load_images(self.min_pixels, self.max_pixels)
 
-    def load_image_pair(self, sample: Sample, masking: Any, seed: int, draw: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
-        """(full, masked) images of a sample. As in the official code, the mask is drawn on the decoded image at
-        its original resolution and both copies then go through the same resize, so their token grids match."""
-        raw = sample.load_images(None, None)
-        masked = corrupt_images(raw, masking, seed, sample.id, draw)
-        if self.min_pixels is None and self.max_pixels is None:
-            return raw, masked
-        lo, hi = self.min_pixels or 1, self.max_pixels or 1 << 62
-        return [resize_to_pixel_bounds(im, lo, hi) for im in raw], [resize_to_pixel_bounds(im, lo, hi) for im in masked]
-
     def encode(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> PromptBatch:
         return encode_prompts(self.processor, prompts, images)
 
-    def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1) -> Completions:
-        """``n`` completions per prompt, prompt-major. On CUDA, models ``papo.rollout`` supports decode there
-        (``rollout_engine``: "auto", or "papo" / "hf" to force one); the rest through transformers ``generate``."""
-        if self._engine_on():
-            if self._engine is None:
-                from papo.rollout import RolloutEngine
-
-                self._engine = RolloutEngine(self.model, self.suppress_ids, self.eos_ids, self.pad_id,
-                                             compile=None if self.rollout_compile else False,
-                                             dtype=self.precision.compute_dtype)
-            self._engine.load_weights(self.model.named_parameters())  # the engine samples from the current weights
-            return self._engine.generate(batch, params, n)[0]
-        with self.precision.autocast(self.device):
-            return hf_generate(self.model, batch, params, self.suppress_ids, self.eos_ids, self.pad_id, n)
-
-    def release_rollout_memory(self) -> None:
-        """Drop the rollout engine's KV cache (kept between calls to save re-allocating in evaluation)."""
-        if self._engine is not None:
-            self._engine.release()
-
-    def _engine_on(self) -> bool:
-        if self.rollout_engine not in ENGINES:
-            raise ValueError(f"rollout engine must be one of {ENGINES}, got {self.rollout_engine!r}")
-        if self.rollout_engine == "hf":
-            return False
-        from papo.rollout import supports
-
-        if self.rollout_engine == "papo":
-            if not supports(self.model):
-                raise ValueError(f"papo.rollout cannot decode {type(self.model).__name__}; use rollout engine 'hf' or 'auto'")
-            return True
-        return self.device.type == "cuda" and supports(self.model)
-
-    def decode(self, completions: Completions) -> list[str]:
+    def decode(self, completions: Any) -> list[str]:
+        """Response texts of ``papo.rollout.Completions``."""
         return self.tokenizer.batch_decode(completions.token_lists(), skip_special_tokens=True)
 
     def tokenize_completions(self, texts: Sequence[str], add_eos: bool = True) -> tuple[Tensor, Tensor]:

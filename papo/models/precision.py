@@ -8,7 +8,7 @@ FSDP2 mixed-precision policy all read.
 The CUDA default is float32 master weights with bfloat16 compute, as EasyR1, verl and NeMo-RL run by default:
 at the authors' lr of 1e-6 an update is far below bfloat16's resolution (8 bits of mantissa: about 0.4% of a
 weight), so bfloat16 weights updated by plain AdamW barely move. The memory-lean alternative keeps bfloat16
-weights and lets a Kahan-compensated AdamW carry the lost low-order bits (``papo.optim``), which is the authors'
+weights and lets a Kahan-compensated AdamW carry the lost low-order bits (``papo.training.optim``), which is the authors'
 scheme (AnyPrecisionAdamW with bfloat16 states).
 """
 
@@ -40,7 +40,7 @@ class Precision:
         check(self.param_dtype, self.compute_dtype)
 
     @classmethod
-    def resolve(cls, param_dtype: str, compute_dtype: str, device: str | torch.device) -> "Precision":
+    def resolve(cls, param_dtype: str, compute_dtype: str, device: str | torch.device) -> Precision:
         """``compute_dtype="auto"``: bfloat16 on CUDA, else the parameter dtype (CPU autocast is slow)."""
         param = dtype_of(param_dtype)
         if compute_dtype == "auto":

@@ -12,7 +12,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _grade(pred: str, gold: str) -> list[Any]:

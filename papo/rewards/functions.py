@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from papo.errors import UserError
 from papo.rewards.pool import grade_math_many

@@ -29,17 +29,14 @@ import builtins
 import functools
 import keyword
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MAX_EXPR_CHARS = 1024  # the whole "(gold)-(pred)" text; longer answers are still compared as strings
 MAX_NESTING = 50  # sympy's parser is quadratic in bracket depth: 1000 nested () took 1.7 s [measured]
 
 # names a maths answer can legitimately use; everything else in sympy's or the builtins' namespace is refused
-SAFE_NAMES = frozenset("""
-    sqrt cbrt root pi E I oo zoo nan exp log ln sin cos tan cot sec csc asin acos atan acot asec acsc
-    sinh cosh tanh coth asinh acosh atanh abs Abs max min floor ceiling frac factorial binomial gcd lcm
-    re im sign conjugate
-""".split())
+SAFE_NAMES = frozenset(["sqrt", "cbrt", "root", "pi", "E", "I", "oo", "zoo", "nan", "exp", "log", "ln", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "asec", "acsc", "sinh", "cosh", "tanh", "coth", "asinh", "acosh", "atanh", "abs", "Abs", "max", "min", "floor", "ceiling", "frac", "factorial", "binomial", "gcd", "lcm", "re", "im", "sign", "conjugate"])
 
 _ALLOWED = re.compile(r"[A-Za-z0-9\s+\-*/^().,!]*")
 _ATTRIBUTE = re.compile(r"\.\s*[A-Za-z_]")
@@ -155,8 +152,8 @@ def install_sympy_guard(parse_expr_too: bool = True) -> None:
     Worker processes call it at start-up. ``parse_expr_too=False`` leaves sympy itself alone, for the inline
     fallback, where the trainer's own sympy use must not change; the first layer alone closes every path above.
     """
-    import mathruler.grader as grader
     import sympy
+    from mathruler import grader
     from sympy.parsing import sympy_parser
 
     if not callable(getattr(grader, "_sympy_parse", None)):

@@ -6,8 +6,8 @@ training batch sizes (docs/rollout.md). This engine keeps what must be model-spe
 
 * prefill, once per distinct prompt (``n`` samples per prompt share it): the model's own vision tower (its
   blocks compiled) on host-precomputed indices, Qwen's 3-D rope positions from ``papo.models.mrope``, and the
-  decoder layers as ``papo.decode.prefill_layer``, which writes keys and values straight into the cache;
-* decode: ``papo.decode.DecodeStep``, written against the model's weights; with text-only tokens Qwen's 3-D
+  decoder layers as ``papo.rollout.decode_step.prefill_layer``, which writes keys and values straight into the cache;
+* decode: ``papo.rollout.decode_step.DecodeStep``, written against the model's weights; with text-only tokens Qwen's 3-D
   rope is 1-D rope at ``last prompt position + 1 + t``. On CUDA the step (sampling included: suppressed ids,
   temperature, top-k, top-p, EOS and per-row limits) is captured as a CUDA graph per batch-size bucket and
   cache span, and replayed, one launch per token;
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from papo.decode import DecodeBuffers, DecodeStep
-from papo.models.attention import PACKED_VISION_ATTENTION
-from papo.models.generation import Completions, SamplingParams, trim_after_eos
+from papo.models.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.inputs import PromptBatch
 from papo.models.mrope import VisionInputs, mrope_positions
+from papo.rollout.decode_step import DecodeBuffers, DecodeStep
+from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 CHECK_EVERY = 16  # decode steps between host checks for "all done" / compaction (each check is one sync)
@@ -60,16 +60,22 @@ class RolloutEngine:
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int,
                  use_cuda_graphs: bool | None = None, prefill_tokens: int = 65536, compile: bool | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, own_weights: bool | None = None) -> None:
+        """``dtype``: the weights' dtype for sampling (None: the model's). ``own_weights``: keep the engine's own
+        weight buffers, refreshed by ``load_weights`` (default: when ``dtype`` differs from the model's, e.g.
+        fp32 master weights and bf16 rollouts); otherwise the engine reads the model's parameters directly."""
         if not supports(model):
             raise ValueError(f"papo.rollout cannot decode {type(model).__name__}; use hf_generate")
-        # weights in another dtype than the training model's (fp32 master weights, bf16 rollouts): the engine
-        # keeps its own copy, refreshed by load_weights; otherwise it reads the model's parameters directly
-        self.owns_weights = dtype is not None and dtype != model.lm_head.weight.dtype
+        dtype = dtype or model.lm_head.weight.dtype
+        self.owns_weights = dtype != model.lm_head.weight.dtype if own_weights is None else own_weights
         if self.owns_weights:
-            model = _copy_in_dtype(model, dtype)
+            source, model = model, _empty_copy(model, dtype)
         self.model, self.base = model, model.model
         self._params = dict(model.named_parameters()) if self.owns_weights else {}
+        if self.owns_weights:
+            missing = self._params.keys() - self.load_weights(source.named_parameters())
+            if missing:
+                raise ValueError(f"papo.rollout: no weights for {sorted(missing)[:3]} in the model")
         self.suppress_ids, self.eos_ids = list(suppress_ids), list(eos_ids)
         self.pad_id, self.prefill_tokens = int(pad_id), prefill_tokens
         self.device = model.lm_head.weight.device
@@ -92,15 +98,21 @@ class RolloutEngine:
         return self.step.buf
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy (name, full tensor) pairs of the training model into the engine's own weights, in place (captured
-        graphs keep their addresses). A no-op when the engine reads the training model's parameters directly."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs of the training model into the engine's own weights, in place (captured
+        graphs keep their addresses), one tensor at a time: a sharded tensor (DTensor) is gathered whole just for
+        its copy. Returns the names loaded; a no-op when the engine reads the training model's parameters."""
+        loaded: set[str] = set()
         if not self.owns_weights:
-            return
+            return loaded
         for name, tensor in named_tensors:
             if name not in self._params:
                 raise KeyError(f"papo.rollout: the engine's model has no parameter {name!r}")
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
             self._params[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
 
     def _fall_back_to_eager(self, err: Exception) -> None:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -292,11 +304,31 @@ class RolloutEngine:
 _ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
 
 
-def _copy_in_dtype(model: Any, dtype: torch.dtype) -> Any:
-    """A copy of ``model`` whose parameters are ``dtype`` tensors without grad, made one parameter at a time (never
-    a second full-precision model); tied parameters stay tied, buffers (rope tables) are copied as they are."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
-    return copy.deepcopy(model, memo).eval()
+def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
+    """The same architecture with uninitialised ``dtype`` parameters on the model's device (built on the meta
+    device: never a second full-precision model), tied weights tied, and the model's buffers (rope tables)
+    copied as they are (FSDP shards parameters, never buffers)."""
+    device = model.lm_head.weight.device
+    config = copy.deepcopy(model.config)
+    packed = getattr(config.vision_config, "_attn_implementation", None) == PACKED_VISION_ATTENTION
+    if packed:  # transformers builds only the attention implementations it knows: switch after construction
+        config.vision_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        clone = type(model)._from_config(config, dtype=dtype)
+    if packed:
+        use_packed_vision_attention(clone)
+    clone = clone.to_empty(device=device).requires_grad_(False).eval()
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for first, *others in aliases.values():  # tie exactly what the model ties, whatever its config says
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            setattr(clone.get_submodule(owner), leaf, clone.get_parameter(first))
+    for name, buf in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        clone.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
+    return clone
 
 
 def _compiled_vision_blocks(visual: Any) -> dict[Any, Any]:

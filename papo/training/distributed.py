@@ -20,7 +20,7 @@ class DistContext:
     device: str = "cpu"  # where reductions run: NCCL needs CUDA tensors, gloo takes CPU ones
 
     @classmethod
-    def current(cls, device: str = "cpu") -> "DistContext":
+    def current(cls, device: str = "cpu") -> DistContext:
         """The default process group's rank and size if one is initialised, else a single process."""
         if dist.is_available() and dist.is_initialized():
             backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"

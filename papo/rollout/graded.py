@@ -1,5 +1,5 @@
 """Generate k responses per sample and grade them: the loop shared by ``papo sft``'s held-out check, the
-trainer's validation and ``papo eval``."""
+trainer's held-out checks and ``papo eval``, and the avg@k summary of its results."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from papo.data.masking import MaskingConfig, image_pair
 from papo.data.sample import Sample
-from papo.masking import MaskingConfig
-from papo.models.generation import SamplingParams
-from papo.models.policy import Policy
 from papo.rewards import score_responses
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SampleResult:
 
 
 def generate_and_score(
-    policy: Policy,
+    sampler: Sampler,
     samples: Sequence[Sample],
     params: SamplingParams,
     k: int = 1,
@@ -43,13 +43,15 @@ def generate_and_score(
     on_results: Callable[[list[SampleResult]], None] | None = None,  # called after each batch (progress, appending)
 ) -> list[SampleResult]:
     """k responses per sample (one prompt, ``n=k`` completions); batches hold up to ``batch_size`` sequences."""
+    policy = sampler.policy
     results: list[SampleResult] = []
     per_batch = max(1, batch_size // k)
     for start in range(0, len(samples), per_batch):
         chunk = samples[start : start + per_batch]
         prompts = [s.formatted_prompt() for s in chunk]
-        images = [policy.load_images(s) if masking is None else policy.load_image_pair(s, masking, seed)[1] for s in chunk]
-        completions = policy.generate(policy.encode(prompts, images), params, n=k)
+        images = [policy.load_images(s) if masking is None else image_pair(s, masking, seed, 0, policy.min_pixels, policy.max_pixels)[1]
+                  for s in chunk]
+        completions = sampler.generate(policy.encode(prompts, images), params, n=k)
         texts = policy.decode(completions)
         scores = score_responses(texts, [s.answer for s in chunk for _ in range(k)],
                                  [s.answer_type for s in chunk for _ in range(k)],
@@ -75,13 +77,36 @@ class Summary:
 
 
 def summarize(results: Sequence[SampleResult], k: int) -> Summary:
+    return summarize_scores([r.sample.task for r in results], [r.accuracy for r in results],
+                            [r.format_rate for r in results], k)
+
+
+def summarize_scores(tasks: Sequence[str | None], accuracies: Sequence[float], format_rates: Sequence[float], k: int) -> Summary:
+    """avg@k over samples from each sample's task, mean accuracy and mean format rate over its k responses."""
     by_task: dict[str, list[float]] = defaultdict(list)
-    for r in results:
-        by_task[r.sample.task or "-"].append(r.accuracy)
-    n = len(results)
-    return Summary(
-        n=n, k=k,
-        avg_at_k=sum(r.accuracy for r in results) / max(1, n),
-        format_rate=sum(r.format_rate for r in results) / max(1, n),
-        per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
-    )
+    for task, acc in zip(tasks, accuracies):
+        by_task[task or "-"].append(acc)
+    n = len(accuracies)
+    return Summary(n=n, k=k, avg_at_k=sum(accuracies) / max(1, n), format_rate=sum(format_rates) / max(1, n),
+                   per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())})
+
+
+def summary_table(title: str, columns: dict[str, dict[str, Any]], change: bool = False) -> Any:
+    """A rich table of ``Summary.to_dict()`` results side by side: avg@k per task, overall, and the format rate;
+    ``change``: a last column with the last summary minus the first (before / after training)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("task", *columns, *(["change"] if change else [])):
+        table.add_column(col, justify="right")
+    summaries = list(columns.values())
+
+    def row(label: str, values: list[float]) -> None:
+        diff = [f"{values[-1] - values[0]:+.3f}"] if change else []
+        table.add_row(label, *(f"{v:.3f}" for v in values), *diff)
+
+    for task in summaries[-1].get("per_task", {}):
+        row(task, [s.get("per_task", {}).get(task, float("nan")) for s in summaries])
+    row("all", [s["avg_at_k"] for s in summaries])
+    row("format", [s["format_rate"] for s in summaries])
+    return table

@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 
-from papo.analysis import breakdown, classify
 from papo.data.loaders import ColumnMap, load_samples
+from papo.data.masking import MaskingConfig
 from papo.data.synthetic import SPEC_PREFIX
 from papo.errors import UserError
-from papo.evaluation import SampleResult, generate_and_score
+from papo.evaluation.analysis import breakdown, classify
+from papo.evaluation.pass_at_k import avg_and_pass_at_k
+from papo.evaluation.suites import get_suite, suite_files, suite_markdown, suite_scores, suite_table
 from papo.jsonl import read_records, write_records
-from papo.masking import MaskingConfig
-from papo.metrics import avg_and_pass_at_k
-from papo.models.generation import SamplingParams
 from papo.models.policy import Policy
-from papo.suites import get_suite, suite_files, suite_markdown, suite_scores, suite_table
+from papo.rollout.graded import SampleResult, generate_and_score, summarize_scores
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
 
 PAPO_EVAL_MIN_PIXELS = 32 * 32
 PAPO_EVAL_MAX_PIXELS = 768 * 768
@@ -53,7 +54,7 @@ class EvalConfig:
     min_pixels: int = PAPO_EVAL_MIN_PIXELS
     max_pixels: int = PAPO_EVAL_MAX_PIXELS
     columns: dict[str, str | None] = field(default_factory=dict)  # ColumnMap fields for non-standard datasets
-    suite: str | None = None  # papo.suites name: its splits become the data, its table is printed
+    suite: str | None = None  # papo.evaluation.suites name: its splits become the data, its table is printed
     suite_dir: str | None = None  # a local copy of the suite's hub dataset (default: download it)
     baseline: str | None = None  # a papo eval output dir to compute Δ%rel against
 
@@ -103,7 +104,7 @@ def _read_done(path: Path, k: int) -> dict[str, dict]:
     return done
 
 
-def _run_split(policy: Policy, samples, path: Path, cfg: EvalConfig, params: SamplingParams,
+def _run_split(sampler: Sampler, samples, path: Path, cfg: EvalConfig, params: SamplingParams,
                masking: MaskingConfig | None, progress, label: str) -> list[dict]:
     done = _read_done(path, cfg.k)
     todo = [s for s in samples if s.id not in done]
@@ -117,7 +118,7 @@ def _run_split(policy: Policy, samples, path: Path, cfg: EvalConfig, params: Sam
             f.flush()
             progress.update(bar, advance=len(batch), acc=_mean_acc(done.values()))
 
-        generate_and_score(policy, todo, params, k=cfg.k, batch_size=cfg.batch_size, reward=cfg.reward,
+        generate_and_score(sampler, todo, params, k=cfg.k, batch_size=cfg.batch_size, reward=cfg.reward,
                            masking=masking, seed=cfg.seed, on_results=append)
     return [done[s.id] for s in samples]
 
@@ -128,14 +129,12 @@ def _mean_acc(records) -> float:
 
 
 def _summary(records: list[dict], k: int) -> dict[str, Any]:
-    avg, passk = avg_and_pass_at_k([r["correct"] for r in records], k)
-    tasks: dict[str, list[float]] = {}
-    for r in records:
-        tasks.setdefault(r["task"] or "-", []).append(sum(r["correct"]) / k)
-    out = {"avg_at_k": avg, "pass_at_k": passk, "k": k, "n": len(records),
-           "format_rate": sum(sum(r["format"]) / k for r in records) / max(1, len(records))}
-    if len(tasks) > 1:
-        out["per_task"] = {t: sum(v) / len(v) for t, v in sorted(tasks.items())}
+    summary = summarize_scores([r["task"] for r in records], [sum(r["correct"]) / k for r in records],
+                               [sum(r["format"]) / k for r in records], k)
+    _, passk = avg_and_pass_at_k([r["correct"] for r in records], k)
+    out = {"avg_at_k": summary.avg_at_k, "pass_at_k": passk, "k": k, "n": len(records), "format_rate": summary.format_rate}
+    if len(summary.per_task) > 1:
+        out["per_task"] = summary.per_task
     if records and all("errors" in r for r in records):
         out["errors"] = breakdown(c for r in records for c in r["errors"])
     return out
@@ -143,13 +142,20 @@ def _summary(records: list[dict], k: int) -> dict[str, Any]:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from papo.models.loading import resolve_device
 
     console = Console()
     torch.manual_seed(cfg.seed)
-    policy = Policy.from_pretrained(cfg.model, device=resolve_device(cfg.device), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    sampler = Sampler(Policy.from_pretrained(cfg.model, device=resolve_device(cfg.device), min_pixels=cfg.min_pixels,
+                                             max_pixels=cfg.max_pixels))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     out = Path(cfg.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -164,11 +170,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             if loaded.report.skipped:
                 console.print(loaded.report.summary())
             samples = loaded.samples
-            records = _run_split(policy, samples, out / "samples" / f"{name}.jsonl", cfg, params, None, progress, name)
+            records = _run_split(sampler, samples, out / "samples" / f"{name}.jsonl", cfg, params, None, progress, name)
             result = _summary(records, cfg.k)
             for ratio in cfg.mask_ratios:
                 masking = MaskingConfig(strategy="full" if ratio >= 1.0 else "random", ratio=ratio)
-                masked = _run_split(policy, samples, out / "samples" / f"{name}.masked-{ratio:g}.jsonl", cfg, params,
+                masked = _run_split(sampler, samples, out / "samples" / f"{name}.masked-{ratio:g}.jsonl", cfg, params,
                                     masking, progress, f"{name} masked {ratio:g}")
                 m = _summary(masked, cfg.k)
                 result.setdefault("masked", {})[f"{ratio:g}"] = {

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from papo.models.generation import SamplingParams
 from papo.models.logprobs import suppress_mask
+from papo.rollout.sampling import SamplingParams
 
 
 @dataclass

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 CLASSES = ("correct", "lucky_guess", "perception", "reasoning", "format")
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
-_SEEN = re.compile(r"seen:\s*(.*?)\.(?:\s|$)", re.S)
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_SEEN = re.compile(r"seen:\s*(.*?)\.(?:\s|$)", re.DOTALL)
 
 
 def stated_facts(response: str) -> dict[str, str] | None:

@@ -19,17 +19,17 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import UserError
-from papo.evaluation import generate_and_score, summarize
-from papo.models.generation import SamplingParams
 from papo.models.inputs import encode_prompts, tokenize_completions
 from papo.models.loading import resolve_device
 from papo.models.policy import Policy
 from papo.models.tiny import SIZES, build_tiny
+from papo.rollout.graded import generate_and_score, summarize, summary_table
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
 
 
 @dataclass
@@ -117,8 +117,9 @@ def _lr_lambda(cfg: SFTConfig):
 
 
 def heldout_report(policy: Policy, samples, cfg: SFTConfig) -> dict:
-    sampled = summarize(generate_and_score(policy, samples, SamplingParams(cfg.max_new_tokens, temperature=1.0), k=cfg.eval_k), cfg.eval_k)
-    greedy = summarize(generate_and_score(policy, samples, SamplingParams(cfg.max_new_tokens, greedy=True), k=1), 1)
+    sampler = Sampler(policy)  # one engine (and its compiled graphs) for both passes
+    sampled = summarize(generate_and_score(sampler, samples, SamplingParams(cfg.max_new_tokens, temperature=1.0), k=cfg.eval_k), cfg.eval_k)
+    greedy = summarize(generate_and_score(sampler, samples, SamplingParams(cfg.max_new_tokens, greedy=True), k=1), 1)
     return {"sampled_t1": sampled.to_dict(), "greedy": greedy.to_dict()}
 
 
@@ -177,7 +178,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     if tasks and cfg.eval_per_task > 0:
         console.print(f"held-out check: {cfg.eval_per_task} test samples per family, k={cfg.eval_k} at T=1, and greedy")
         result["heldout"] = heldout_report(policy, _heldout(cfg, tasks), cfg)
-        console.print(heldout_table(result["heldout"]))
+        console.print(summary_table("held-out accuracy (test split)", {"sampled T=1 (avg@k)": result["heldout"]["sampled_t1"],
+                                                                        "greedy": result["heldout"]["greedy"]}))
     (out / "sft_result.json").write_text(json.dumps(result, indent=1))
     console.print(f"wrote the model and sft_metrics.jsonl, sft_loss.png, sft_result.json to {out}")
     return result
@@ -191,17 +193,6 @@ def _checkpoint(policy: Policy, cfg: SFTConfig, path: Path, tasks: list[str], co
         (path / "sft_result.json").write_text(json.dumps({"heldout": report}, indent=1))
         console.print(f"{path.name}: held-out sampled {report['sampled_t1']['per_task']}")
     policy.model.train()
-
-
-def heldout_table(report: dict) -> Table:
-    table = Table(title="held-out accuracy (test split)")
-    for col in ("task", "sampled T=1 (avg@k)", "greedy"):
-        table.add_column(col, justify="right")
-    for task, acc in report["sampled_t1"]["per_task"].items():
-        table.add_row(task, f"{acc:.2f}", f"{report['greedy']['per_task'][task]:.2f}")
-    table.add_row("all", f"{report['sampled_t1']['avg_at_k']:.2f}", f"{report['greedy']['avg_at_k']:.2f}")
-    table.add_row("format", f"{report['sampled_t1']['format_rate']:.2f}", f"{report['greedy']['format_rate']:.2f}")
-    return table
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:

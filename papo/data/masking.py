@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from papo.data.images import resize_to_pixel_bounds, to_rgb
 from papo.errors import UserError
-from papo.images import to_rgb
 
 MaskFn = Callable[[Image.Image, np.random.Generator], Image.Image]
 STRATEGIES = ("random", "full", "noise")
@@ -167,7 +167,7 @@ class PatchLayout:
     black: tuple[float, ...] = (0.0, 0.0, 0.0)  # per-channel value that RGB 0 becomes after normalisation
 
     @classmethod
-    def from_image_processor(cls, proc: Any) -> "PatchLayout":
+    def from_image_processor(cls, proc: Any) -> PatchLayout:
         mean = np.broadcast_to(np.asarray(proc.image_mean if proc.do_normalize else 0.0, dtype=np.float64), (3,))
         std = np.broadcast_to(np.asarray(proc.image_std if proc.do_normalize else 1.0, dtype=np.float64), (3,))
         return cls(int(proc.patch_size), int(proc.temporal_patch_size), int(proc.merge_size), tuple((0.0 - mean) / std))
@@ -240,3 +240,16 @@ def is_patch_aligned(image_size: tuple[int, int], grid_thw: Sequence[int], patch
     cells of ``patch_size`` coincide with ViT patches and the fast path is exact."""
     width, height = image_size
     return int(grid_thw[1]) * patch_size == height and int(grid_thw[2]) * patch_size == width
+
+
+def image_pair(sample: Any, masking: MaskingConfig, seed: int, draw: int = 0, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> tuple[list[Image.Image], list[Image.Image]]:
+    """(full, masked) images of a ``Sample``. As in the official code, the mask is drawn on the decoded image at
+    its original resolution and both copies then go through the same resize (PAPO's pixel bounds, None: keep
+    the dataset's pixels), so their token grids match."""
+    raw = sample.load_images(None, None)
+    masked = corrupt_images(raw, masking, seed, sample.id, draw)
+    if min_pixels is None and max_pixels is None:
+        return raw, masked
+    lo, hi = min_pixels or 1, max_pixels or 1 << 62
+    return [resize_to_pixel_bounds(im, lo, hi) for im in raw], [resize_to_pixel_bounds(im, lo, hi) for im in masked]

@@ -11,9 +11,12 @@ One training step, as in the paper's algorithm (``Trainer.step``):
 A step with a non-finite reward or log-prob is skipped whole, a mini-batch with a non-finite gradient is not
 applied: non-finite values never reach the weights, and each skip is logged with its cause.
 
-Simplifications, stated up front: one process (the loop keeps no global state and only ``rank == 0`` would
-write; multi-GPU FSDP2 comes later); one PPO epoch; sampling through ``Policy.generate`` and scoring through
-``Policy.logprobs`` (the two interfaces a faster engine replaces).
+Phases hand each other small dataclasses (``papo.training.experience``): ``collect`` (1-4) returns an
+``Experience``, ``score_experience`` (5) its ``LogProbs``, ``update`` (6-7) the metrics.
+
+Simplifications, stated up front: one process (decisions that skip or stop a step already go through the
+distributed context, and only its main rank writes; multi-GPU FSDP2 comes later); one PPO epoch; sampling
+through ``papo.rollout.Sampler`` and scoring through ``Policy.logprobs``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from papo.algo import (
@@ -37,145 +37,24 @@ from papo.algo import (
     papo_loss,
     perception_reward,
 )
-from papo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from papo.config import TrainConfig
-from papo.data.loaders import filter_by_prompt_length, load_samples
+from papo.config.schema import TrainConfig
+from papo.data.masking import image_pair
 from papo.data.sample import Sample
-from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
-from papo.distributed import DistContext
+from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped
-from papo.faults import Poison, failpoint
-from papo.models.generation import SamplingParams
-from papo.models.inputs import PromptBatch
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy
 from papo.models.precision import Precision
-from papo.monitor import HackingMonitor
-from papo.optim import build_optimizer, constant_with_warmup
 from papo.rewards import RewardFunction, get_reward, score_responses
-from papo.rng import rng_state, set_rng_state
-
-ENCODING_CACHE_MAX_SEQUENCES = 512
-
-
-@dataclass
-class Experience:
-    """One step's sequences (prompt groups of G, in order) and what the loss needs of them."""
-
-    samples: list[Sample]  # per sequence
-    uids: list[str]  # prompt-draw id per sequence: the advantage groups
-    images: list[list[Any]]
-    masked_images: list[list[Any]]
-    ids: torch.Tensor  # (N, R) completions
-    mask: torch.Tensor  # (N, R)
-    texts: list[str]
-    scores: list[dict[str, Any]]
-    prompt_tokens: torch.Tensor  # (N,) prompt tokens of each sequence, image tokens included, padding not
-
-    @property
-    def size(self) -> int:
-        return len(self.samples)
-
-    @property
-    def tokens(self) -> int:
-        """Prompt and response tokens of every sequence: what verl and EasyR1 count for throughput."""
-        return int(self.prompt_tokens.sum() + self.mask.sum())
-
-
-@dataclass
-class LogProbs:
-    """Step 5's no-grad log-probs of the sampled tokens, (N, R) each."""
-
-    old: torch.Tensor  # full image, the weights that sampled
-    masked: torch.Tensor  # masked image, same tokens and positions
-    ref: torch.Tensor | None = None  # the reference model, when the loss has a KL_ref term
-
-    def named(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("old", self.old), ("masked", self.masked), ("ref", self.ref)) if v is not None}
-
-
-@dataclass
-class MicroBatch:
-    """Sequences ``rows`` of a step, encoded for one forward pass."""
-
-    rows: list[int]
-    full: PromptBatch  # the prompts with their full images
-    masked: PromptBatch  # the same prompts with the masked images
-    ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
-    mask: torch.Tensor  # (b, R')
-
-
-class MicroBatches:
-    """A step's sequences in micro-batches, each encoded by the processor once: the scoring and the update pass
-    see the same micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
-    running the image processor twice (larger steps would hold every image tensor of the step in memory).
-    ``seconds``: time spent in the processor."""
-
-    def __init__(self, exp: Experience, policy: Policy, size: int) -> None:
-        self.exp, self.policy, self.size = exp, policy, size
-        self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
-        self.cache: dict[tuple[int, ...], MicroBatch] = {}
-        self.seconds = 0.0
-
-    def over(self, rows: list[int]) -> Iterator[MicroBatch]:
-        for start in range(0, len(rows), self.size):
-            idx = rows[start : start + self.size]
-            mb = self.cache.get(tuple(idx)) or self._encode(idx)
-            if self.keep:
-                self.cache[tuple(idx)] = mb
-            yield mb
-
-    def _encode(self, idx: list[int]) -> MicroBatch:
-        t0 = time.time()
-        sub = _select(self.exp, idx)
-        width = max(1, int(sub.mask.sum(-1).max()))
-        prompts = [s.formatted_prompt() for s in sub.samples]
-        mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
-                        sub.ids[:, :width], sub.mask[:, :width])
-        self.seconds += time.time() - t0
-        return mb
-
-
-class PromptStream:
-    """Training prompts in a reproducible order; ``pos`` is saved in checkpoints (no data skipped or repeated).
-
-    A dataset is reshuffled every epoch, as the authors' loader does, with the permutation of epoch e a pure
-    function of (seed, e): ``pos`` alone fixes where a resumed run continues. Epoch 0 keeps the permutation
-    earlier versions used for every epoch, so their checkpoints resume unchanged within it. A synthetic spec is
-    an endless stream of fresh samples and needs no shuffle.
-    """
-
-    def __init__(self, spec: Any, seed: int, split: str = "train", count_tokens=None, max_prompt_length: int = 0) -> None:
-        """``spec``: a data spec string, or rows in memory (a ``datasets.Dataset``, a list of dicts)."""
-        self.endless = isinstance(spec, str) and spec.startswith(SPEC_PREFIX)
-        if self.endless:
-            self.data = dataset_from_spec(spec, split=split, n=10**9, seed=seed)
-        else:
-            self.data = load_samples(spec, split=split).samples
-            if count_tokens is not None and max_prompt_length > 0:  # PAPO's filter_overlong_prompts
-                self.data, report = filter_by_prompt_length(self.data, count_tokens, max_prompt_length)
-                if report.skipped:
-                    print(report.summary())
-            if not self.data:
-                raise ValueError(f"{spec}: no usable training rows")
-        self.seed, self.pos = seed, 0
-        self._epoch, self._order = -1, []
-
-    def order(self, epoch: int) -> list[int]:
-        """Dataset indices in the order epoch ``epoch`` visits them."""
-        if epoch != self._epoch:
-            key = self.seed if epoch == 0 else int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
-            self._order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(key)).tolist()
-            self._epoch = epoch
-        return self._order
-
-    def take(self, n: int) -> list[tuple[int, Sample]]:
-        out = []
-        for _ in range(n):
-            i = self.pos if self.endless else self.order(self.pos // len(self.data))[self.pos % len(self.data)]
-            out.append((self.pos, self.data[i]))
-            self.pos += 1
-        return out
+from papo.rollout.sampler import Sampler
+from papo.rollout.sampling import SamplingParams
+from papo.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from papo.training.distributed import DistContext
+from papo.training.experience import Experience, LogProbs, MicroBatches, concat, pad_cat, select
+from papo.training.faults import Poison, failpoint
+from papo.training.monitor import HackingMonitor
+from papo.training.optim import build_optimizer, constant_with_warmup
+from papo.training.rng import rng_state, set_rng_state
 
 
 class Trainer:
@@ -191,13 +70,12 @@ class Trainer:
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
-        self.policy.rollout_engine, self.policy.rollout_compile = cfg.rollout.engine, cfg.rollout.compile
+        self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile)
         self.ref = None
         if cfg.algorithm.kl_ref_coef > 0:  # same dtype and autocast as the policy: KL_ref is exactly 0 at step 0
             self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.loss_cfg = cfg.algorithm.loss_config()
-        patch = getattr(self.policy.processor.image_processor, "patch_size", None) or 14
-        self.masking = cfg.algorithm.masking(encoder_patch_size=int(patch))
+        self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optim = build_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, self.precision, cfg.optim.kahan_summation)
@@ -206,7 +84,7 @@ class Trainer:
                                    max_prompt_length=cfg.data.max_prompt_length)
         self.reward = reward or get_reward(cfg.algorithm.reward)  # a file.py:function the user named runs here, never data
         self.monitor = HackingMonitor()
-        self.poison = Poison()  # failpoints' "nan" faults (papo.faults); inert unless configured
+        self.poison = Poison()  # failpoints' "nan" faults (papo.training.faults); inert unless configured
         self.step_no = 0
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
@@ -220,7 +98,7 @@ class Trainer:
     def rollout(self, draws: list[tuple[int, Sample]]) -> Experience:
         g, samples, uids, images, masked = self.cfg.rollout.n, [], [], [], []
         for pos, sample in draws:
-            ims, mims = self.policy.load_image_pair(sample, self.masking, self.cfg.trainer.seed, draw=pos)
+            ims, mims = image_pair(sample, self.masking, self.cfg.trainer.seed, pos, self.policy.min_pixels, self.policy.max_pixels)
             for _ in range(g):
                 samples.append(sample)
                 uids.append(f"{pos}:{sample.id}")
@@ -228,8 +106,8 @@ class Trainer:
                 masked.append(mims)
         # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
         batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
-        comp = self.policy.generate(batch, self.params, n=g)
-        self.policy.release_rollout_memory()  # the update needs that memory more than the next rollout does
+        comp = self.sampler.generate(batch, self.params, n=g)
+        self.sampler.release()  # the update needs that memory more than the next rollout does
         failpoint("rollout")
         texts = self.policy.decode(comp)
         scores = score_responses(texts, [s.answer for s in samples], [s.answer_type for s in samples],
@@ -264,10 +142,10 @@ class Trainer:
             result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
                                        a.filter_low, a.filter_high, a.keep_all_if_empty)
             keep = [i for i in range(exp.size) if result.keep[i]]
-            kept.append(_select(exp, keep))
+            kept.append(select(exp, keep))
             groups += result.kept_groups
-        exp = _concat(kept)
-        exp = _select(exp, list(range(want * self.cfg.rollout.n)))  # truncate to exactly the batch
+        exp = concat(kept)
+        exp = select(exp, list(range(want * self.cfg.rollout.n)))  # truncate to exactly the batch
         timing["rollout_s"] = time.time() - t0
         return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
 
@@ -291,8 +169,8 @@ class Trainer:
                 timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
         self.policy.model.train()
         width = exp.ids.shape[1]
-        return LogProbs(old=self.poison.logprobs(_pad_cat(out["old"], width)), masked=_pad_cat(out["masked"], width),
-                        ref=_pad_cat(out["ref"], width) if out["ref"] else None)
+        return LogProbs(old=self.poison.logprobs(pad_cat(out["old"], width)), masked=pad_cat(out["masked"], width),
+                        ref=pad_cat(out["ref"], width) if out["ref"] else None)
 
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
@@ -441,27 +319,6 @@ class Trainer:
         self.stream.pos, self.step_no = int(state["data_pos"]), int(state["step"])
         self.monitor.load(state.get("monitor", {}))
         self.bad_steps = int(state.get("bad_steps", 0))
-
-
-def _select(exp: Experience, idx: list[int]) -> Experience:
-    t = torch.as_tensor(idx, dtype=torch.long)
-    return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
-                      [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
-                      [exp.scores[i] for i in idx], exp.prompt_tokens[t])
-
-
-def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
-
-
-def _concat(parts: list[Experience]) -> Experience:
-    width = max(p.ids.shape[1] for p in parts)
-    return Experience(
-        [s for p in parts for s in p.samples], [u for p in parts for u in p.uids], [x for p in parts for x in p.images],
-        [x for p in parts for x in p.masked_images], _pad_cat([p.ids for p in parts], width),
-        _pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
-        torch.cat([p.prompt_tokens for p in parts]),
-    )
 
 
 def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask: torch.Tensor) -> str:

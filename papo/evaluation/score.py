@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from papo.errors import UserError
-from papo.metrics import avg_and_pass_at_k
+from papo.evaluation.pass_at_k import avg_and_pass_at_k
 from papo.rewards import score_responses
 
 REQUIRED = ("id", "prompt", "predict", "label")

@@ -14,17 +14,13 @@ from typing import Any
 import yaml
 
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
-from papo.errors import UserError
-from papo.masking import MaskingConfig
-from papo.models.generation import ENGINES
+from papo.data.masking import MaskingConfig
+from papo.errors import ConfigError
 from papo.models.precision import Precision
 from papo.rewards import REWARDS
+from papo.rollout.sampler import ENGINES
 
 PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
-
-
-class ConfigError(UserError):
-    pass
 
 
 @dataclass
@@ -61,28 +57,15 @@ class RolloutSection:
 
 
 @dataclass
-class AlgorithmSection:
-    adv_estimator: str = "grpo"
-    # loss (papo.algo.LossConfig)
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    dual_clip: float | None = 3.0
-    loss_agg: str = "token-mean"
+class AlgorithmSection(LossConfig):
+    """The loss keys are ``papo.algo.LossConfig``'s own fields (clip_low ... entropy_band_coef, declared there
+    once), here with the GRPO presets' beta; the keys below configure advantages, KL_prcp scheduling and
+    weighting, the masked image, DAPO's filter and the reward. Validated as a whole by ``TrainConfig.validate``."""
+
     kl_ref_coef: float = 0.01
-    kl_ref_estimator: str = "low_var_kl"
-    kl_prcp_coef: float = 0.02
-    kl_prcp_estimator: str = "low_var_kl"
-    kl_prcp_clip: float | None = None
-    kl_prcp_token_top_p: float | None = None
-    entropy_coef: float = 0.0
-    masked_entropy_coef: float = 0.0
-    entropy_estimator: str = "sampled"
-    masked_grad: bool = False
-    # variants from a third-party write-up of PAPO (docs/algorithm.md, "Variants"); all off by default
-    kl_prcp_relative: bool = False  # kl_prcp_coef = the perception term's size as a fraction of |pg_loss| (write-up: 0.5)
     entropy_band: list[float] | None = None  # [h_min, h_max] (write-up: [0.1, 2.0]) with entropy_band_coef (0.01)
-    entropy_band_coef: float = 0.0
     kl_prcp_reward_coef: float = 0.0  # > 0: add coef * sum_t KL_prcp_t (old vs masked) to each response's reward
+    adv_estimator: str = "grpo"
     # KL_prcp scheduling and weighting
     kl_prcp_schedule: str = "fixed"
     kl_prcp_anneal_ratio: float = 0.5
@@ -102,10 +85,12 @@ class AlgorithmSection:
     # reward: papo_math (0.9 accuracy + 0.1 format), math_only, or path/to/file.py:function (runs that file)
     reward: str = "papo_math"
 
+    def __post_init__(self) -> None:  # overrides arrive after construction: checked in TrainConfig.validate
+        pass
+
     def loss_config(self) -> LossConfig:
-        names = {f.name for f in fields(LossConfig)}
-        values = {k: v for k, v in asdict(self).items() if k in names}
-        if values.get("entropy_band") is not None:
+        values = {f.name: getattr(self, f.name) for f in fields(LossConfig)}
+        if values["entropy_band"] is not None:
             values["entropy_band"] = tuple(values["entropy_band"])
         return LossConfig(**values)
 
@@ -159,7 +144,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         a, t, r = self.algorithm, self.trainer, self.rollout
         try:
             a.loss_config()
@@ -263,7 +248,7 @@ def apply(cfg: TrainConfig, key: str, value: Any) -> None:
 def preset_path(name: str) -> Path:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return Path(str(resources.files("papo") / "presets" / f"{name}.yaml"))
+    return Path(str(resources.files("papo.config") / "presets" / f"{name}.yaml"))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

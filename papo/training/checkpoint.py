@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from papo.errors import CheckpointError
-from papo.faults import failpoint
+from papo.training.faults import failpoint
 
 _STEP = re.compile(r"^step-(\d+)$")
 

@@ -12,33 +12,27 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from papo.checkpoint import latest_checkpoint
-from papo.config import ConfigError, TrainConfig, load_config
+from papo.config.schema import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX
-from papo.distributed import DistContext
 from papo.errors import TrainingStopped, UserError
-from papo.evaluation import generate_and_score, summarize
-from papo.faults import failpoint
 from papo.jsonl import read_records, write_records
-from papo.models.generation import SamplingParams
 from papo.models.loading import resolve_device
-from papo.report import write_report
-from papo.trainer import Trainer
+from papo.rollout.graded import generate_and_score, summarize, summary_table
+from papo.rollout.sampling import SamplingParams
+from papo.training.checkpoint import latest_checkpoint
+from papo.training.distributed import DistContext
+from papo.training.faults import failpoint
+from papo.training.report import write_report
+from papo.training.trainer import Trainer
 
 
 def _heldout(trainer: Trainer, spec: str, k: int) -> dict[str, Any]:
     samples = load_samples(spec, split=None if spec.startswith(SPEC_PREFIX) else "test").samples
     params = SamplingParams(trainer.cfg.rollout.max_new_tokens, trainer.cfg.rollout.temperature)
-    return summarize(generate_and_score(trainer.policy, samples, params, k=k), k).to_dict()
+    return summarize(generate_and_score(trainer.sampler, samples, params, k=k), k).to_dict()
 
 
 class Loggers:
@@ -180,7 +174,8 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     trainer.policy.save(out_dir / "final")
     report = write_report(out_dir, rows, before, after, cfg.to_dict(), warnings)
     if before and after:
-        console.print(_table(before, after))
+        console.print(summary_table(f"held-out avg@{after['k']} before / after ({after['n']} test questions)",
+                                    {"before": before, "after": after}, change=True))
     console.print(f"wrote {report}, metrics.jsonl, checkpoints/ and final/ to {out_dir}")
     return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
 
@@ -192,19 +187,6 @@ def _read_json(path: Path) -> Any:
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     """NaN and inf become null: metrics.jsonl stays strict JSON for every reader."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-
-
-def _table(before: dict, after: dict):
-    from rich.table import Table
-
-    table = Table(title=f"held-out avg@{after['k']} before / after ({after['n']} test questions)")
-    for col in ("task", "before", "after", "change"):
-        table.add_column(col, justify="right")
-    for task, a in after.get("per_task", {}).items():
-        b = before["per_task"].get(task, float("nan"))
-        table.add_row(task, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
-    table.add_row("all", f"{before['avg_at_k']:.3f}", f"{after['avg_at_k']:.3f}", f"{after['avg_at_k'] - before['avg_at_k']:+.3f}")
-    return table
 
 
 def train_from_args(preset: str, model: str | None, data: str | None, overrides: list[str], max_steps: int | None,

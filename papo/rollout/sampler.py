@@ -1,0 +1,67 @@
+"""``Sampler``: completions from a ``Policy`` through the fastest engine that can produce them.
+
+``papo.rollout.engine`` on CUDA for the models it supports (or wherever it is forced with ``engine="papo"``),
+transformers ``generate`` otherwise. Before each call the engine is refreshed from the policy's current
+weights, so the tokens always come from the weights the trainer is about to update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from papo.errors import ConfigError
+from papo.models.inputs import PromptBatch
+from papo.models.policy import Policy
+from papo.rollout.engine import RolloutEngine, supports
+from papo.rollout.hf import hf_generate
+from papo.rollout.sampling import Completions, SamplingParams
+
+ENGINES = ("auto", "papo", "hf")  # auto: papo's engine on CUDA where it supports the model, else transformers
+
+
+class Sampler:
+    """``engine``: one of ``ENGINES``; ``compile``: let papo's engine torch.compile on CUDA (False: eager).
+    ``generate``'s ``weights``: where the engine's weights come from before the call (default: the policy's
+    parameters; sharded ones are gathered one tensor at a time)."""
+
+    def __init__(self, policy: Policy, engine: str = "auto", compile: bool = True) -> None:
+        if engine not in ENGINES:
+            raise ConfigError(f"rollout engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "papo" and not supports(policy.model):
+            raise ConfigError(f"papo's rollout engine cannot decode {type(policy.model).__name__}; use rollout.engine=hf or auto")
+        self.policy, self.engine_name, self.compile = policy, engine, compile
+        self._engine: RolloutEngine | None = None
+
+    @property
+    def uses_engine(self) -> bool:
+        if self.engine_name == "auto":
+            return self.policy.device.type == "cuda" and supports(self.policy.model)
+        return self.engine_name == "papo"
+
+    @property
+    def engine(self) -> RolloutEngine:
+        if self._engine is None:
+            p = self.policy
+            self._engine = RolloutEngine(p.model, p.suppress_ids, p.eos_ids, p.pad_id, compile=None if self.compile else False,
+                                         dtype=p.precision.compute_dtype)
+        return self._engine
+
+    def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1,
+                 weights: Iterable[tuple[str, Tensor]] | None = None) -> Completions:
+        """``n`` completions per prompt, prompt-major."""
+        p = self.policy
+        if self.uses_engine:
+            self.engine.load_weights(p.model.named_parameters() if weights is None else weights)
+            return self.engine.generate(batch, params, n)[0]
+        with p.precision.autocast(p.device):
+            return hf_generate(p.model, batch, params, p.suppress_ids, p.eos_ids, p.pad_id, n)
+
+    def release(self) -> None:
+        """Drop the engine's KV cache and graphs (kept between calls to save re-allocating in evaluation)."""
+        if self._engine is not None:
+            self._engine.release()
+
+    def __repr__(self) -> str:
+        return f"Sampler(engine={self.engine_name!r}, compile={self.compile}, uses_engine={self.uses_engine})"

@@ -1,0 +1,118 @@
+"""What one training step carries between its phases: the sampled ``Experience``, its no-grad ``LogProbs``,
+and ``MicroBatches`` of it encoded once for the scoring and update passes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from papo.data.sample import Sample
+from papo.models.inputs import PromptBatch
+from papo.models.policy import Policy
+
+ENCODING_CACHE_MAX_SEQUENCES = 512
+
+
+@dataclass
+class Experience:
+    """One step's sequences (prompt groups of G, in order) and what the loss needs of them."""
+
+    samples: list[Sample]  # per sequence
+    uids: list[str]  # prompt-draw id per sequence: the advantage groups
+    images: list[list[Any]]
+    masked_images: list[list[Any]]
+    ids: torch.Tensor  # (N, R) completions
+    mask: torch.Tensor  # (N, R)
+    texts: list[str]
+    scores: list[dict[str, Any]]
+    prompt_tokens: torch.Tensor  # (N,) prompt tokens of each sequence, image tokens included, padding not
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt and response tokens of every sequence: what verl and EasyR1 count for throughput."""
+        return int(self.prompt_tokens.sum() + self.mask.sum())
+
+
+@dataclass
+class LogProbs:
+    """Step 5's no-grad log-probs of the sampled tokens, (N, R) each."""
+
+    old: torch.Tensor  # full image, the weights that sampled
+    masked: torch.Tensor  # masked image, same tokens and positions
+    ref: torch.Tensor | None = None  # the reference model, when the loss has a KL_ref term
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("old", self.old), ("masked", self.masked), ("ref", self.ref)) if v is not None}
+
+
+@dataclass
+class MicroBatch:
+    """Sequences ``rows`` of a step, encoded for one forward pass."""
+
+    rows: list[int]
+    full: PromptBatch  # the prompts with their full images
+    masked: PromptBatch  # the same prompts with the masked images
+    ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
+    mask: torch.Tensor  # (b, R')
+
+
+class MicroBatches:
+    """A step's sequences in micro-batches, each encoded by the processor once: the scoring and the update pass
+    see the same micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
+    running the image processor twice (larger steps would hold every image tensor of the step in memory).
+    ``seconds``: time spent in the processor."""
+
+    def __init__(self, exp: Experience, policy: Policy, size: int) -> None:
+        self.exp, self.policy, self.size = exp, policy, size
+        self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
+        self.cache: dict[tuple[int, ...], MicroBatch] = {}
+        self.seconds = 0.0
+
+    def over(self, rows: list[int]) -> Iterator[MicroBatch]:
+        for start in range(0, len(rows), self.size):
+            idx = rows[start : start + self.size]
+            mb = self.cache.get(tuple(idx)) or self._encode(idx)
+            if self.keep:
+                self.cache[tuple(idx)] = mb
+            yield mb
+
+    def _encode(self, idx: list[int]) -> MicroBatch:
+        t0 = time.time()
+        sub = select(self.exp, idx)
+        width = max(1, int(sub.mask.sum(-1).max()))
+        prompts = [s.formatted_prompt() for s in sub.samples]
+        mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
+                        sub.ids[:, :width], sub.mask[:, :width])
+        self.seconds += time.time() - t0
+        return mb
+
+
+def select(exp: Experience, idx: list[int]) -> Experience:
+    t = torch.as_tensor(idx, dtype=torch.long)
+    return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
+                      [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
+                      [exp.scores[i] for i in idx], exp.prompt_tokens[t])
+
+
+def pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def concat(parts: list[Experience]) -> Experience:
+    width = max(p.ids.shape[1] for p in parts)
+    return Experience(
+        [s for p in parts for s in p.samples], [u for p in parts for u in p.uids], [x for p in parts for x in p.images],
+        [x for p in parts for x in p.masked_images], pad_cat([p.ids for p in parts], width),
+        pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
+        torch.cat([p.prompt_tokens for p in parts]),
+    )
+
+
