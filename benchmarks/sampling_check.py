@@ -28,6 +28,7 @@ from architectures import qwen25_vl_config  # noqa: E402
 from papo.rollout import Sampler  # noqa: E402
 from papo.rollout.decode_step import sample  # noqa: E402
 from papo.rollout.hf import hf_generate  # noqa: E402
+from papo.rollout.keyed_noise import random_keys  # noqa: E402
 from papo.rollout.sampling import SamplingParams  # noqa: E402
 
 VOCAB = 151936
@@ -46,8 +47,9 @@ def head_check(rows: int = 8, draws: int = 8192, top_p: float = 0.99, chunk: int
     compiled = torch.compile(sample, dynamic=False)
     warper = TopPLogitsWarper(top_p)
 
-    def papo_draws(x):
-        return compiled(x, suppress, params)[0]
+    def papo_draws(x):  # a fresh noise key per draw, as every rollout row has
+        keys = random_keys(x.shape[0]).to(x.device)
+        return compiled(x, suppress, params, keys, torch.zeros_like(keys))[0]
 
     def hf_draws(x):
         return torch.multinomial(warper(None, x.clone()).softmax(-1), 1)[:, 0]

@@ -1,6 +1,8 @@
-"""Real ``papo train`` steps at the authors' settings on the Qwen2.5-VL-3B / -7B architectures, one GPU.
+"""Real ``papo train`` steps at the authors' settings on the Qwen2.5-VL-3B / -7B architectures, on one GPU or,
+under torchrun, on several (FSDP2, one rollout engine per rank, the same global batch).
 
     python benchmarks/train_step.py --out benchmarks/results/train-step-h200.json --runs 3b:default,7b:lean
+    torchrun --nproc-per-node 2 benchmarks/train_step.py --out /tmp/two.json --runs 3b:default
     python benchmarks/train_step.py --smoke --out /tmp/train-step.json     # the embedded model on the CPU
 
 Each run writes a random-weight model directory (benchmarks/architectures.py: papo's tokenizer, so random
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import qwen25_vl_config  # noqa: E402
 
 from papo.config.schema import load_config  # noqa: E402
+from papo.training.distributed import init_from_env  # noqa: E402
 from papo.training.trainer import Trainer  # noqa: E402
 
 PEAK_BF16_FLOPS = 989.5e12  # H100/H200 SXM dense bf16
@@ -52,19 +55,21 @@ QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.s
 PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
 
 
-def write_model(size: str, folder: Path) -> Path:
+def write_model(size: str, folder: Path, ctx) -> Path:
     from transformers import AutoModelForImageTextToText
 
     from papo.models.tiny import build_processor
 
-    processor = build_processor()
-    torch.manual_seed(0)  # the same random weights in every run of a size
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
+    if ctx.is_main:
+        processor = build_processor()
+        torch.manual_seed(0)  # the same random weights in every run of a size
+        with torch.device("cuda"):
+            model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    ctx.barrier()
     return folder
 
 
@@ -107,26 +112,30 @@ def update_flops(trainer: Trainer, exp) -> float:
 
 
 def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str],
-        warmup: int = 1) -> dict:
+        ctx, warmup: int = 1) -> dict:
     overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
                  f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
     cfg = load_config("papo_g", overrides=([] if device == "cpu" else PAPER) + overrides)
     out = Path(tempfile.gettempdir()) / "papo-train-step" / f"{name}-{precision}"
     torch.manual_seed(0)
     t0 = time.time()
-    trainer = Trainer(cfg, out, device)
+    trainer = Trainer(cfg, out, device, ctx=ctx)
     load_s = time.time() - t0
     rows = []
     for i in range(steps):
         row = trainer.step()
         exp = trainer.last_experience
         lengths = exp.mask.sum(-1)
-        row["update_tflop"] = round(update_flops(trainer, exp) / 1e12, 1)
-        row["update_mfu"] = round(row["update_tflop"] * 1e12 / row["update_s"] / PEAK_BF16_FLOPS, 4)
-        row["sequences"], row["max_response_tokens"] = exp.size, int(lengths.max())
+        row["update_tflop"] = round(ctx.sum(update_flops(trainer, exp))[0] / 1e12, 1)  # every rank's sequences
+        if "update_s" in row:  # a skipped step (non-finite inputs) has no update phase
+            row["update_mfu"] = round(row["update_tflop"] * 1e12 / row["update_s"] / PEAK_BF16_FLOPS / ctx.world_size, 4)
+        row["sequences"] = int(ctx.sum(exp.size)[0])
+        row["max_response_tokens"] = int(ctx.max(int(lengths.max()))[0])
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
-                                              "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib") if k in row}), flush=True)
+        if ctx.is_main:
+            print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
+                                                  "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib") if k in row}),
+                  flush=True)
     steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 
     def mean(key):
@@ -137,10 +146,10 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     tokens = sum(r["tokens"] for r in steady) / len(steady)
     _, _, total = parameter_counts(trainer.policy.model)
     result = {
-        "model": name, "gpus": 1, "precision": precision, "precision_detail": trainer.precision.describe()
+        "model": name, "gpus": ctx.world_size, "precision": precision, "precision_detail": trainer.precision.describe()
         + (", Kahan-compensated AdamW" if type(trainer.optim).__module__.startswith("optimi") else ", AdamW"),
         "parameters": total, "prompts_per_step": prompts, "sequences_per_step": steady[-1]["sequences"],
-        "tokens_per_s_per_gpu": round(tokens / step_s, 1), "step_s": step_s,
+        "tokens_per_s_per_gpu": round(tokens / step_s / ctx.world_size, 1), "step_s": step_s,
         "update_mfu": mean("update_mfu"), "phases": {k: mean(k) for k in PHASES if mean(k) is not None},
         "peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=None),
         "mean_tokens_per_step": round(tokens, 1), "mean_response_tokens": mean("response_length"),
@@ -148,7 +157,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         "steps": rows,
     }
     del trainer
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result
 
@@ -164,11 +173,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
     args = ap.parse_args()
+    ctx, device = init_from_env("cpu" if args.smoke else "cuda")
     results: list[dict] = []
     meta = {"torch": torch.__version__}
     if args.smoke:
         extra = ["rollout.n=2", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4", *args.set]
-        results.append(run("embedded-default", "default", "default", 2, 2, "cpu", extra))
+        results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device, extra, ctx))
     else:
         import transformers
 
@@ -178,11 +188,14 @@ def main() -> None:
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
             if not (folder / "config.json").exists():
                 t = time.time()
-                write_model(size, folder)
+                write_model(size, folder, ctx)
                 print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
-            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, "cuda", args.set,
-                               args.warmup_steps))
-            Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
+            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
+                               ctx, args.warmup_steps))
+            if ctx.is_main:
+                Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
+    if not ctx.is_main:
+        return
     Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     for r in results:
         print(f"{r['model']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "

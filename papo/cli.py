@@ -6,6 +6,8 @@ Each command lives in a small ``_cmd_*`` function; heavy imports happen inside i
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # start one process per GPU under torchrun
+        return _torchrun(args.nproc_per_node, args.argv)
     from papo.training.loop import train_from_args
 
     train_from_args(args.preset, args.model, args.data, args.set, args.max_steps, args.out, args.resume, args.device)
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<time>)")
     p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="processes (GPUs) on this machine, launched with torchrun; several machines: run torchrun yourself")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sft", help="supervised warm-start on the synthetic suite's reasoning traces")
@@ -167,8 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``python -m torch.distributed.run --nproc-per-node N -m papo <argv without --nproc-per-node>``."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "papo", *rest]
+    print("papo: " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # papo draws its own progress bars

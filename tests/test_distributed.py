@@ -2,10 +2,16 @@
 gloo), and a non-main rank that trains without writing a file."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from model_fixtures import small_cfg
+from model_fixtures import SMALL, small_cfg
+from safetensors.torch import load_file
 
 from papo.training.distributed import DistContext
 from papo.training.loop import run_train
@@ -45,3 +51,100 @@ def test_a_non_main_rank_trains_but_writes_nothing(tmp_path):
                        ctx=DistContext(rank=1, world_size=1))
     assert result["steps"] == 1
     assert not out.exists() or not any(out.rglob("*"))
+
+
+# --------------------------------------------------------------------------- training in two processes
+
+EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_every=1", "trainer.keep_last=3"]
+
+
+def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        run_train(small_cfg("papo_g", EXTRA + extra), out, resume=resume)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False) -> Path:
+    out = tmp / name
+    rendezvous = tmp / f"rendezvous-{name}-{int(resume)}"
+    mp.spawn(_train_worker, args=(f"file://{rendezvous}", str(out), list(extra), resume), nprocs=2, join=True)
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
+    measured = ("_s", "_gib", "tokens_per_s")  # times and memory peaks differ between any two runs
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith(measured)}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_rows(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    assert len(a) == len(b) and [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k, va in ra.items():
+            vb = rb[k]
+            if isinstance(va, float) or isinstance(vb, float):
+                assert abs(va - vb) <= tol * max(1.0, abs(va)), (ra["step"], k, va, vb)
+            else:
+                assert va == vb, (ra["step"], k, va, vb)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worlds")
+    run_train(small_cfg("papo_g", EXTRA), str(tmp / "one"))
+    return tmp, tmp / "one", _train_two(tmp, "two")
+
+
+def test_two_processes_train_like_one(one_and_two):
+    """The same seed at world size 1 and 2: the same rollouts (keyed noise), losses, gradient norms and weights."""
+    _, one, two = one_and_two
+    rows = _rows(two)
+    _assert_same_rows(_rows(one), rows)
+    assert rows[-1]["tokens"] > 0 and any(r["kl_prcp"] > 0 for r in rows) and any(r["grad_norm"] > 0 for r in rows)
+    w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) < 1e-5
+    assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert (two / "checkpoints" / "step-3" / "dcp").is_dir()  # sharded checkpoints, one RNG file per rank
+    assert sorted(p.name for p in (two / "checkpoints" / "step-3").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+
+
+def test_two_processes_resume_exactly_and_at_another_world_size(one_and_two):
+    tmp, _, two = one_and_two
+    stopped = _train_two(tmp, "stopped", ["trainer.max_steps=2"])
+    resumed = _train_two(tmp, "stopped", [], resume=True)  # the same directory, now to step 3
+    _assert_same_rows(_rows(two), _rows(resumed), tol=0.0)
+    # a two-process checkpoint resumed by one process: the same third step
+    shutil.copytree(stopped, tmp / "single")
+    shutil.rmtree(tmp / "single" / "checkpoints" / "step-3")
+    run_train(small_cfg("papo_g", EXTRA), str(tmp / "single"), resume=True)
+    _assert_same_rows(_rows(two), _rows(tmp / "single"))
+
+
+def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):
+    """algorithm.token_mean_scope=mini_batch: every valid token weighs the same whatever the micro-batching, so
+    the gradient and the updated weights are the same (the logged loss terms stay means of micro-batch means)."""
+    norms, weights = [], []
+    for micro in (8, 2):
+        cfg = small_cfg("papo_g", ["trainer.max_steps=1", f"trainer.micro_batch_size={micro}",
+                                   "algorithm.token_mean_scope=mini_batch"])
+        run_train(cfg, str(tmp_path / f"micro{micro}"))
+        norms.append(_rows(tmp_path / f"micro{micro}")[0]["grad_norm"])
+        weights.append(load_file(tmp_path / f"micro{micro}" / "final" / "model.safetensors"))
+    assert norms[0] > 0 and abs(norms[0] - norms[1]) <= 1e-5 * norms[0]
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-6
+
+
+def test_papo_train_launches_torchrun(tmp_path):
+    """`papo train --nproc-per-node 2` starts two processes under torchrun (gloo on CPU) that train as one run."""
+    out = tmp_path / "run"
+    sets = [a for kv in SMALL + ["trainer.max_steps=1", "trainer.micro_batch_size=4"] for a in ("--set", kv)]
+    done = subprocess.run([sys.executable, "-m", "papo", "train", "--preset", "grpo", "--device", "cpu", "--out", str(out),
+                           "--nproc-per-node", "2", *sets], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc-per-node=2 -m papo train" in done.stderr
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1] and rows[0]["tokens"] > 0
+    assert (out / "final" / "model.safetensors").is_file()

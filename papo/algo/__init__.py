@@ -5,7 +5,7 @@ shapes written next to its arguments and returns tensors, so each can be tested 
 """
 
 from papo.algo.advantages import ADV_ESTIMATORS, group_advantages, group_index
-from papo.algo.aggregation import AGG_MODES, aggregate, masked_mean
+from papo.algo.aggregation import AGG_MODES, TOKEN_MEAN_SCOPES, aggregate, masked_mean, micro_batch_weight
 from papo.algo.filtering import FilterResult, dapo_group_filter
 from papo.algo.kl import KL_ESTIMATORS, entropy_from_logits, kl_estimate
 from papo.algo.objective import LossConfig, papo_loss
@@ -26,10 +26,10 @@ from papo.algo.perception import (
 from papo.algo.surrogate import PolicyLossOutput, ppo_clip_loss
 
 __all__ = [
-    "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS",
+    "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS", "TOKEN_MEAN_SCOPES",
     "FilterResult", "LossConfig", "PolicyLossOutput",
     "aggregate", "dapo_group_filter", "double_entropy_loss", "entropy_band_loss", "entropy_from_logits", "group_advantages",
-    "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean",
+    "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean", "micro_batch_weight",
     "papo_loss", "perception_loss", "perception_reward", "ppo_clip_loss", "relative_kl_prcp_coef", "sampled_entropy",
     "token_top_p_mask",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+TOKEN_MEAN_SCOPES = ("micro_batch", "mini_batch")
 
 # verl's masked_mean denominator guard; keeps empty micro-batches at 0 instead of NaN.
 _EPS = 1e-8
@@ -58,3 +59,19 @@ def aggregate(values: Tensor, mask: Tensor, mode: str = "token-mean", norm_lengt
         per_seq = seq_sum / norm_length
     has_tokens = tokens > 0
     return _masked(per_seq, has_tokens).sum() / (has_tokens.sum().to(values.dtype) + _EPS)
+
+
+def micro_batch_weight(scope: str, micro_batches: int, tokens: float, total_tokens: float, world_size: int = 1) -> float:
+    """The factor on one micro-batch's token-mean loss before backward, so that the mini-batch gradient (which
+    data-parallel ranks then average) is the intended mean.
+
+    "micro_batch" (the authors'): the mean of the micro-batch means, 1 / micro_batches; a token's weight then
+    depends on how many valid tokens share its micro-batch. "mini_batch": every valid token of the mini-batch,
+    on every rank, weighs 1 / total_tokens, so results do not depend on micro-batch size or world size:
+    tokens / total_tokens, times world_size to undo the ranks' average.
+    """
+    if scope == "micro_batch":
+        return 1.0 / micro_batches
+    if scope == "mini_batch":
+        return world_size * tokens / max(total_tokens, 1.0)
+    raise ValueError(f"token-mean scope must be one of {', '.join(TOKEN_MEAN_SCOPES)}, got {scope!r}")

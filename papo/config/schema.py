@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, LossConfig
+from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, TOKEN_MEAN_SCOPES, LossConfig
 from papo.data.masking import MaskingConfig
 from papo.errors import ConfigError
 from papo.models.precision import Precision
@@ -66,6 +66,8 @@ class AlgorithmSection(LossConfig):
     entropy_band: list[float] | None = None  # [h_min, h_max] (write-up: [0.1, 2.0]) with entropy_band_coef (0.01)
     kl_prcp_reward_coef: float = 0.0  # > 0: add coef * sum_t KL_prcp_t (old vs masked) to each response's reward
     adv_estimator: str = "grpo"
+    # token-mean over each micro-batch (the authors') or over the whole mini-batch on every rank (papo.algo.micro_batch_weight)
+    token_mean_scope: str = "micro_batch"
     # KL_prcp scheduling and weighting
     kl_prcp_schedule: str = "fixed"
     kl_prcp_anneal_ratio: float = 0.5
@@ -159,6 +161,9 @@ class TrainConfig:
             raise ConfigError("optim.kahan_summation applies to 16-bit parameters only (model.param_dtype=bfloat16)")
         checks = [
             (a.adv_estimator in ADV_ESTIMATORS, f"algorithm.adv_estimator must be one of {ADV_ESTIMATORS}"),
+            (a.token_mean_scope in TOKEN_MEAN_SCOPES, f"algorithm.token_mean_scope must be one of {', '.join(TOKEN_MEAN_SCOPES)}"),
+            (a.token_mean_scope == "micro_batch" or a.loss_agg == "token-mean",
+             "algorithm.token_mean_scope=mini_batch applies to algorithm.loss_agg=token-mean only"),
             (a.kl_prcp_schedule in GAMMA_SCHEDULES, f"algorithm.kl_prcp_schedule must be one of {GAMMA_SCHEDULES}"),
             (a.kl_prcp_apply_mode in APPLY_MODES, f"algorithm.kl_prcp_apply_mode must be one of {APPLY_MODES}"),
             (a.filter_key in ("accuracy", "overall", "format"), "algorithm.filter_key must be accuracy, overall or format"),

@@ -5,6 +5,7 @@ trainer, SFT and evaluation use (encode prompts, decode responses, score log-pro
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,20 @@ def resolve_model(name_or_path: str | None) -> str:
     return str(name_or_path)
 
 
+class RootCall(torch.nn.Module):
+    """One module call around any function of a model. papo scores and samples by calling parts of a model
+    (its backbone, its head in chunks, ``generate``) rather than its forward; a sharded model (FSDP2) gathers
+    its root parameters (embeddings, head, norms) and schedules their gradient reduction in the hooks of a
+    module call, so every such function runs as ``root(fn, *args)``, which calls ``fn(model, *args)``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
+
+
 class Policy:
     """``compute_dtype``: what forwards and rollouts run in (None: the parameters' dtype); with float32
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
@@ -52,6 +67,7 @@ class Policy:
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
                  compute_dtype: torch.dtype | None = None):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.root = RootCall(model)  # what a sharded model is wrapped in (papo.training.sharding)
         param_dtype = next(model.parameters()).dtype
         self.precision = Precision(param_dtype, compute_dtype or param_dtype)
         use_packed_vision_attention(model)  # one SDPA call per image size instead of one per image or window
@@ -104,24 +120,30 @@ class Policy:
 
     def logprobs(self, batch: PromptBatch, ids: Tensor, mask: Tensor, temperature: float = 1.0,
                  images: PromptBatch | None = None, with_entropy: bool = False,
-                 chunk_tokens: int = 2048, model: Any = None) -> tuple[Tensor, Tensor | None]:
+                 chunk_tokens: int = 2048, model: RootCall | None = None) -> tuple[Tensor, Tensor | None]:
         """Log-probs (B, R) of completions ``ids`` after ``batch``'s prompts; ``images`` swaps in other image
         tensors with the same token ids and positions (the masked branch); ``model`` scores with another model
-        that shares the processor (the reference policy)."""
+        that shares the processor (the reference policy, as a ``RootCall``)."""
         inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
         if images is not None:
             inputs = with_images(inputs, images)
         with self.precision.autocast(self.device):
-            return response_logprobs(model or self.model, inputs, mask.to(self.device), temperature, self.suppress,
-                                     chunk_tokens, with_entropy)
+            return (model or self.root)(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress,
+                                        chunk_tokens, with_entropy)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template."""
+    def save(self, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template.
+        ``state_dict``: the whole model's tensors when the live model is sharded (gathered by the caller)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model = self.model
         if hasattr(model, "merge_and_unload"):  # LoRA: write merged weights, keep the live adapter untouched
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+        plain = next(c for c in type(model).__mro__ if "FSDP" not in c.__name__).__name__
+        config = json.loads((out / "config.json").read_text())
+        if config.get("architectures") != [plain]:  # FSDP2's subclass name must not reach the Auto classes
+            config["architectures"] = [plain]
+            (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.processor.save_pretrained(out)
         return out

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from papo.models.logprobs import suppress_mask
+from papo.rollout.keyed_noise import exponential_noise
 from papo.rollout.sampling import SamplingParams
 
 
@@ -44,6 +45,7 @@ class DecodeBuffers:
     rows: Tensor  # (B,) which output row each cache row writes to
     out: Tensor  # (N, T) sampled tokens per output row
     out_logp: Tensor  # (N, T) their log-probs under the sampling temperature (no top-k/top-p truncation)
+    noise_keys: Tensor  # (N,) int64: each output row's sampling-noise key (papo.rollout.keyed_noise)
     qkv_weight: list[Tensor]  # per layer (q + 2 kv, H): q_proj, k_proj and v_proj stacked, refreshed per rollout
     qkv_bias: list[Tensor | None]
 
@@ -118,9 +120,10 @@ def logits_of(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor) -> Tensor:
     return F.linear(_rms_norm(norm, eps, h), lm_head)[:, 0].float()
 
 
-def decode_head(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor, suppress: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+def decode_head(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor, suppress: Tensor, params: SamplingParams,
+                keys: Tensor, column: Tensor) -> tuple[Tensor, Tensor]:
     """Final norm, LM head and sampling: h (b, 1, H) -> token (b,), its log-prob (b,)."""
-    return sample(logits_of(h, norm, eps, lm_head), suppress, params)
+    return sample(logits_of(h, norm, eps, lm_head), suppress, params, keys, column)
 
 
 class DecodeStep:
@@ -176,6 +179,7 @@ class DecodeStep:
             rows=torch.zeros(rows, dtype=torch.long, device=dev),
             out=torch.zeros(rows, new_tokens, dtype=torch.long, device=dev),
             out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
+            noise_keys=torch.zeros(rows, dtype=torch.long, device=dev),
             qkv_weight=[w for w, _ in qkv], qkv_bias=[b for _, b in qkv],
         )
         self.refresh_weights()
@@ -206,10 +210,11 @@ class DecodeStep:
             q = self.qkv_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], keys, values, cos, sin, slot, self.shape)
             o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=bias, scale=self.scaling)
             h = self.rest_fn(h, o, weights, self.eps)
-        token, logp = self.head_fn(h, *self.final_norm, self.model.lm_head.weight, self.suppress, params)
+        rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
+        token, logp = self.head_fn(h, *self.final_norm, self.model.lm_head.weight, self.suppress, params,
+                                   buf.noise_keys[rows], column)
         done = buf.done[:b]
         token = torch.where(done, torch.full_like(token, self.pad_id), token)
-        rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
         buf.out.index_put_((rows, column), token)
         buf.out_logp.index_put_((rows, column), logp)
         buf.valid[:b].index_fill_(1, slot, True)
@@ -233,29 +238,33 @@ class DecodeStep:
             buf.values[i][rows, :, :P] = v if n == 1 else v.repeat_interleave(n, 0)
         return logits_of(h[:, -1:], *self.final_norm, self.model.lm_head.weight)
 
-    def sample(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
-        return sample(logits, self.suppress, params)
+    def sample(self, logits: Tensor, params: SamplingParams, keys: Tensor, column: Tensor) -> tuple[Tensor, Tensor]:
+        return sample(logits, self.suppress, params, keys, column)
 
 
-def sample(logits: Tensor, suppress: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
-    """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it)."""
+def sample(logits: Tensor, suppress: Tensor, params: SamplingParams, keys: Tensor, column: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, V) fp32 logits -> sampled token and its log-prob at the sampling temperature (as scoring sees it).
+    ``keys`` (b,) and ``column`` (b,) key the sampling noise (``papo.rollout.keyed_noise``)."""
     logits = logits.masked_fill(suppress, float("-inf"))
     if params.greedy:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-    scaled = logits / params.temperature
-    logp_all = torch.log_softmax(scaled, -1)
-    kept = scaled
+    token = race_scores(logits, params, keys, column).argmax(-1)
+    return token, torch.log_softmax(logits / params.temperature, -1).gather(-1, token[:, None])[:, 0]
+
+
+def race_scores(logits: Tensor, params: SamplingParams, keys: Tensor, column: Tensor) -> Tensor:
+    """(b, V) scores whose argmax is a sample of temperature / top-k / top-p sampling: the exponential race
+    p_v / E_v over the kept tokens, with E keyed by (key, column, token) and no host sync (it lives inside a
+    CUDA graph). Tokens outside the nucleus score 0."""
+    kept = logits / params.temperature
     if params.top_k:
         kth = torch.topk(kept, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         kept = kept.masked_fill(kept < kth, float("-inf"))
     probs = kept.softmax(-1)
     if params.top_p < 1.0:
         probs = probs.masked_fill(probs <= top_p_cutoff(probs, params.top_p)[:, None], 0.0)
-    # exponential race (= sampling from probs, which need not sum to 1) with no host sync, so it can live inside
-    # a CUDA graph
-    token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
-    return token, logp_all.gather(-1, token[:, None])[:, 0]
+    return probs / exponential_noise(keys, column, probs.shape[-1])  # the race needs no normalised probs
 
 
 TOP_P_BISECTION_STEPS = 31  # bit patterns of floats in [0, 1] span < 2^30: the search ends on the exact cutoff

@@ -30,11 +30,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from papo.models.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.inputs import PromptBatch
 from papo.models.mrope import VisionInputs, mrope_positions
 from papo.rollout.decode_step import DecodeBuffers, DecodeStep
+from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
@@ -194,25 +196,29 @@ class RolloutEngine:
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()
-    def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1, max_new_tokens: Tensor | None = None) -> tuple[Completions, Tensor]:
+    def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1, max_new_tokens: Tensor | None = None,
+                 keys: Tensor | None = None) -> tuple[Completions, Tensor]:
         """``n`` completions per prompt (prompt-major order) and their (N, R) sampling log-probs.
-        ``max_new_tokens``: optional per-output-row limits (N,), each at most ``params.max_new_tokens``."""
+        ``max_new_tokens``: optional per-output-row limits (N,), each at most ``params.max_new_tokens``.
+        ``keys``: (N,) sampling-noise keys per output row (``papo.rollout.keyed_noise``; default: random)."""
+        keys = random_keys(batch.size * n) if keys is None else keys
         was_training = self.model.training
         self.model.eval()
         try:
             try:
-                return self._generate(batch, params, n, max_new_tokens)
+                return self._generate(batch, params, n, max_new_tokens, keys)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a compiler failure must not end a training run: eager gives the same tokens
                 if not self.compile:
                     raise
                 self._fall_back_to_eager(err)
-                return self._generate(batch, params, n, max_new_tokens)
+                return self._generate(batch, params, n, max_new_tokens, keys)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None) -> tuple[Completions, Tensor]:
+    def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None,
+                  keys: Tensor) -> tuple[Completions, Tensor]:
         N, T, P = batch.size * n, params.max_new_tokens, batch.prompt_len
         self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked attention kernels want the key length aligned
         buf = self._buf
@@ -231,8 +237,9 @@ class RolloutEngine:
         lim = torch.full((N,), T, dtype=torch.long) if limits is None else limits.clamp(max=T).long()
         buf.limits[:N] = lim.to(self.device)
         buf.rows[:N] = torch.arange(N, device=self.device)
-        # the first token comes from the prefill's logits; the decode steps produce the rest
-        token, logp = self.step.sample(logits, params)
+        buf.noise_keys[:N] = keys.to(self.device)
+        # the first token comes from the prefill's logits (column 0); the decode steps produce the rest
+        token, logp = self.step.sample(logits, params, buf.noise_keys[:N], torch.zeros(N, dtype=torch.long, device=self.device))
         buf.out[:N, 0], buf.out_logp[:N, 0] = token, logp
         buf.tokens[:N] = token
         buf.done[:N] = torch.isin(token, self.step.eos) | (buf.limits[:N] <= 1)
@@ -313,8 +320,9 @@ def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
     packed = getattr(config.vision_config, "_attn_implementation", None) == PACKED_VISION_ATTENTION
     if packed:  # transformers builds only the attention implementations it knows: switch after construction
         config.vision_config._attn_implementation = "sdpa"
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 mixes in a subclass
     with torch.device("meta"):
-        clone = type(model)._from_config(config, dtype=dtype)
+        clone = cls._from_config(config, dtype=dtype)
     if packed:
         use_packed_vision_attention(clone)
     clone = clone.to_empty(device=device).requires_grad_(False).eval()

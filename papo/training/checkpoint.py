@@ -67,6 +67,61 @@ def save_checkpoint(root: Path, step: int, policy: Any, state: dict[str, Any], k
     return final
 
 
+def save_sharded_checkpoint(root: Path, step: int, model: Any, optim: Any, state: dict[str, Any], rank: int,
+                            barrier: Any, keep_last: int) -> Path:
+    """Every rank calls this: model and optimizer shards through torch.distributed.checkpoint (``dcp/``, which
+    loads at any world size), each rank's RNG state (``rng-<rank>.pt``), and the trainer state from the main
+    rank; then the main rank renames ``step-N.tmp`` into place, as ``save_checkpoint`` does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    model_state, optim_state = get_state_dict(model, optim)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    torch.save(state.pop("rng"), tmp / f"rng-{rank}.pt")
+    failpoint("checkpoint.model")
+    barrier()
+    if rank == 0:
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_pos": state.get("data_pos")}))
+        _fsync_tree(tmp)
+        failpoint("checkpoint.state")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: Any, optim: Any, rank: int) -> dict[str, Any]:
+    """Model and optimizer from ``dcp/`` (resharded to this world size), the trainer state, and this rank's RNG
+    state (rank 0's when the checkpoint was written by fewer processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optim)
+    both = {"model": model_state, "optim": optim_state}
+    dcp.load(both, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optim, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    state = load_trainer_state(path)
+    rng = path / f"rng-{rank}.pt"
+    state["rng"] = torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=True, map_location="cpu")
+    return state
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / "dcp").is_dir()
+
+
 def _fsync_tree(folder: Path) -> None:
     # rename is atomic, but without fsync a power cut can leave the renamed files empty
     for path in folder.rglob("*"):

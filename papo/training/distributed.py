@@ -7,7 +7,12 @@ every rank's view at once and all ranks agree on it. Only the main rank writes f
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 import torch
 import torch.distributed as dist
@@ -44,6 +49,9 @@ class DistContext:
     def mean(self, *values: float) -> list[float]:
         return [v / self.world_size for v in self.sum(*values)]
 
+    def max(self, *values: float) -> list[float]:
+        return self._all_reduce([float(v) for v in values], dist.ReduceOp.MAX)
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any: a step one rank must skip is skipped by all."""
         return self._all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
@@ -55,3 +63,30 @@ class DistContext:
         out: list[str] = [""] * self.world_size
         dist.all_gather_object(out, text)
         return out
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous share of ``items`` (a multiple of the world size: the config checks)."""
+        if self.world_size == 1:
+            return list(items)
+        if len(items) % self.world_size:
+            raise ValueError(f"{len(items)} items do not split evenly over {self.world_size} processes")
+        per = len(items) // self.world_size
+        return list(items[self.rank * per:(self.rank + 1) * per])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_from_env(device: str) -> tuple[DistContext, str]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group, NCCL on GPUs and gloo on
+    CPUs, and pin this process to its local GPU. Returns the context and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return DistContext.current(device), device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistContext.current(device), device

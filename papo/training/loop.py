@@ -23,7 +23,7 @@ from papo.models.loading import resolve_device
 from papo.rollout.graded import generate_and_score, summarize, summary_table
 from papo.rollout.sampling import SamplingParams
 from papo.training.checkpoint import latest_checkpoint
-from papo.training.distributed import DistContext
+from papo.training.distributed import DistContext, init_from_env
 from papo.training.faults import failpoint
 from papo.training.report import write_report
 from papo.training.trainer import Trainer
@@ -85,7 +85,10 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     console = console or Console()
     out_dir = Path(out)
     torch.manual_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, out_dir, resolve_device(cfg.trainer.device), train_data=train_data, reward=reward, ctx=ctx)
+    device = resolve_device(cfg.trainer.device)
+    if ctx is None:  # under torchrun: join the process group (one process: a context of one)
+        ctx, device = init_from_env(device)
+    trainer = Trainer(cfg, out_dir, device, train_data=train_data, reward=reward, ctx=ctx)
     main = trainer.ctx.is_main  # only the main rank prints and writes files
     if not main:
         console = Console(quiet=True)
@@ -110,6 +113,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             raise UserError(f"{out_dir} already holds a run; pass --resume {out_dir} or choose another --out")
         if main:
             write_config(cfg, out_dir)
+    trainer.ctx.barrier()  # every rank has checked the directory before the main rank writes to it
     t = cfg.trainer
     if before is None and t.eval_before_after:
         console.print(f"held-out check before training ({cfg.data.test}, k={t.eval_k})")
@@ -167,11 +171,11 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     after = None
     if t.eval_before_after:
         after = _heldout(trainer, cfg.data.test, t.eval_k)
+    trainer.save_final(out_dir / "final")
     if not main:
         return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
     if after is not None:
         (out_dir / "heldout_after.json").write_text(json.dumps(after, indent=1))
-    trainer.policy.save(out_dir / "final")
     report = write_report(out_dir, rows, before, after, cfg.to_dict(), warnings)
     if before and after:
         console.print(summary_table(f"held-out avg@{after['k']} before / after ({after['n']} test questions)",

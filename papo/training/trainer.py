@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from papo.algo import (
     dapo_group_filter,
     group_advantages,
     kl_prcp_coef_at,
     kl_prcp_weights,
+    micro_batch_weight,
     papo_loss,
     perception_reward,
 )
@@ -41,20 +43,29 @@ from papo.config.schema import TrainConfig
 from papo.data.masking import image_pair
 from papo.data.sample import Sample
 from papo.data.stream import PromptStream
-from papo.errors import TrainingStopped
+from papo.errors import TrainingStopped, UserError
 from papo.models.loading import ModelOptions
-from papo.models.policy import Policy
+from papo.models.policy import Policy, RootCall
 from papo.models.precision import Precision
 from papo.rewards import RewardFunction, get_reward, score_responses
+from papo.rollout.keyed_noise import rollout_keys
 from papo.rollout.sampler import Sampler
 from papo.rollout.sampling import SamplingParams
-from papo.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from papo.training.checkpoint import (
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_sharded_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from papo.training.distributed import DistContext
 from papo.training.experience import Experience, LogProbs, MicroBatches, concat, pad_cat, select
 from papo.training.faults import Poison, failpoint
 from papo.training.monitor import HackingMonitor
 from papo.training.optim import build_optimizer, constant_with_warmup
 from papo.training.rng import rng_state, set_rng_state
+from papo.training.sharding import check_world_size, full_state_dict, shard_model
 
 
 class Trainer:
@@ -70,10 +81,18 @@ class Trainer:
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
-        self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile)
         self.ref = None
         if cfg.algorithm.kl_ref_coef > 0:  # same dtype and autocast as the policy: KL_ref is exactly 0 at step 0
-            self.ref = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+            self.ref = RootCall(copy.deepcopy(self.policy.model).eval().requires_grad_(False))
+        self.sharded = self.ctx.world_size > 1
+        if self.sharded:  # FSDP2: each rank holds 1/world of every weight; the reference model shards the same way
+            check_world_size(cfg, self.ctx.world_size)
+            for root in filter(None, (self.policy.root, self.ref)):
+                shard_model(root, self.precision, self.policy.device, self.ctx.world_size)
+        # a sharded policy: the engine keeps whole weights of its own, gathered one tensor at a time before each
+        # rollout, and the transformers path keeps every rank decoding until all are done
+        self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile, own_weights=self.sharded or None,
+                               synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
@@ -96,6 +115,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def rollout(self, draws: list[tuple[int, Sample]]) -> Experience:
+        """This rank's share of ``draws`` (contiguous, by draw index): G rollouts each, scored. Every rollout's
+        sampling noise is keyed by (seed, draw, sample index), so its tokens do not depend on the world size."""
+        draws = self.ctx.share(draws)
         g, samples, uids, images, masked = self.cfg.rollout.n, [], [], [], []
         for pos, sample in draws:
             ims, mims = image_pair(sample, self.masking, self.cfg.trainer.seed, pos, self.policy.min_pixels, self.policy.max_pixels)
@@ -106,7 +128,8 @@ class Trainer:
                 masked.append(mims)
         # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
         batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
-        comp = self.sampler.generate(batch, self.params, n=g)
+        keys = rollout_keys(self.cfg.trainer.seed, torch.tensor([pos for pos, _ in draws]), g)
+        comp = self.sampler.generate(batch, self.params, n=g, keys=keys)
         self.sampler.release()  # the update needs that memory more than the next rollout does
         failpoint("rollout")
         texts = self.policy.decode(comp)
@@ -132,10 +155,12 @@ class Trainer:
             timing["rollout_s"] = time.time() - t0
             return exp, {}
         kept: list[Experience] = []
+        quota = want // self.ctx.world_size  # each rank fills its own share; all ranks run the same rounds
         groups = rounds = 0
-        while groups < want:
+        while self.ctx.any(groups < quota):
             if rounds >= a.max_filter_rounds:
-                raise RuntimeError(f"DAPO filter kept {groups} of {want} prompt groups after {rounds} rounds "
+                total = int(self.ctx.sum(groups)[0])
+                raise RuntimeError(f"DAPO filter kept {total} of {want} prompt groups after {rounds} rounds "
                                    "(algorithm.max_filter_rounds); the task is too easy or too hard for this model")
             exp = self.rollout(self.stream.take(self.round_size))
             rounds += 1
@@ -145,7 +170,7 @@ class Trainer:
             kept.append(select(exp, keep))
             groups += result.kept_groups
         exp = concat(kept)
-        exp = select(exp, list(range(want * self.cfg.rollout.n)))  # truncate to exactly the batch
+        exp = select(exp, list(range(quota * self.cfg.rollout.n)))  # truncate to exactly this rank's share
         timing["rollout_s"] = time.time() - t0
         return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
 
@@ -179,12 +204,13 @@ class Trainer:
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
         weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
         exact = self.loss_cfg.entropy_estimator == "exact"
-        per_update = c.trainer.mini_batch_size * g
+        per_update = c.trainer.mini_batch_size // self.ctx.world_size * g  # this rank's share of a mini-batch
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
         for start in range(0, exp.size, per_update):
             micro = list(batches.over(list(range(start, min(start + per_update, exp.size)))))
+            total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in micro))[0]
             self.optim.zero_grad(set_to_none=True)
             for mb in micro:
                 failpoint("update")
@@ -199,12 +225,15 @@ class Trainer:
                     ref_log_probs=logps.ref[rows, :w].to(dev) if logps.ref is not None else None,
                     kl_prcp_coef=gamma, kl_prcp_weights=weights[rows].to(dev), entropies=ent, masked_entropies=masked_ent,
                 )
-                (loss / len(micro)).backward()
+                weight = micro_batch_weight(c.algorithm.token_mean_scope, len(micro), float(mb.mask.sum()), total_tokens,
+                                            self.ctx.world_size)
+                (loss * weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
             self.poison.gradients(self.policy.model.parameters())
             norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the norm over all ranks
             if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
                 self.optim.step()
             else:  # a non-finite gradient never reaches the weights
@@ -274,13 +303,29 @@ class Trainer:
             "step_s": round(time.time() - t0, 3),
             "tokens": exp.tokens,
         }
-        row["tokens_per_s"] = round(exp.tokens / max(row["step_s"], 1e-9), 1)
         if self.policy.device.type == "cuda":
             row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.policy.device) / 2**30, 2)
             torch.cuda.reset_peak_memory_stats(self.policy.device)
-        row["hacking_warning"] = self.monitor.observe(row)
+        row = self._over_ranks(row)
+        row["tokens_per_s"] = round(row["tokens"] / max(row["step_s"], 1e-9), 1)  # all ranks' tokens
+        row["hacking_warning"] = self.monitor.observe(row)  # the same row on every rank: the same verdict
         self.last_experience = exp
         return row
+
+    def _over_ranks(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's row made one: token and group counts summed, memory peaks the largest, the rest averaged
+        (every rank holds an equal share of the step's sequences, so a mean of means is the mean)."""
+        if self.ctx.world_size == 1:
+            return row
+        keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step")
+        summed = {"tokens", "filter_kept_groups"}
+        sums = dict(zip(keys, self.ctx.sum(*(row[k] for k in keys))))
+        peaks = dict(zip(keys, self.ctx.max(*(row[k] for k in keys))))
+        out = dict(row)
+        for k in keys:
+            value = sums[k] if k in summed else peaks[k] if k == "gpu_peak_gib" else sums[k] / self.ctx.world_size
+            out[k] = type(row[k])(value) if isinstance(row[k], int) else value
+        return out
 
     def _oom_message(self) -> str:
         c = self.cfg
@@ -299,27 +344,45 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step_no, "data_pos": self.stream.pos, "optimizer": self.optim.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": rng_state(), "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
+        """What a checkpoint holds besides the weights (sharded runs keep the optimizer in ``dcp/`` instead)."""
+        state = {"step": self.step_no, "data_pos": self.stream.pos, "scheduler": self.sched.state_dict(), "rng": rng_state(),
+                 "monitor": self.monitor.state(), "bad_steps": self.bad_steps}
+        return state if self.sharded else {**state, "optimizer": self.optim.state_dict()}
 
     def save(self) -> Path:
-        """The main rank writes the checkpoint; every rank gets its path."""
+        """Every rank calls this; the main rank writes (sharded: each rank writes its shards); every rank gets
+        the checkpoint's path."""
+        root, keep = self.out / "checkpoints", self.cfg.trainer.keep_last
+        if self.sharded:
+            return save_sharded_checkpoint(root, self.step_no, self.policy.model, self.optim, self.state(), self.ctx.rank,
+                                           self.ctx.barrier, keep)
         if not self.ctx.is_main:
-            return self.out / "checkpoints" / f"step-{self.step_no}"
-        return save_checkpoint(self.out / "checkpoints", self.step_no, self.policy, self.state(), self.cfg.trainer.keep_last)
+            return root / f"step-{self.step_no}"
+        return save_checkpoint(root, self.step_no, self.policy, self.state(), keep)
+
+    def save_final(self, path: Path) -> None:
+        """The trained model as a Hugging Face directory, written by the main rank (sharded: gathered first)."""
+        state_dict = full_state_dict(self.policy.model) if self.sharded else None
+        if self.ctx.is_main:
+            self.policy.save(path, state_dict=state_dict)
+        self.ctx.barrier()
 
     def restore(self, ckpt: Path) -> None:
-        state = load_trainer_state(ckpt)
-        # through from_pretrained: checkpoint key names are transformers' serialized names, not module paths
-        saved = type(self.policy.model).from_pretrained(ckpt, dtype=next(self.policy.model.parameters()).dtype)
-        self.policy.model.load_state_dict(saved.state_dict(), strict=True)
-        self.optim.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(ckpt):  # written by several processes: loads at this world size, one included
+            state = load_sharded_checkpoint(ckpt, self.policy.model, self.optim, self.ctx.rank)
+        elif self.sharded:
+            raise UserError(f"{ckpt} was written by a single process; resume it with one process (or start a new run)")
+        else:
+            state = load_trainer_state(ckpt)
+            # through from_pretrained: checkpoint key names are transformers' serialized names, not module paths
+            saved = type(self.policy.model).from_pretrained(ckpt, dtype=next(self.policy.model.parameters()).dtype)
+            self.policy.model.load_state_dict(saved.state_dict(), strict=True)
+            self.optim.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"] if "rng" in state else {"cpu": state["torch_rng"]})  # "torch_rng": older checkpoints
         self.stream.pos, self.step_no = int(state["data_pos"]), int(state["step"])
         self.monitor.load(state.get("monitor", {}))
         self.bad_steps = int(state.get("bad_steps", 0))
-
 
 def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask: torch.Tensor) -> str:
     """Why a step's loss inputs are unusable ("" if they are fine): rewards (N,), log-probs (N, R) under mask."""
