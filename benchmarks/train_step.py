@@ -55,20 +55,25 @@ QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.s
 PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
 
 
-def write_model(size: str, folder: Path, ctx) -> Path:
+def ensure_model(size: str, folder: Path, ctx) -> Path:
+    """The random-weight model directory, written once by the main rank (the others wait: none may look for it
+    while it is half written)."""
     from transformers import AutoModelForImageTextToText
 
     from papo.models.tiny import build_processor
 
-    if ctx.is_main:
+    if ctx.is_main and not (folder / ".complete").exists():  # a run killed mid-write leaves no marker
+        t = time.time()
         processor = build_processor()
         torch.manual_seed(0)  # the same random weights in every run of a size
         with torch.device("cuda"):
             model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
+        (folder / ".complete").touch()
         del model
         torch.cuda.empty_cache()
+        print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
     ctx.barrier()
     return folder
 
@@ -186,10 +191,7 @@ def main() -> None:
         for spec in args.runs.split(","):
             size, precision = spec.split(":")
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
-            if not (folder / "config.json").exists():
-                t = time.time()
-                write_model(size, folder, ctx)
-                print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
+            ensure_model(size, folder, ctx)
             results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
                                ctx, args.warmup_steps))
             if ctx.is_main:

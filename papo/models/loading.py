@@ -69,7 +69,7 @@ def _processor_class(name_or_path: str, **hub_kwargs: Any) -> type | None:
         return None
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-    return PROCESSOR_MAPPING.get(type(config))
+    return PROCESSOR_MAPPING.get(type(config), None)
 
 
 def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
