@@ -12,6 +12,8 @@ reference's, timings and memory peaks aside. Exit status 1 if anything failed.
 
 ``--device cuda`` does the same on a GPU (the compiled engine and CUDA graphs: exact resume needs the CUDA
 generator in the checkpoint); ``--set KEY=VALUE`` adds config overrides to both runs, e.g. fp32 compute.
+``--nproc 2`` runs both under torchrun with two processes (sharded checkpoints): a kill takes down the whole
+job, as losing one rank does.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ KILL_POINTS = ["rollout", "update", "metrics", "checkpoint.model", "checkpoint.s
 
 
 def _train(out: Path, steps: int, resume: bool, failpoints: str = "", kill_after: float | None = None,
-           device: str = "cpu", extra: tuple[str, ...] = ()) -> int:
-    cmd = [sys.executable, "-m", "papo", "train"]
+           device: str = "cpu", extra: tuple[str, ...] = (), nproc: int = 1) -> int:
+    cmd = [sys.executable, "-m", "papo", "train", "--nproc-per-node", str(nproc)]
     cmd += ["--resume", str(out)] if resume else ["--out", str(out), "--max-steps", str(steps), "--device", device]
     if not resume:
         for s in [*SETTINGS, *extra]:
@@ -46,12 +48,36 @@ def _train(out: Path, steps: int, resume: bool, failpoints: str = "", kill_after
     try:
         _, err = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
+        _kill_tree(proc.pid)  # the launcher, torchrun and every worker (they run in sessions of their own)
         proc.communicate()
         return -signal.SIGKILL
+    if proc.returncode != 0 and nproc > 1 and "exitcode  : -9" in err:  # a worker killed itself at a failpoint;
+        return -signal.SIGKILL  # torchrun has stopped the others
     if proc.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(f"papo train failed ({proc.returncode}):\n{err[-3000:]}")
     return proc.returncode
+
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, found through /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _check_latest(out: Path) -> str:
@@ -59,7 +85,7 @@ def _check_latest(out: Path) -> str:
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    from papo.training.checkpoint import latest_checkpoint, load_trainer_state
+    from papo.training.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_trainer_state
 
     hf_logging.disable_progress_bar()
 
@@ -67,7 +93,10 @@ def _check_latest(out: Path) -> str:
     if ckpt is None:
         return "none"
     state = load_trainer_state(ckpt)
-    AutoModelForImageTextToText.from_pretrained(ckpt)
+    if is_sharded_checkpoint(ckpt):  # shards load in the resumed run; here: complete metadata and RNG files
+        assert (ckpt / "dcp" / ".metadata").is_file() and list(ckpt.glob("rng-*.pt")), f"{ckpt}: incomplete"
+    else:
+        AutoModelForImageTextToText.from_pretrained(ckpt)
     assert state["step"] == int(ckpt.name.split("-")[1]), f"{ckpt}: trainer state says step {state['step']}"
     return ckpt.name
 
@@ -79,11 +108,11 @@ def _rows(out: Path) -> list[dict]:
 
 
 def run_crash_test(out: Path, kills: int, steps: int, seed: int = 0, log=print, device: str = "cpu",
-                   extra: tuple[str, ...] = ()) -> dict:
+                   extra: tuple[str, ...] = (), nproc: int = 1) -> dict:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    run_opts = dict(device=device, extra=extra)
+    run_opts = dict(device=device, extra=extra, nproc=nproc)
     _train(out / "reference", steps, resume=False, **run_opts)
     log(f"reference run: {steps} steps in {time.time() - t0:.0f} s")
     run, events, started = out / "killed", [], False
@@ -123,8 +152,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: exact resume of GPU sampling (CUDA RNG, graphs)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun; 2: sharded checkpoints)")
     args = ap.parse_args()
-    result = run_crash_test(Path(args.out), args.kills, args.steps, args.seed, device=args.device, extra=tuple(args.set))
+    result = run_crash_test(Path(args.out), args.kills, args.steps, args.seed, device=args.device, extra=tuple(args.set),
+                            nproc=args.nproc)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     sys.exit(0 if result["passed"] else 1)

@@ -51,7 +51,8 @@ def _moved_share(overrides, tmp_path) -> float:
     among those with a gradient above AdamW's eps (1e-8; below it AdamW itself shrinks the step, e.g. for the
     LM-head rows of tokens the batch never makes likely)."""
     torch.manual_seed(0)
-    trainer = Trainer(small_cfg("grpo", ["optim.lr=1e-6", *overrides]), tmp_path, "cpu")
+    # trainer.seed=1: the first rollout groups score unequally, so GRPO's gradient is not zero
+    trainer = Trainer(small_cfg("grpo", ["optim.lr=1e-6", "trainer.seed=1", *overrides]), tmp_path, "cpu")
     params = [p for p in trainer.policy.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     trainer.step()

@@ -13,6 +13,10 @@ from papo.training.monitor import HackingMonitor
 from papo.training.trainer import PromptStream, Trainer
 
 
+# a seed whose first rollout groups score unequally: GRPO's policy gradient is zero for a group of equal rewards
+GROUPS_WITH_DIFFERENT_REWARDS = "trainer.seed=1"
+
+
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -20,7 +24,7 @@ def _params(model):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     torch.manual_seed(0)
-    cfg = small_cfg(preset)
+    cfg = small_cfg(preset, [GROUPS_WITH_DIFFERENT_REWARDS])
     trainer = Trainer(cfg, tmp_path, "cpu")
     names = [n for n, p in trainer.policy.model.named_parameters() if p.requires_grad]
     before = _params(trainer.policy.model)
@@ -343,3 +347,13 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
     lines = [line for line in buf.getvalue().splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 1/2", "step 2/2"]
     assert all("reward" in line and "s/step" in line for line in lines)
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
+    """Under LoRA the reference policy is no copy: the same model with its adapters disabled, which at step 0
+    is exactly the policy (KL_ref 0), and later differs from it by what the adapters learned."""
+    trainer = Trainer(small_cfg("papo_g", ["model.lora_rank=4", "optim.lr=1e-2"]), tmp_path / "run", "cpu")
+    assert trainer.ref is trainer.policy.root
+    first, second = trainer.step(), trainer.step()
+    assert first["ref_kl"] == 0.0
+    assert second["ref_kl"] > 0.0

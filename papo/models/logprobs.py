@@ -70,6 +70,8 @@ def response_logprobs(
     """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if hasattr(model, "get_base_model"):  # peft: the adapters sit inside the base model's own modules
+        model = model.get_base_model()
     b, r = response_mask.shape
     ids = inputs["input_ids"]
     p = ids.shape[1] - r

@@ -21,6 +21,7 @@ through ``papo.rollout.Sampler`` and scoring through ``Policy.logprobs``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -81,13 +82,17 @@ class Trainer:
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
+        # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters
+        # off (the frozen base is the start policy), else a frozen copy in the same dtype and autocast, so
+        # KL_ref is exactly 0 at step 0
+        self.lora = hasattr(self.policy.model, "disable_adapter")
         self.ref = None
-        if cfg.algorithm.kl_ref_coef > 0:  # same dtype and autocast as the policy: KL_ref is exactly 0 at step 0
-            self.ref = RootCall(copy.deepcopy(self.policy.model).eval().requires_grad_(False))
+        if cfg.algorithm.kl_ref_coef > 0:
+            self.ref = self.policy.root if self.lora else RootCall(copy.deepcopy(self.policy.model).eval().requires_grad_(False))
         self.sharded = self.ctx.world_size > 1
         if self.sharded:  # FSDP2: each rank holds 1/world of every weight; the reference model shards the same way
             check_world_size(cfg, self.ctx.world_size)
-            for root in filter(None, (self.policy.root, self.ref)):
+            for root in {id(r): r for r in (self.policy.root, self.ref) if r is not None}.values():
                 shard_model(root, self.precision, self.policy.device, self.ctx.world_size)
         # a sharded policy: the engine keeps whole weights of its own, gathered one tensor at a time before each
         # rollout, and the transformers path keeps every rank decoding until all are done
@@ -190,7 +195,8 @@ class Trainer:
             timing["masked_logp_s"] = timing.get("masked_logp_s", 0) + time.time() - t
             if self.ref is not None:
                 t = time.time()
-                out["ref"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, model=self.ref)[0].cpu())
+                with self.policy.model.disable_adapter() if self.lora else contextlib.nullcontext():
+                    out["ref"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, model=self.ref)[0].cpu())
                 timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
         self.policy.model.train()
         width = exp.ids.shape[1]
