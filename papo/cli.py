@@ -47,8 +47,12 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_model_export(args: argparse.Namespace) -> int:
     from papo.models.policy import Policy
+    from papo.training.checkpoint import is_sharded_checkpoint, load_sharded_policy
 
-    policy = Policy.from_pretrained(args.model)
+    if args.model and is_sharded_checkpoint(Path(args.model)):  # written by several processes: no HF files inside
+        policy = load_sharded_policy(Path(args.model))
+    else:
+        policy = Policy.from_pretrained(args.model)
     out = policy.save(args.out)
     print(f"wrote {args.model or 'the embedded default model'} as a Hugging Face directory to {out}")
     return 0

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from model_fixtures import SMALL, small_cfg
 from safetensors.torch import load_file
 
+from papo.cli import main
 from papo.training.distributed import DistContext
 from papo.training.loop import run_train
 
@@ -109,6 +111,13 @@ def test_two_processes_train_like_one(one_and_two):
     assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     assert (two / "checkpoints" / "step-3" / "dcp").is_dir()  # sharded checkpoints, one RNG file per rank
     assert sorted(p.name for p in (two / "checkpoints" / "step-3").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+
+
+def test_a_sharded_checkpoint_exports_as_a_hugging_face_directory(one_and_two, tmp_path):
+    _, _, two = one_and_two
+    assert main(["model", "export", "--model", str(two / "checkpoints" / "step-3"), "--out", str(tmp_path / "hf")]) == 0
+    exported, final = load_file(tmp_path / "hf" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
 def test_two_processes_resume_exactly_and_at_another_world_size(one_and_two):

@@ -122,6 +122,27 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return (path / "dcp").is_dir()
 
 
+def load_sharded_policy(ckpt: Path) -> Any:
+    """The policy of a sharded checkpoint, whole, in one process: the run's model (``config.yaml`` two levels
+    up names it) with the checkpoint's weights (``papo model export`` writes it as a Hugging Face directory)."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from papo.models.loading import ModelOptions
+    from papo.models.policy import Policy
+
+    config = ckpt.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: a sharded checkpoint is read with its run's config.yaml")
+    model = yaml.safe_load(config.read_text())["model"]
+    policy = Policy.from_pretrained(model["name"], ModelOptions(param_dtype=model.get("param_dtype", "float32")))
+    state = get_model_state_dict(policy.model)
+    dcp.load({"model": state}, checkpoint_id=str(ckpt / "dcp"))
+    set_model_state_dict(policy.model, state)
+    return policy
+
+
 def _fsync_tree(folder: Path) -> None:
     # rename is atomic, but without fsync a power cut can leave the renamed files empty
     for path in folder.rglob("*"):
