@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "crash_test.py"
 
 
@@ -16,6 +18,7 @@ def test_sigkilled_runs_resume_to_the_unkilled_result(tmp_path):
     assert result["each_step_once"] and result["equals_reference"]
 
 
+@pytest.mark.slow  # 1.5 min on 2 cores; make test-all runs it
 def test_sigkilled_two_process_runs_resume_to_the_unkilled_result(tmp_path):
     """The same with two processes under torchrun: sharded checkpoints survive kills at any point."""
     spec = importlib.util.spec_from_file_location("crash_test", SCRIPT)
