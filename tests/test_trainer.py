@@ -12,7 +12,6 @@ from papo.training.loop import run_train
 from papo.training.monitor import HackingMonitor
 from papo.training.trainer import PromptStream, Trainer
 
-
 # a seed whose first rollout groups score unequally: GRPO's policy gradient is zero for a group of equal rewards
 GROUPS_WITH_DIFFERENT_REWARDS = "trainer.seed=1"
 

@@ -172,3 +172,10 @@ def model_from_config(config: Any, dtype: torch.dtype = torch.float32, seed: int
         torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
     return model.to(dtype)
+
+
+def plain_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass that mixes in ``FSDPModule``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))

@@ -19,7 +19,7 @@ from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
 from papo.models.attention import use_packed_vision_attention
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
-from papo.models.loading import ModelOptions, load_model, load_processor
+from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
 from papo.models.precision import Precision
 
@@ -140,7 +140,7 @@ class Policy:
         if hasattr(model, "merge_and_unload"):  # LoRA: write merged weights, keep the live adapter untouched
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-        plain = next(c for c in type(model).__mro__ if "FSDP" not in c.__name__).__name__
+        plain = plain_class(model).__name__
         config = json.loads((out / "config.json").read_text())
         if config.get("architectures") != [plain]:  # FSDP2's subclass name must not reach the Auto classes
             config["architectures"] = [plain]

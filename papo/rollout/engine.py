@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.fsdp import FSDPModule
 
 from papo.models.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.inputs import PromptBatch
+from papo.models.loading import plain_class
 from papo.models.mrope import VisionInputs, mrope_positions
 from papo.rollout.decode_step import DecodeBuffers, DecodeStep
 from papo.rollout.keyed_noise import random_keys
@@ -320,9 +320,8 @@ def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
     packed = getattr(config.vision_config, "_attn_implementation", None) == PACKED_VISION_ATTENTION
     if packed:  # transformers builds only the attention implementations it knows: switch after construction
         config.vision_config._attn_implementation = "sdpa"
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 mixes in a subclass
     with torch.device("meta"):
-        clone = cls._from_config(config, dtype=dtype)
+        clone = plain_class(model)._from_config(config, dtype=dtype)
     if packed:
         use_packed_vision_attention(clone)
     clone = clone.to_empty(device=device).requires_grad_(False).eval()

@@ -36,22 +36,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, policy: Any, state: dict[str, Any], keep_last: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f"step-{step}.tmp"
-    for stale in root.glob("step-*.tmp"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    final, tmp = _prepare(root, step)
     try:
         policy.save(tmp)
         failpoint("checkpoint.model")
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_pos": state.get("data_pos")}))
-        _fsync_tree(tmp)
-        failpoint("checkpoint.state")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _commit(root, tmp, final, step, state)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, OSError):
@@ -62,8 +51,7 @@ def save_checkpoint(root: Path, step: int, policy: Any, state: dict[str, Any], k
             + (f"The previous checkpoint {previous.name} is intact; free space and continue with --resume."
                if previous else "No earlier checkpoint exists.")) from err
     failpoint("checkpoint.rename")
-    for _, old in checkpoint_dirs(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep_last)
     return final
 
 
@@ -77,9 +65,7 @@ def save_sharded_checkpoint(root: Path, step: int, model: Any, optim: Any, state
 
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _prepare(root, step)
         tmp.mkdir()
     barrier()
     model_state, optim_state = get_state_dict(model, optim)
@@ -88,18 +74,36 @@ def save_sharded_checkpoint(root: Path, step: int, model: Any, optim: Any, state
     failpoint("checkpoint.model")
     barrier()
     if rank == 0:
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_pos": state.get("data_pos")}))
-        _fsync_tree(tmp)
-        failpoint("checkpoint.state")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for _, old in checkpoint_dirs(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(root, tmp, final, step, state)
+        failpoint("checkpoint.rename")
+        _prune(root, keep_last)
     barrier()
     return final
+
+
+def _prepare(root: Path, step: int) -> tuple[Path, Path]:
+    """(step-N, step-N.tmp) under ``root``, with any .tmp a process killed mid-write left removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return root / f"step-{step}", root / f"step-{step}.tmp"
+
+
+def _commit(root: Path, tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
+    """The trainer state into ``tmp``, everything fsynced, then ``tmp`` renamed to ``final``."""
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_pos": state.get("data_pos")}))
+    _fsync_tree(tmp)
+    failpoint("checkpoint.state")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for _, old in checkpoint_dirs(root)[:-keep_last]:  # only once the new checkpoint is in place
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sharded_checkpoint(path: Path, model: Any, optim: Any, rank: int) -> dict[str, Any]:

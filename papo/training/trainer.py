@@ -216,7 +216,9 @@ class Trainer:
         norms, causes = [], []
         for start in range(0, exp.size, per_update):
             micro = list(batches.over(list(range(start, min(start + per_update, exp.size)))))
-            total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in micro))[0]
+            total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
+            if c.algorithm.token_mean_scope == "mini_batch":
+                total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in micro))[0]
             self.optim.zero_grad(set_to_none=True)
             for mb in micro:
                 failpoint("update")
