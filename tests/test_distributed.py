@@ -2,6 +2,7 @@
 gloo), and a non-main rank that trains without writing a file."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def test_a_single_process_reduces_to_itself():
     ctx = DistContext.current()
     assert (ctx.rank, ctx.world_size, ctx.is_main) == (0, 1, True)
     assert ctx.sum(2.0, 3.0) == [2.0, 3.0] and ctx.mean(4.0) == [4.0]
-    assert ctx.any(True) and not ctx.any(False) and ctx.gather_text("x") == ["x"]
+    assert ctx.any(True) and not ctx.any(False) and ctx.gather("x") == ["x"]
+    assert ctx.padded_share("abc") == (["a", "b", "c"], 0, 3)
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -31,7 +33,8 @@ def _worker(rank: int, init: str, out: str) -> None:
     try:
         ctx = DistContext.current()
         result = {"rank": ctx.rank, "main": ctx.is_main, "sum": ctx.sum(rank + 1.0, 10.0), "mean": ctx.mean(rank * 2.0),
-                  "any_one": ctx.any(rank == 1), "any_none": ctx.any(False), "texts": ctx.gather_text(f"r{rank}")}
+                  "any_one": ctx.any(rank == 1), "any_none": ctx.any(False), "texts": ctx.gather(f"r{rank}"),
+                  "shares": [ctx.padded_share(items) for items in ("abcde", "a", "")]}
         with open(f"{out}/{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -45,6 +48,9 @@ def test_two_processes_agree_through_collectives(tmp_path):
     for r in results:  # every rank sees the same decision and the same totals
         assert r["sum"] == [3.0, 20.0] and r["mean"] == [1.0]
         assert r["any_one"] is True and r["any_none"] is False and r["texts"] == ["r0", "r1"]
+    # uneven work: equal lengths on every rank (padded by repetition), with the index and count of the real items
+    assert results[0]["shares"] == [[["a", "b", "c"], 0, 3], [["a"], 0, 1], [[], 0, 0]]
+    assert results[1]["shares"] == [[["d", "e", "e"], 3, 2], [["a"], 1, 0], [[], 0, 0]]
 
 
 def test_a_non_main_rank_trains_but_writes_nothing(tmp_path):
@@ -58,6 +64,7 @@ def test_a_non_main_rank_trains_but_writes_nothing(tmp_path):
 # --------------------------------------------------------------------------- training in two processes
 
 EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_every=1", "trainer.keep_last=3"]
+HELDOUT = ["trainer.eval_before_after=true", "data.test=synthetic:all?split=test&size=224&n=5", "trainer.eval_k=2"]
 
 
 def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool) -> None:
@@ -95,8 +102,8 @@ def _assert_same_rows(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
 @pytest.fixture(scope="module")
 def one_and_two(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worlds")
-    run_train(small_cfg("papo_g", EXTRA), str(tmp / "one"))
-    return tmp, tmp / "one", _train_two(tmp, "two")
+    run_train(small_cfg("papo_g", EXTRA + HELDOUT), str(tmp / "one"))
+    return tmp, tmp / "one", _train_two(tmp, "two", HELDOUT)
 
 
 def test_two_processes_train_like_one(one_and_two):
@@ -111,6 +118,15 @@ def test_two_processes_train_like_one(one_and_two):
     assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     assert (two / "checkpoints" / "step-3" / "dcp").is_dir()  # sharded checkpoints, one RNG file per rank
     assert sorted(p.name for p in (two / "checkpoints" / "step-3").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+
+
+def test_two_processes_split_the_heldout_check_and_grade_like_one(one_and_two):
+    """Each rank grades its share of the 5 held-out samples (3 and 2, one padded), noise keyed by sample index."""
+    _, one, two = one_and_two
+    for name in ("heldout_before.json", "heldout_after.json"):
+        a, b = json.loads((one / name).read_text()), json.loads((two / name).read_text())
+        assert a["n"] == b["n"] == 5 and a["k"] == 2
+        assert a == b, name
 
 
 def test_a_sharded_checkpoint_exports_as_a_hugging_face_directory(one_and_two, tmp_path):
@@ -147,14 +163,21 @@ def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):
     assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-6
 
 
-def test_papo_train_launches_torchrun(tmp_path):
-    """`papo train --nproc-per-node 2` starts two processes under torchrun (gloo on CPU) that train as one run."""
+def test_papo_train_launches_torchrun_and_one_rank_out_of_memory_stops_the_job(tmp_path):
+    """`papo train --nproc-per-node 2` starts two processes under torchrun (gloo on CPU) that train as one run.
+    In step 2 rank 1 alone runs out of memory: the job stops with that rank's message, and the step-1 checkpoint
+    and metrics stay as they were."""
     out = tmp_path / "run"
-    sets = [a for kv in SMALL + ["trainer.max_steps=1", "trainer.micro_batch_size=4"] for a in ("--set", kv)]
+    sets = [a for kv in SMALL + ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_every=1"]
+            for a in ("--set", kv)]
+    env = {**os.environ, "PAPO_FAILPOINTS": "rank1:update=oom@2"}  # rank 1's second micro-batch: step 2
     done = subprocess.run([sys.executable, "-m", "papo", "train", "--preset", "grpo", "--device", "cpu", "--out", str(out),
-                           "--nproc-per-node", "2", *sets], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+                           "--nproc-per-node", "2", *sets], capture_output=True, text=True, timeout=600, env=env)
     assert "torch.distributed.run --standalone --nproc-per-node=2 -m papo train" in done.stderr
+    assert done.returncode != 0
+    assert "stopped: out of memory during the update phase of step 2 on rank 1 of 2" in done.stderr, done.stderr[-3000:]
+    assert "resume from step-1 with --resume" in done.stderr
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1] and rows[0]["tokens"] > 0
-    assert (out / "final" / "model.safetensors").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "checkpoints" / "step-1" / "dcp").is_dir()

@@ -49,8 +49,15 @@ def test_failpoint_specs_fire_on_the_hits_they_name():
         faults.failpoint("update")
 
 
+def test_a_rank_prefix_limits_a_failpoint_to_that_process(monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in each worker
+    faults.configure("rank0:update=oom@1; rank1:rewards=nan@1")
+    assert faults.failpoint("update") is None and faults.failpoint("rewards") == "nan"
+
+
 @pytest.mark.parametrize("spec, message", [("nowhere=kill", "unknown failpoint"), ("update=explode", "unknown action"),
-                                           ("update=kill@two", "bad hit count"), ("update", "unknown failpoint")])
+                                           ("update=kill@two", "bad hit count"), ("update", "unknown failpoint"),
+                                           ("rankx:update=oom", "bad rank prefix")])
 def test_bad_failpoint_specs_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         faults.configure(spec)

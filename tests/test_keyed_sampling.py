@@ -8,7 +8,8 @@ from papo.models.policy import Policy
 from papo.rollout import RolloutEngine, Sampler
 from papo.rollout.decode_step import sample
 from papo.rollout.hf import hf_generate
-from papo.rollout.keyed_noise import exponential_noise, mix, rollout_keys, uniform
+from papo.rollout.graded import generate_and_score
+from papo.rollout.keyed_noise import HELDOUT, exponential_noise, mix, rollout_keys, uniform
 from papo.rollout.sampling import SamplingParams
 
 
@@ -94,3 +95,18 @@ def test_engines_and_batches_give_the_same_keyed_tokens(policy):
     # the last prompt alone, with its own keys: the same tokens as inside the batch of three
     alone = Sampler(policy, engine="hf").generate(_prompts(policy, 3, only=2), params, n=2, keys=keys[4:])
     assert alone.token_lists() == fast.token_lists()[4:]
+
+
+def test_keyed_heldout_grading_does_not_depend_on_how_samples_are_split(policy):
+    """What each rank of a held-out check computes: samples 0-4 at once, or 0-2 and 3-4 with their first index,
+    at another batch size: the same responses. Held-out keys are another stream than training's."""
+    samples = [make_sample(t, "test", 0, i, size=224) for i, t in enumerate(["count", "clock", "maze", "closest", "count"])]
+    params, sampler = SamplingParams(24, temperature=1.0), Sampler(policy, engine="hf")
+    whole = generate_and_score(sampler, samples, params, k=2, noise_seed=3)
+    parts = (generate_and_score(sampler, samples[:3], params, k=2, batch_size=2, noise_seed=3)
+             + generate_and_score(sampler, samples[3:], params, k=2, noise_seed=3, first_index=3))
+    assert [r.responses for r in parts] == [r.responses for r in whole]
+    assert len({text for r in whole for text in r.responses}) > 5  # sampled, not one fixed answer
+    shifted = generate_and_score(sampler, samples[3:], params, k=2, noise_seed=3)  # keyed as samples 0 and 1
+    assert [r.responses for r in shifted] != [r.responses for r in whole[3:]]
+    assert not torch.equal(rollout_keys(3, torch.arange(4), 2), rollout_keys(3, torch.arange(4), 2, HELDOUT))

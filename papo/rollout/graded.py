@@ -8,9 +8,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from papo.data.masking import MaskingConfig, image_pair
 from papo.data.sample import Sample
 from papo.rewards import score_responses
+from papo.rollout.keyed_noise import HELDOUT, rollout_keys
 from papo.rollout.sampler import Sampler
 from papo.rollout.sampling import SamplingParams
 
@@ -41,8 +44,13 @@ def generate_and_score(
     masking: MaskingConfig | None = None,  # grade with masked images instead (perception-gap metrics)
     seed: int = 0,
     on_results: Callable[[list[SampleResult]], None] | None = None,  # called after each batch (progress, appending)
+    noise_seed: int | None = None,
+    first_index: int = 0,
 ) -> list[SampleResult]:
-    """k responses per sample (one prompt, ``n=k`` completions); batches hold up to ``batch_size`` sequences."""
+    """k responses per sample (one prompt, ``n=k`` completions); batches hold up to ``batch_size`` sequences.
+    ``noise_seed``: key each response's sampling noise by (seed, sample index + ``first_index``, response), so
+    the results do not depend on batching or on how samples are split over processes (None: torch's
+    generator)."""
     policy = sampler.policy
     results: list[SampleResult] = []
     per_batch = max(1, batch_size // k)
@@ -51,7 +59,10 @@ def generate_and_score(
         prompts = [s.formatted_prompt() for s in chunk]
         images = [policy.load_images(s) if masking is None else image_pair(s, masking, seed, 0, policy.min_pixels, policy.max_pixels)[1]
                   for s in chunk]
-        completions = sampler.generate(policy.encode(prompts, images), params, n=k)
+        keys = None
+        if noise_seed is not None:
+            keys = rollout_keys(noise_seed, torch.arange(first_index + start, first_index + start + len(chunk)), k, HELDOUT)
+        completions = sampler.generate(policy.encode(prompts, images), params, n=k, keys=keys)
         texts = policy.decode(completions)
         scores = score_responses(texts, [s.answer for s in chunk for _ in range(k)],
                                  [s.answer_type for s in chunk for _ in range(k)],

@@ -35,17 +35,22 @@ def mix(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
-def rollout_keys(seed: int, draws: Tensor, n: int) -> Tensor:
-    """(B,) prompt draw indices -> (B * n,) int64 keys, prompt-major: sample j of draw d has key(seed, d, j)."""
-    # one splitmix64 step per level (seed, then draw, then sample): index * increment added to a scrambled state
+TRAINING, HELDOUT = 0, 1  # noise streams: training rollouts, and held-out checks (never the same noise)
+
+
+def rollout_keys(seed: int, draws: Tensor, n: int, stream: int = TRAINING) -> Tensor:
+    """(B,) prompt draw indices -> (B * n,) int64 keys, prompt-major: sample j of draw d has key(seed, stream, d, j)."""
+    # one splitmix64 step per level (seed, stream, draw, sample): index * increment added to a scrambled state
     run = mix(torch.tensor(seed, dtype=torch.long) + _SEED_SALT)
+    if stream != TRAINING:  # stream 0 keeps the keys runs were trained with before streams existed
+        run = mix(run + stream * GOLDEN)
     per_draw = mix(run + (draws.long() + 1) * GOLDEN)  # (B,)
     j = torch.arange(1, n + 1, dtype=torch.long)
     return mix(per_draw.repeat_interleave(n) + j.repeat(len(draws)) * GOLDEN)
 
 
 def random_keys(rows: int) -> Tensor:
-    """Keys from torch's default generator, for callers that do not key their rollouts (evaluation)."""
+    """Keys from torch's default generator, for callers that do not key their rollouts."""
     return torch.randint(-(1 << 63), (1 << 63) - 1, (rows,), dtype=torch.long)
 
 

@@ -56,12 +56,12 @@ class DistContext:
         """True on every rank if it is true on any: a step one rank must skip is skipped by all."""
         return self._all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
 
-    def gather_text(self, text: str) -> list[str]:
-        """Every rank's string (e.g. the causes of a skipped step), in rank order."""
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` (any picklable object, e.g. the causes of a skipped step), in rank order."""
         if self.world_size == 1:
-            return [text]
-        out: list[str] = [""] * self.world_size
-        dist.all_gather_object(out, text)
+            return [value]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, value)
         return out
 
     def share(self, items: Sequence[T]) -> list[T]:
@@ -72,6 +72,17 @@ class DistContext:
             raise ValueError(f"{len(items)} items do not split evenly over {self.world_size} processes")
         per = len(items) // self.world_size
         return list(items[self.rank * per:(self.rank + 1) * per])
+
+    def padded_share(self, items: Sequence[T]) -> tuple[list[T], int, int]:
+        """For work whose size need not divide by the world size (held-out checks): this rank's contiguous share,
+        padded to the same length on every rank by repeating an item, so every rank makes the same number of
+        collective calls. Returns (share, index of its first item in ``items``, how many of it are real)."""
+        per = -(-len(items) // self.world_size)
+        first = min(self.rank * per, len(items))
+        share = list(items[first:first + per])
+        real = len(share)
+        filler = share[-1:] or list(items[-1:])
+        return share + filler * (per - real), first, real
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -6,7 +6,8 @@ child ``papo train`` process inherits it) or with ``configure()`` in-process:
     PAPO_FAILPOINTS="checkpoint.state=kill@2; rewards=nan@1-3; update=oom@1"
 
 ``name=action@hits``: the action fires on the given hits of that failpoint in this process (``@2``: the second
-hit; ``@1-3``: hits one to three; ``@*``: every hit). Actions:
+hit; ``@1-3``: hits one to three; ``@*``: every hit). A ``rankN:`` prefix limits a rule to the process of
+that rank under torchrun (``rank1:update=oom@1``: one worker fails, the others do not). Actions:
 
   kill    SIGKILL this process (what a crash, an OOM-killer or a preemption does)
   enospc  raise OSError(ENOSPC), as a full disk does mid-write
@@ -55,8 +56,16 @@ _hits: dict[str, int] = {}
 
 def parse(spec: str) -> dict[str, _Rule]:
     rules = {}
+    this_rank = os.environ.get("RANK", "0")
     for part in filter(None, (p.strip() for p in spec.split(";"))):
-        name, eq, rest = part.partition("=")
+        rule = part
+        if part.startswith("rank"):
+            rank, colon, rule = part[4:].partition(":")
+            if not colon or not rank.isdigit():
+                raise UserError(f"{ENV}: bad rank prefix in {part!r} (want rankN:name=action@hits)")
+            if rank != this_rank:
+                continue
+        name, eq, rest = rule.partition("=")
         action, at, hits = rest.partition("@")
         name, action, hits = name.strip(), action.strip(), hits.strip() or "1"
         if not eq or name not in POINTS:

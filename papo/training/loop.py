@@ -20,7 +20,7 @@ from papo.data.synthetic import SPEC_PREFIX
 from papo.errors import TrainingStopped, UserError
 from papo.jsonl import read_records, write_records
 from papo.models.loading import resolve_device
-from papo.rollout.graded import generate_and_score, summarize, summary_table
+from papo.rollout.graded import generate_and_score, summarize_scores, summary_table
 from papo.rollout.sampling import SamplingParams
 from papo.training.checkpoint import latest_checkpoint
 from papo.training.distributed import DistContext, init_from_env
@@ -30,9 +30,16 @@ from papo.training.trainer import Trainer
 
 
 def _heldout(trainer: Trainer, spec: str, k: int) -> dict[str, Any]:
+    """avg@k on a held-out set. Each rank grades its share of the samples, with sampling noise keyed by sample
+    index, so the result is the same at any number of processes."""
     samples = load_samples(spec, split=None if spec.startswith(SPEC_PREFIX) else "test").samples
     params = SamplingParams(trainer.cfg.rollout.max_new_tokens, trainer.cfg.rollout.temperature)
-    return summarize(generate_and_score(trainer.sampler, samples, params, k=k), k).to_dict()
+    share, first, real = trainer.ctx.padded_share(samples)
+    results = generate_and_score(trainer.sampler, share, params, k=k, noise_seed=trainer.cfg.trainer.seed,
+                                 first_index=first)[:real]
+    graded = [x for part in trainer.ctx.gather([(r.sample.task, r.accuracy, r.format_rate) for r in results]) for x in part]
+    tasks, accuracies, format_rates = zip(*graded) if graded else ((), (), ())
+    return summarize_scores(tasks, accuracies, format_rates, k).to_dict()
 
 
 class Loggers:

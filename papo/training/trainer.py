@@ -14,9 +14,10 @@ applied: non-finite values never reach the weights, and each skip is logged with
 Phases hand each other small dataclasses (``papo.training.experience``): ``collect`` (1-4) returns an
 ``Experience``, ``score_experience`` (5) its ``LogProbs``, ``update`` (6-7) the metrics.
 
-Simplifications, stated up front: one process (decisions that skip or stop a step already go through the
-distributed context, and only its main rank writes; multi-GPU FSDP2 comes later); one PPO epoch; sampling
-through ``papo.rollout.Sampler`` and scoring through ``Policy.logprobs``.
+Several processes (torchrun) run this same step on their share of the prompts: the policy is sharded with FSDP2,
+decisions that skip or stop a step go through the distributed context (``self.ctx``), and only its main rank
+writes. Simplifications, stated up front: one PPO epoch; sampling through ``papo.rollout.Sampler`` and scoring
+through ``Policy.logprobs``; an out-of-memory error stops the run (every rank) rather than retrying smaller.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class Trainer:
             fault = nonfinite_inputs(scores, logps.named(), exp.mask)
             if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
                 causes = "; ".join(f"rank {r}: {c}" if self.ctx.world_size > 1 else c
-                                   for r, c in enumerate(self.ctx.gather_text(fault)) if c)
+                                   for r, c in enumerate(self.ctx.gather(fault)) if c)
                 metrics = {"skipped_updates": 1, "updates": 0, "skipped": causes}
             else:
                 # 6. group advantages; 7. clipped-surrogate + KL terms, mini-batch updates
@@ -346,7 +347,8 @@ class Trainer:
                           f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
                           "model.gradient_checkpointing=true")
         last = latest_checkpoint(self.out / "checkpoints")
-        return (f"out of memory during the {self.phase} phase of step {self.step_no + 1}. Lower {lower}. Nothing was "
+        where = f" on rank {self.ctx.rank} of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
+        return (f"out of memory during the {self.phase} phase of step {self.step_no + 1}{where}. Lower {lower}. Nothing was "
                 f"saved for this step; " + (f"resume from {last.name} with --resume." if last else "no checkpoint exists yet."))
 
     # ------------------------------------------------------------------ state
