@@ -149,6 +149,23 @@ def test_two_processes_resume_exactly_and_at_another_world_size(one_and_two):
     _assert_same_rows(_rows(two), _rows(tmp / "single"))
 
 
+def test_lora_trains_sharded_like_one_process_and_exports_merged(tmp_path):
+    """LoRA under FSDP2: the adapters train sharded with the frozen base, the reference is the policy with its
+    adapters off; the same metrics as one process, and merged weights in final/ and in an export."""
+    extra = ["trainer.max_steps=2", "model.lora_rank=4", "optim.lr=1e-2", "trainer.save_every=2"]
+    run_train(small_cfg("papo_g", EXTRA + extra), str(tmp_path / "one"))
+    two = _train_two(tmp_path, "two", extra)
+    rows = _rows(two)
+    _assert_same_rows(_rows(tmp_path / "one"), rows)
+    assert rows[-1]["ref_kl"] > 0  # the adapters moved the policy off the base
+    w1, w2 = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys() and not any("lora" in k for k in w2)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    assert main(["model", "export", "--model", str(two / "checkpoints" / "step-2"), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() == w2.keys() and all(torch.equal(exported[k], w2[k]) for k in w2)
+
+
 def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):
     """algorithm.token_mean_scope=mini_batch: every valid token weighs the same whatever the micro-batching, so
     the gradient and the updated weights are the same (the logged loss terms stay means of micro-batch means)."""

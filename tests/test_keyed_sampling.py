@@ -7,8 +7,8 @@ from papo.data.synthetic import make_sample
 from papo.models.policy import Policy
 from papo.rollout import RolloutEngine, Sampler
 from papo.rollout.decode_step import sample
-from papo.rollout.hf import hf_generate
 from papo.rollout.graded import generate_and_score
+from papo.rollout.hf import hf_generate
 from papo.rollout.keyed_noise import HELDOUT, exponential_noise, mix, rollout_keys, uniform
 from papo.rollout.sampling import SamplingParams
 

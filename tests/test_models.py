@@ -20,6 +20,7 @@ from papo.models.loading import (
     vision_parameters,
 )
 from papo.models.logprobs import response_logprobs
+from papo.models.policy import Policy
 from papo.models.tiny import build_config, build_tiny, build_tokenizer
 from papo.rollout import Sampler
 from papo.rollout.sampling import SamplingParams, trim_after_eos
@@ -274,6 +275,31 @@ def test_lora_wraps_the_language_model_only():
     model = prepare_model(policy.model, ModelOptions(lora_rank=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+
+
+def test_a_lora_policy_saves_merged_weights_like_peft_merge_and_unload(tmp_path):
+    """papo merges the state dict (what a sharded model can give); peft merges modules of a copy: the same."""
+    pytest.importorskip("peft")
+    import copy
+
+    from safetensors.torch import load_file
+
+    policy = tiny_policy()
+    policy.model = prepare_model(policy.model, ModelOptions(lora_rank=4, lora_alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero (a no-op adapter): give it values so the merge matters
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    expected = copy.deepcopy(policy.model).merge_and_unload().state_dict()
+    policy.save(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    reloaded = Policy.from_pretrained(str(tmp_path / "saved")).model.state_dict()
+    assert reloaded.keys() == expected.keys() and not any("lora" in k or "base_layer" in k for k in saved)
+    assert max(float((reloaded[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(reloaded[q], tiny_policy().model.state_dict()[q])  # the adapter did change it
+    assert hasattr(policy.model, "peft_config")  # the live model keeps its adapters
 
 
 # ----------------------------------------------------------- other architectures through the same path

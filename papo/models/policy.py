@@ -4,7 +4,6 @@ trainer, SFT and evaluation use (encode prompts, decode responses, score log-pro
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -21,6 +20,7 @@ from papo.models.attention import use_packed_vision_attention
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
+from papo.models.lora import lora_scalings, merge_lora
 from papo.models.precision import Precision
 
 DEFAULT_MODEL = "default"  # the warm-started tiny Qwen2.5-VL shipped inside the package
@@ -137,8 +137,9 @@ class Policy:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model = self.model
-        if hasattr(model, "merge_and_unload"):  # LoRA: write merged weights, keep the live adapter untouched
-            model = copy.deepcopy(model).merge_and_unload()
+        if hasattr(model, "get_base_model"):  # LoRA: the base model with the adapters merged into its weights
+            state_dict = merge_lora(model.state_dict() if state_dict is None else state_dict, lora_scalings(model))
+            model = model.get_base_model()
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
         plain = plain_class(model).__name__
         config = json.loads((out / "config.json").read_text())

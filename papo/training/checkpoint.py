@@ -140,7 +140,8 @@ def load_sharded_policy(ckpt: Path) -> Any:
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: a sharded checkpoint is read with its run's config.yaml")
     model = yaml.safe_load(config.read_text())["model"]
-    policy = Policy.from_pretrained(model["name"], ModelOptions(param_dtype=model.get("param_dtype", "float32")))
+    opts = ModelOptions(param_dtype=model.get("param_dtype", "float32"), lora_rank=model.get("lora_rank", 0))
+    policy = Policy.from_pretrained(model["name"], opts)  # under LoRA with its adapters: ``save`` merges them
     state = get_model_state_dict(policy.model)
     dcp.load({"model": state}, checkpoint_id=str(ckpt / "dcp"))
     set_model_state_dict(policy.model, state)

@@ -60,5 +60,3 @@ def check_world_size(cfg: Any, world_size: int) -> None:
         if value % world_size:
             raise ConfigError(f"{key}={value} must be a multiple of the number of processes ({world_size}): "
                               "prompts are split evenly across ranks")
-    if cfg.model.lora_rank:
-        raise ConfigError("model.lora_rank > 0 runs in one process; sharded LoRA training is not supported yet")
