@@ -102,10 +102,13 @@ def test_nonfinite_inputs_names_each_cause():
     assert cause == "non-finite reward (1 of 2); non-finite masked log-probs (1 tokens)"
 
 
-@pytest.mark.parametrize("spec, cause", [("rewards=nan@2", "non-finite reward"), ("logprobs=nan@2", "non-finite old log-probs"),
-                                         ("grad=nan@2", "non-finite gradient norm")])
-def test_a_nonfinite_step_is_skipped_logged_and_training_continues(spec, cause, tmp_path):
-    trainer = Trainer(small_cfg("papo_g"), tmp_path, "cpu")
+@pytest.mark.parametrize("spec, cause, extra", [
+    ("rewards=nan@2", "non-finite reward", []),
+    ("logprobs=nan@2", "non-finite old log-probs", ["trainer.mini_batch_size=1"]),  # two updates: an old-log-prob pass
+    ("logprobs=nan@2", "non-finite masked log-probs", []),  # one update: the masked pass is the first
+    ("grad=nan@2", "non-finite gradient norm", [])])
+def test_a_nonfinite_step_is_skipped_logged_and_training_continues(spec, cause, extra, tmp_path):
+    trainer = Trainer(small_cfg("papo_g", extra), tmp_path, "cpu")
     trainer.step()
     faults.configure(spec)
     faults.failpoint(spec.split("=")[0])  # the first hit passes, the second (the next step) fires

@@ -40,8 +40,12 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     assert row["tokens"] == exp.tokens == int(exp.prompt_tokens.sum() + exp.mask.sum())
     assert row["skipped_updates"] == 0 and row["skipped"] == ""
     assert abs(row["ppo_kl"]) < 1e-5  # one on-policy mini-batch: ratio 1
-    assert row["kl_prcp_coef"] == pytest.approx(cfg.algorithm.kl_prcp_coef)
-    assert row["kl_prcp"] > 0 and row["entropy"] > 0 and row["masked_entropy"] > 0
+    assert row["entropy"] > 0 and "old_logp_s" not in row  # on-policy: no separate old-log-prob forward
+    if cfg.algorithm.kl_prcp_coef > 0:
+        assert row["kl_prcp_coef"] == pytest.approx(cfg.algorithm.kl_prcp_coef)
+        assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0
+    else:  # GRPO / DAPO: no masked-image forward unless trainer.log_kl_prcp asks for the metric
+        assert "kl_prcp" not in row and "masked_logp_s" not in row
     if cfg.algorithm.kl_ref_coef > 0:
         assert row["ref_kl"] == 0.0  # the reference is the policy before its first update
     else:
@@ -49,10 +53,11 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
 
 
 def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
-    """On-policy first update: old log-probs equal the trainable forward, masked log-probs equal an independent
-    masked forward, advantages equal group_advantages of the recorded rewards."""
+    """First of two updates: old log-probs (a separate no-grad forward) equal the trainable forward, masked
+    log-probs equal an independent masked forward, advantages equal group_advantages of the recorded rewards."""
     torch.manual_seed(1)
-    trainer = Trainer(small_cfg("papo_g"), tmp_path, "cpu")
+    trainer = Trainer(small_cfg("papo_g", ["trainer.mini_batch_size=1"]), tmp_path, "cpu")
+    assert trainer.needs == {"old": True, "masked": True, "ref": True}
     recorded = []
     import papo.training.trainer as trainer_module
 
@@ -81,6 +86,29 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
     assert torch.allclose(adv, group_advantages(rewards, exp.uids)[: adv.shape[0]])
     assert masked.shape == logp.shape and torch.isfinite(masked[m]).all()
     assert not torch.allclose(masked[m], old[m])  # the masked branch really saw other images
+
+
+@pytest.mark.parametrize("preset", ["papo_g", "grpo"])
+def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(preset, tmp_path):
+    """One update per step: pi_old is the policy being updated, so the update's own log-probs (detached) stand in
+    for the old-log-prob forward. The same seed with the forward forced: the same losses, gradients and weights.
+    GRPO logs KL_prcp only when asked, through a masked forward it otherwise skips."""
+    runs = []
+    for force in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(small_cfg(preset, [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.log_kl_prcp=true"]),
+                          tmp_path / str(force), "cpu")
+        assert not trainer.needs["old"]  # one update per step: skipped unless forced
+        trainer.needs["old"] = force
+        rows = [trainer.step() for _ in range(2)]
+        runs.append((rows, _params(trainer.policy.model)))
+    (skipped, w_skipped), (forced, w_forced) = runs
+    assert "old_logp_s" not in skipped[0] and "old_logp_s" in forced[0]
+    for a, b in zip(skipped, forced):
+        assert a["grad_norm"] > 0 and a["kl_prcp"] > 0
+        for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert max(float((x - y).abs().max()) for x, y in zip(w_skipped, w_forced)) < 1e-6
 
 
 def test_dapo_regenerates_until_the_batch_is_full(tmp_path):
@@ -356,3 +384,18 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
     first, second = trainer.step(), trainer.step()
     assert first["ref_kl"] == 0.0
     assert second["ref_kl"] > 0.0
+
+
+def test_micro_batches_hold_sequences_of_similar_length_inside_each_mini_batch(tmp_path):
+    from papo.training.experience import MicroBatches
+
+    trainer = Trainer(small_cfg("papo_g", ["trainer.rollout_batch_size=4", "trainer.mini_batch_size=2",
+                                           "trainer.micro_batch_size=3"]), tmp_path, "cpu")
+    exp = trainer.collect({})[0]
+    plan = MicroBatches(exp, trainer.policy, 3, 8).plan
+    length = (exp.prompt_tokens + exp.mask.sum(-1)).tolist()
+    assert [len(m) for m in plan] == [3, 3] and [[len(r) for r in m] for m in plan] == [[3, 3, 2]] * 2
+    for mini, rows in zip(plan, (range(0, 8), range(8, 16))):  # a mini-batch keeps its own sequences
+        flat = [i for micro in mini for i in micro]
+        assert sorted(flat) == list(rows)
+        assert [length[i] for i in flat] == sorted((length[i] for i in rows), reverse=True)  # longest first

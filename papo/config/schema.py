@@ -130,6 +130,7 @@ class TrainerSection:
     eval_k: int = 4
     stop_on_hacking: bool = False
     max_bad_steps: int = 3  # stop after this many consecutive steps skipped for non-finite values
+    log_kl_prcp: bool = False  # GRPO / DAPO: run the masked-image forward anyway, to log KL_prcp as a metric
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 

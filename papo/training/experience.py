@@ -43,10 +43,10 @@ class Experience:
 
 @dataclass
 class LogProbs:
-    """Step 5's no-grad log-probs of the sampled tokens, (N, R) each."""
+    """Step 5's no-grad log-probs of the sampled tokens, (N, R) each; None where nothing reads them."""
 
-    old: torch.Tensor  # full image, the weights that sampled
-    masked: torch.Tensor  # masked image, same tokens and positions
+    old: torch.Tensor | None  # full image, the weights that sampled (None on-policy: the update's own, detached)
+    masked: torch.Tensor | None  # masked image, same tokens and positions (None: no KL_prcp term or metric)
     ref: torch.Tensor | None = None  # the reference model, when the loss has a KL_ref term
 
     def named(self) -> dict[str, torch.Tensor]:
@@ -65,24 +65,41 @@ class MicroBatch:
 
 
 class MicroBatches:
-    """A step's sequences in micro-batches, each encoded by the processor once: the scoring and the update pass
-    see the same micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
-    running the image processor twice (larger steps would hold every image tensor of the step in memory).
-    ``seconds``: time spent in the processor."""
+    """A step's sequences in mini-batches (one optimizer update each, ``per_update`` sequences) of micro-batches
+    (one forward/backward each, ``size`` sequences). Inside a mini-batch, sequences are sorted by length before
+    they are cut into micro-batches, so each micro-batch pads to a length close to its own sequences' (a
+    batch of sampled responses has a long tail: in arrival order most micro-batches would pad to it).
 
-    def __init__(self, exp: Experience, policy: Policy, size: int) -> None:
-        self.exp, self.policy, self.size = exp, policy, size
+    Each micro-batch is encoded by the processor once: the scoring and the update pass see the same
+    micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of running the image
+    processor twice (larger steps would hold every image tensor of the step in memory). ``seconds``: time spent
+    in the processor."""
+
+    def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int) -> None:
+        self.exp, self.policy = exp, policy
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
         self.seconds = 0.0
+        length = (exp.prompt_tokens + exp.mask.sum(-1)).tolist()
+        self.plan: list[list[list[int]]] = []  # mini-batch -> micro-batch -> rows, longest first
+        for start in range(0, exp.size, per_update):
+            rows = sorted(range(start, min(start + per_update, exp.size)), key=lambda i: -length[i])
+            self.plan.append([rows[i : i + size] for i in range(0, len(rows), size)])
 
-    def over(self, rows: list[int]) -> Iterator[MicroBatch]:
-        for start in range(0, len(rows), self.size):
-            idx = rows[start : start + self.size]
-            mb = self.cache.get(tuple(idx)) or self._encode(idx)
-            if self.keep:
-                self.cache[tuple(idx)] = mb
-            yield mb
+    def mini_batches(self) -> Iterator[list[MicroBatch]]:
+        for micro in self.plan:
+            yield [self._get(rows) for rows in micro]
+
+    def all(self) -> Iterator[MicroBatch]:
+        for micro in self.plan:
+            for rows in micro:
+                yield self._get(rows)
+
+    def _get(self, rows: list[int]) -> MicroBatch:
+        mb = self.cache.get(tuple(rows)) or self._encode(rows)
+        if self.keep:
+            self.cache[tuple(rows)] = mb
+        return mb
 
     def _encode(self, idx: list[int]) -> MicroBatch:
         t0 = time.time()
@@ -93,7 +110,6 @@ class MicroBatches:
                         sub.ids[:, :width], sub.mask[:, :width])
         self.seconds += time.time() - t0
         return mb
-
 
 def select(exp: Experience, idx: list[int]) -> Experience:
     t = torch.as_tensor(idx, dtype=torch.long)

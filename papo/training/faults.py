@@ -33,7 +33,7 @@ ACTIONS = ("kill", "enospc", "oom", "nan")
 POINTS = {
     "rollout": "after sampling, before rewards",
     "rewards": "rewards of a step (nan: one reward becomes NaN)",
-    "logprobs": "old log-probs of a step (nan: one becomes NaN)",
+    "logprobs": "step 5's log-probs (nan: one of the first computed, old, masked or reference, becomes NaN)",
     "update": "each micro-batch forward/backward",
     "grad": "after a mini-batch's backward (nan: one gradient becomes NaN)",
     "checkpoint.model": "checkpoint written: model files only",
@@ -123,11 +123,12 @@ class Poison:
         return rewards
 
     @staticmethod
-    def logprobs(old: Any) -> Any:  # (N, R) old log-probs of a step
-        if failpoint("logprobs") == "nan":
-            old = old.clone()
-            old[0, 0] = float("nan")
-        return old
+    def logprobs(logps: dict[str, Any]) -> dict[str, Any]:  # name -> (N, R) log-probs of a step, in order
+        if failpoint("logprobs") == "nan" and logps:
+            name = next(iter(logps))
+            logps = {**logps, name: logps[name].clone()}
+            logps[name][0, 0] = float("nan")
+        return logps
 
     @staticmethod
     def gradients(parameters: Any) -> None:  # after backward, before the norm: the first gradient gets a NaN

@@ -62,7 +62,7 @@ from papo.training.checkpoint import (
     save_sharded_checkpoint,
 )
 from papo.training.distributed import DistContext
-from papo.training.experience import Experience, LogProbs, MicroBatches, concat, pad_cat, select
+from papo.training.experience import Experience, LogProbs, MicroBatches, concat, select
 from papo.training.faults import Poison, failpoint
 from papo.training.monitor import HackingMonitor
 from papo.training.optim import build_optimizer, constant_with_warmup
@@ -100,6 +100,7 @@ class Trainer:
         self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile, own_weights=self.sharded or None,
                                synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
+        self.needs = self.scoring_passes(cfg)
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -113,6 +114,18 @@ class Trainer:
         self.step_no = 0
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
+
+    def scoring_passes(self, cfg: TrainConfig) -> dict[str, bool]:
+        """Which of step 5's no-grad forwards a step needs. Old log-probs: unless the step makes one update
+        (then the weights that sampled are the weights being updated, and the ratio is exactly 1). Masked: for
+        a KL_prcp or masked-entropy term, a KL_prcp reward, or the KL_prcp metric when asked
+        (``trainer.log_kl_prcp``), unless the update recomputes it with gradient. Reference: when beta > 0."""
+        a, t = cfg.algorithm, cfg.trainer
+        reward_bonus = a.kl_prcp_reward_coef > 0  # built from the old and masked log-probs before any update
+        masked = self.loss_cfg.uses_masked_branch or reward_bonus or t.log_kl_prcp
+        return {"old": t.mini_batch_size < t.rollout_batch_size or reward_bonus,
+                "masked": masked and (reward_bonus or not self.loss_cfg.masked_forward_in_update),
+                "ref": self.ref is not None}
 
     def prompt_tokens(self, sample: Sample) -> int:
         """Prompt length with image tokens, as the model sees it (chat template + processor)."""
@@ -182,41 +195,35 @@ class Trainer:
 
     @torch.no_grad()
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
-        """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights."""
+        """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights,
+        each only when something reads it (``needs``)."""
         T = self.cfg.rollout.temperature
-        # the masked pass runs for GRPO/DAPO too: KL_prcp is then a logged perception metric, not a loss term
-        out: dict[str, list] = {"old": [], "masked": [], "ref": []}
+        passes = {"old": None, "masked": "masked", "ref": "ref"}  # name -> which images or model
+        out = {name: torch.zeros(exp.ids.shape) for name in passes if self.needs[name]}
         self.policy.model.eval()
-        for mb in batches.over(list(range(exp.size))):
-            t = time.time()
-            out["old"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T)[0].cpu())
-            timing["old_logp_s"] = timing.get("old_logp_s", 0) + time.time() - t
-            t = time.time()
-            out["masked"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked)[0].cpu())
-            timing["masked_logp_s"] = timing.get("masked_logp_s", 0) + time.time() - t
-            if self.ref is not None:
+        for mb in batches.all():
+            for name in out:
                 t = time.time()
-                with self.policy.model.disable_adapter() if self.lora else contextlib.nullcontext():
-                    out["ref"].append(self.policy.logprobs(mb.full, mb.ids, mb.mask, T, model=self.ref)[0].cpu())
-                timing["ref_logp_s"] = timing.get("ref_logp_s", 0) + time.time() - t
+                with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
+                    logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked if name == "masked" else None,
+                                                model=self.ref if name == "ref" else None)[0]
+                out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
+                timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
         self.policy.model.train()
-        width = exp.ids.shape[1]
-        return LogProbs(old=self.poison.logprobs(pad_cat(out["old"], width)), masked=pad_cat(out["masked"], width),
-                        ref=pad_cat(out["ref"], width) if out["ref"] else None)
+        logps = self.poison.logprobs(out)
+        return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"))
 
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
         """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
-        t0, c, g, T = time.time(), self.cfg, self.cfg.rollout.n, self.cfg.rollout.temperature
+        t0, c, T = time.time(), self.cfg, self.cfg.rollout.temperature
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
         weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
         exact = self.loss_cfg.entropy_estimator == "exact"
-        per_update = c.trainer.mini_batch_size // self.ctx.world_size * g  # this rank's share of a mini-batch
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
-        for start in range(0, exp.size, per_update):
-            micro = list(batches.over(list(range(start, min(start + per_update, exp.size)))))
+        for index, micro in enumerate(batches.mini_batches()):
             total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
             if c.algorithm.token_mean_scope == "mini_batch":
                 total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in micro))[0]
@@ -225,11 +232,14 @@ class Trainer:
                 failpoint("update")
                 rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
                 logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
-                masked_logp, masked_ent = logps.masked[rows, :w].to(dev), None
+                # on-policy (one update per step), pi_old is the policy itself: its log-probs, detached
+                old = logp.detach() if logps.old is None else logps.old[rows, :w].to(dev)
+                masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
+                masked_ent = None
                 if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
                     masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
                 loss, metrics = papo_loss(
-                    self.loss_cfg, logp, logps.old[rows, :w].to(dev), adv[rows].to(dev), mb.mask.to(dev),
+                    self.loss_cfg, logp, old, adv[rows].to(dev), mb.mask.to(dev),
                     masked_log_probs=masked_logp,
                     ref_log_probs=logps.ref[rows, :w].to(dev) if logps.ref is not None else None,
                     kl_prcp_coef=gamma, kl_prcp_weights=weights[rows].to(dev), entropies=ent, masked_entropies=masked_ent,
@@ -247,7 +257,7 @@ class Trainer:
                 self.optim.step()
             else:  # a non-finite gradient never reaches the weights
                 skipped += 1
-                causes.append(f"non-finite gradient norm in mini-batch {start // per_update}")
+                causes.append(f"non-finite gradient norm in mini-batch {index}")
                 self.optim.zero_grad(set_to_none=True)
             norms.append(float(norm))
         self.sched.step()
@@ -268,7 +278,8 @@ class Trainer:
             # 1-4. prompts and their masked images, G rollouts each, rewards (DAPO: filter and draw again)
             self.phase = "rollout"
             exp, extra = self.collect(timing)
-            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size)
+            per_update = self.cfg.trainer.mini_batch_size // self.ctx.world_size * self.cfg.rollout.n  # this rank's share
+            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size, per_update)
             # 5. old, masked and reference log-probs
             self.phase = "scoring"
             logps = self.score_experience(exp, batches, timing)
@@ -279,7 +290,7 @@ class Trainer:
                 scores = rewards + bonus
                 extra["kl_prcp_reward"] = float(bonus.mean())
             self.phase = "update"
-            fault = nonfinite_inputs(scores, logps.named(), exp.mask)
+            fault = nonfinite_inputs(scores, logps.named(), exp.mask)  # the update's own log-probs: per mini-batch
             if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
                 causes = "; ".join(f"rank {r}: {c}" if self.ctx.world_size > 1 else c
                                    for r, c in enumerate(self.ctx.gather(fault)) if c)
