@@ -117,10 +117,10 @@ def update_flops(trainer: Trainer, exp) -> float:
 
 
 def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str],
-        ctx, warmup: int = 1) -> dict:
+        ctx, warmup: int = 1, preset: str = "papo_g") -> dict:
     overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
                  f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
-    cfg = load_config("papo_g", overrides=([] if device == "cpu" else PAPER) + overrides)
+    cfg = load_config(preset, overrides=([] if device == "cpu" else PAPER) + overrides)
     out = Path(tempfile.gettempdir()) / "papo-train-step" / f"{name}-{precision}"
     torch.manual_seed(0)
     t0 = time.time()
@@ -151,7 +151,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     tokens = sum(r["tokens"] for r in steady) / len(steady)
     _, _, total = parameter_counts(trainer.policy.model)
     result = {
-        "model": name, "gpus": ctx.world_size, "precision": precision, "precision_detail": trainer.precision.describe()
+        "model": name, "preset": preset, "gpus": ctx.world_size, "precision": precision, "precision_detail": trainer.precision.describe()
         + (", Kahan-compensated AdamW" if type(trainer.optim).__module__.startswith("optimi") else ", AdamW"),
         "parameters": total, "prompts_per_step": prompts, "sequences_per_step": steady[-1]["sequences"],
         "tokens_per_s_per_gpu": round(tokens / step_s / ctx.world_size, 1), "step_s": step_s,
@@ -175,12 +175,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the averages (compilation)")
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
+    ap.add_argument("--presets", default="papo_g", help="comma-separated presets, each run with every size:precision")
+    ap.add_argument("--label", default="", help="stored with each run (e.g. which code it measured)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
     args = ap.parse_args()
     ctx, device = init_from_env("cpu" if args.smoke else "cuda")
     results: list[dict] = []
-    meta = {"torch": torch.__version__}
+    meta = {"torch": torch.__version__, **({"label": args.label} if args.label else {})}
     if args.smoke:
         extra = ["rollout.n=2", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4", *args.set]
         results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device, extra, ctx))
@@ -188,19 +190,19 @@ def main() -> None:
         import transformers
 
         meta.update(device=torch.cuda.get_device_name(), transformers=transformers.__version__, settings=PAPER)
-        for spec in args.runs.split(","):
+        for spec, preset in ((spec, preset) for spec in args.runs.split(",") for preset in args.presets.split(",")):
             size, precision = spec.split(":")
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
             ensure_model(size, folder, ctx)
             results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
-                               ctx, args.warmup_steps))
+                               ctx, args.warmup_steps, preset))
             if ctx.is_main:
                 Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     if not ctx.is_main:
         return
     Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     for r in results:
-        print(f"{r['model']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
+        print(f"{r['model']} {r['preset']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
               f"update MFU {r['update_mfu']}, peak {r['peak_gib']} GiB, phases {r['phases']}")
 
 
