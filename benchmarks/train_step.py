@@ -55,22 +55,28 @@ QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.s
 PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
 
 
+QWEN25_VL_PIXELS = (3136, 12845056)  # the released Qwen2.5-VL image processor's own min / max pixels
+
+
 def ensure_model(size: str, folder: Path, ctx) -> Path:
     """The random-weight model directory, written once by the main rank (the others wait: none may look for it
-    while it is half written)."""
+    while it is half written). Its processor is papo's tokenizer with the released Qwen2.5-VL image processor's
+    pixel bounds (the tiny models' own cap of 224 x 224 would shrink PAPO's 448 x 448 images to 64 tokens)."""
     from transformers import AutoModelForImageTextToText
 
+    from papo.models.loading import set_pixel_bounds
     from papo.models.tiny import build_processor
 
-    if ctx.is_main and not (folder / ".complete").exists():  # a run killed mid-write leaves no marker
+    if ctx.is_main and not (folder / ".complete-v2").exists():  # a run killed mid-write leaves no marker
         t = time.time()
         processor = build_processor()
+        set_pixel_bounds(processor, *QWEN25_VL_PIXELS)
         torch.manual_seed(0)  # the same random weights in every run of a size
         with torch.device("cuda"):
             model = AutoModelForImageTextToText.from_config(qwen25_vl_config(size, processor.tokenizer), dtype=torch.bfloat16)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        (folder / ".complete").touch()
+        (folder / ".complete-v2").touch()
         del model
         torch.cuda.empty_cache()
         print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)

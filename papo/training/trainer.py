@@ -5,7 +5,8 @@ One training step, as in the paper's algorithm (``Trainer.step``):
   2. sample G responses per prompt from the full image
   3. rewards (0.9 accuracy + 0.1 format)
   4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
-  5. old log-probs (full image), masked log-probs (masked image), reference log-probs (when beta > 0)
+  5. old log-probs (full image; not when the step makes one update), masked log-probs (masked image; PAPO, or
+     trainer.log_kl_prcp), reference log-probs (when beta > 0): each no-grad pass only when something reads it
   6. group advantages
   7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip
 A step with a non-finite reward or log-prob is skipped whole, a mini-batch with a non-finite gradient is not
@@ -198,8 +199,7 @@ class Trainer:
         """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights,
         each only when something reads it (``needs``)."""
         T = self.cfg.rollout.temperature
-        passes = {"old": None, "masked": "masked", "ref": "ref"}  # name -> which images or model
-        out = {name: torch.zeros(exp.ids.shape) for name in passes if self.needs[name]}
+        out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
         self.policy.model.eval()
         for mb in batches.all():
             for name in out:
