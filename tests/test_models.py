@@ -339,3 +339,8 @@ def test_masks_are_drawn_before_the_resize_like_the_official_code():
     import numpy as np
 
     assert np.array_equal(np.asarray(masked[0]), np.asarray(expected))
+
+
+def test_a_processor_that_would_shrink_papos_pixel_bounds_is_named():
+    with pytest.warns(UserWarning, match="data.min_pixels=200704 exceeds the maximum"):
+        Policy.from_pretrained(None, min_pixels=200704)

@@ -5,6 +5,7 @@ trainer, SFT and evaluation use (encode prompts, decode responses, score log-pro
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -89,6 +90,7 @@ class Policy:
                         compute_dtype: torch.dtype | None = None) -> Policy:
         path = resolve_model(name_or_path)
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
+        _warn_if_processor_shrinks(processor, min_pixels, path)
         return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype)
 
     @property
@@ -148,3 +150,13 @@ class Policy:
             (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.processor.save_pretrained(out)
         return out
+
+
+def _warn_if_processor_shrinks(processor: Any, min_pixels: int | None, path: str) -> None:
+    """The processor resizes again after papo's pixel bounds: a processor whose own maximum is below
+    ``min_pixels`` (the tiny models' 224 x 224) silently gives fewer image tokens than the bounds promise."""
+    size = getattr(processor.image_processor, "size", None)
+    longest = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    if min_pixels and longest and min_pixels > longest:
+        warnings.warn(f"data.min_pixels={min_pixels} exceeds the maximum of {path}'s image processor ({longest} pixels): "
+                      f"the processor shrinks every image to at most {longest} pixels again", UserWarning, stacklevel=3)
