@@ -63,8 +63,7 @@ def test_a_non_main_rank_trains_but_writes_nothing(tmp_path):
 
 # --------------------------------------------------------------------------- training in two processes
 
-EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_every=1", "trainer.keep_last=3",
-         "algorithm.token_mean_scope=mini_batch"]  # token weights independent of how sequences fall into micro-batches
+EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_every=1", "trainer.keep_last=3"]
 HELDOUT = ["trainer.eval_before_after=true", "data.test=synthetic:all?split=test&size=224&n=5", "trainer.eval_k=2"]
 
 

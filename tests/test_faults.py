@@ -57,7 +57,8 @@ def test_a_rank_prefix_limits_a_failpoint_to_that_process(monkeypatch):
 
 @pytest.mark.parametrize("spec, message", [("nowhere=kill", "unknown failpoint"), ("update=explode", "unknown action"),
                                            ("update=kill@two", "bad hit count"), ("update", "unknown failpoint"),
-                                           ("rankx:update=oom", "bad rank prefix")])
+                                           ("rankx:update=oom", "bad rank prefix"),
+                                           ("rank1:updte=oom", "unknown failpoint")])  # another rank's rule is checked too
 def test_bad_failpoint_specs_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         faults.configure(spec)

@@ -110,3 +110,4 @@ def test_keyed_heldout_grading_does_not_depend_on_how_samples_are_split(policy):
     shifted = generate_and_score(sampler, samples[3:], params, k=2, noise_seed=3)  # keyed as samples 0 and 1
     assert [r.responses for r in shifted] != [r.responses for r in whole[3:]]
     assert not torch.equal(rollout_keys(3, torch.arange(4), 2), rollout_keys(3, torch.arange(4), 2, HELDOUT))
+    assert not torch.equal(rollout_keys(3, torch.arange(4), 2, 2), rollout_keys(3, torch.arange(4), 2, HELDOUT))

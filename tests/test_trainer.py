@@ -385,16 +385,9 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
     assert second["ref_kl"] > 0.0
 
 
-def test_micro_batches_hold_sequences_of_similar_length_inside_each_mini_batch(tmp_path):
-    from papo.training.experience import MicroBatches
-
-    trainer = Trainer(small_cfg("papo_g", ["trainer.rollout_batch_size=4", "trainer.mini_batch_size=2",
-                                           "trainer.micro_batch_size=3"]), tmp_path, "cpu")
-    exp = trainer.collect({})[0]
-    plan = MicroBatches(exp, trainer.policy, 3, 8).plan
-    length = (exp.prompt_tokens + exp.mask.sum(-1)).tolist()
-    assert [len(m) for m in plan] == [3, 3] and [[len(r) for r in m] for m in plan] == [[3, 3, 2]] * 2
-    for mini, rows in zip(plan, (range(0, 8), range(8, 16))):  # a mini-batch keeps its own sequences
-        flat = [i for micro in mini for i in micro]
-        assert sorted(flat) == list(rows)
-        assert [length[i] for i in flat] == sorted((length[i] for i in rows), reverse=True)  # longest first
+def test_exact_entropies_with_a_logged_masked_branch_train(tmp_path):
+    """Exact entropies come from the update's own forward; a masked branch that is only logged has none, so its
+    entropy is left out of the row (this raised before)."""
+    cfg = small_cfg("grpo", ["algorithm.entropy_estimator=exact", "trainer.log_kl_prcp=true"])
+    row = Trainer(cfg, tmp_path, "cpu").step()
+    assert row["kl_prcp"] > 0 and row["entropy"] > 0 and "masked_entropy" not in row

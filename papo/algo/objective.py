@@ -163,7 +163,10 @@ def papo_loss(
         metrics["kl_prcp_coef"] = torch.as_tensor(gamma, dtype=torch.float32).detach()
 
     entropy = _entropy(cfg, log_probs, entropies, mask)
-    masked_entropy = None if masked_log_probs is None else _entropy(cfg, masked_log_probs, masked_entropies, mask)
+    # exact masked entropies exist only when the masked branch's forward returned them (a loss term needs them);
+    # without them the masked entropy is not logged rather than estimated another way
+    no_exact = cfg.entropy_estimator == "exact" and masked_entropies is None and cfg.masked_entropy_coef == 0
+    masked_entropy = None if masked_log_probs is None or no_exact else _entropy(cfg, masked_log_probs, masked_entropies, mask)
     metrics["entropy"] = entropy.detach()
     if masked_entropy is not None:
         metrics["masked_entropy"] = masked_entropy.detach()

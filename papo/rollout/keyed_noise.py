@@ -43,7 +43,7 @@ def rollout_keys(seed: int, draws: Tensor, n: int, stream: int = TRAINING) -> Te
     # one splitmix64 step per level (seed, stream, draw, sample): index * increment added to a scrambled state
     run = mix(torch.tensor(seed, dtype=torch.long) + _SEED_SALT)
     if stream != TRAINING:  # stream 0 keeps the keys runs were trained with before streams existed
-        run = mix(run + stream * GOLDEN)
+        run = mix(run + _signed(stream * GOLDEN % (1 << 64)))
     per_draw = mix(run + (draws.long() + 1) * GOLDEN)  # (B,)
     j = torch.arange(1, n + 1, dtype=torch.long)
     return mix(per_draw.repeat_interleave(n) + j.repeat(len(draws)) * GOLDEN)

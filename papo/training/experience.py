@@ -66,9 +66,9 @@ class MicroBatch:
 
 class MicroBatches:
     """A step's sequences in mini-batches (one optimizer update each, ``per_update`` sequences) of micro-batches
-    (one forward/backward each, ``size`` sequences). Inside a mini-batch, sequences are sorted by length before
-    they are cut into micro-batches, so each micro-batch pads to a length close to its own sequences' (a
-    batch of sampled responses has a long tail: in arrival order most micro-batches would pad to it).
+    (one forward/backward each, ``size`` sequences), in order. Not sorted by length: under the authors'
+    per-micro-batch token mean a token's weight depends on its micro-batch, and sorting did not shorten the
+    update at micro-batch 4 (docs/training-at-scale.md).
 
     Each micro-batch is encoded by the processor once: the scoring and the update pass see the same
     micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of running the image
@@ -80,10 +80,9 @@ class MicroBatches:
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
         self.seconds = 0.0
-        length = (exp.prompt_tokens + exp.mask.sum(-1)).tolist()
-        self.plan: list[list[list[int]]] = []  # mini-batch -> micro-batch -> rows, longest first
+        self.plan: list[list[list[int]]] = []  # mini-batch -> micro-batch -> rows
         for start in range(0, exp.size, per_update):
-            rows = sorted(range(start, min(start + per_update, exp.size)), key=lambda i: -length[i])
+            rows = list(range(start, min(start + per_update, exp.size)))
             self.plan.append([rows[i : i + size] for i in range(0, len(rows), size)])
 
     def mini_batches(self) -> Iterator[list[MicroBatch]]:

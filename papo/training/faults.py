@@ -56,15 +56,14 @@ _hits: dict[str, int] = {}
 
 def parse(spec: str) -> dict[str, _Rule]:
     rules = {}
-    this_rank = os.environ.get("RANK", "0")
+    this_rank = int(os.environ.get("RANK", "0"))
     for part in filter(None, (p.strip() for p in spec.split(";"))):
-        rule = part
+        rule, rank = part, None
         if part.startswith("rank"):
-            rank, colon, rule = part[4:].partition(":")
-            if not colon or not rank.isdigit():
+            digits, colon, rule = part[4:].partition(":")
+            if not colon or not digits.strip().isdigit():
                 raise UserError(f"{ENV}: bad rank prefix in {part!r} (want rankN:name=action@hits)")
-            if rank != this_rank:
-                continue
+            rank, rule = int(digits), rule.strip()
         name, eq, rest = rule.partition("=")
         action, at, hits = rest.partition("@")
         name, action, hits = name.strip(), action.strip(), hits.strip() or "1"
@@ -80,7 +79,8 @@ def parse(spec: str) -> dict[str, _Rule]:
                 first, last = int(lo), int(hi or lo)
         except ValueError:
             raise UserError(f"{ENV}: bad hit count in {part!r} (want @N, @N-M or @*)") from None
-        rules[name] = _Rule(action, first, last)
+        if rank is None or rank == this_rank:  # every rule is checked; another rank's is not armed here
+            rules[name] = _Rule(action, first, last)
     return rules
 
 
