@@ -110,6 +110,7 @@ class MicroBatches:
         self.seconds += time.time() - t0
         return mb
 
+
 def select(exp: Experience, idx: list[int]) -> Experience:
     t = torch.as_tensor(idx, dtype=torch.long)
     return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],

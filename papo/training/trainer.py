@@ -101,7 +101,7 @@ class Trainer:
         self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile, own_weights=self.sharded or None,
                                synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
-        self.needs = self.scoring_passes(cfg)
+        self.needs = self.scoring_passes()
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -116,12 +116,12 @@ class Trainer:
         self.bad_steps = 0  # consecutive steps whose updates were all skipped
         self.phase = ""
 
-    def scoring_passes(self, cfg: TrainConfig) -> dict[str, bool]:
+    def scoring_passes(self) -> dict[str, bool]:
         """Which of step 5's no-grad forwards a step needs. Old log-probs: unless the step makes one update
         (then the weights that sampled are the weights being updated, and the ratio is exactly 1). Masked: for
         a KL_prcp or masked-entropy term, a KL_prcp reward, or the KL_prcp metric when asked
         (``trainer.log_kl_prcp``), unless the update recomputes it with gradient. Reference: when beta > 0."""
-        a, t = cfg.algorithm, cfg.trainer
+        a, t = self.cfg.algorithm, self.cfg.trainer
         reward_bonus = a.kl_prcp_reward_coef > 0  # built from the old and masked log-probs before any update
         masked = self.loss_cfg.uses_masked_branch or reward_bonus or t.log_kl_prcp
         return {"old": t.mini_batch_size < t.rollout_batch_size or reward_bonus,
@@ -290,7 +290,8 @@ class Trainer:
                 scores = rewards + bonus
                 extra["kl_prcp_reward"] = float(bonus.mean())
             self.phase = "update"
-            fault = nonfinite_inputs(scores, logps.named(), exp.mask)  # the update's own log-probs: per mini-batch
+            # log-probs the update computes itself (on-policy old ones) are checked through its gradient norm
+            fault = nonfinite_inputs(scores, logps.named(), exp.mask)
             if self.ctx.any(bool(fault)):  # skip the whole step, on every rank: its advantages or ratios would be garbage
                 causes = "; ".join(f"rank {r}: {c}" if self.ctx.world_size > 1 else c
                                    for r, c in enumerate(self.ctx.gather(fault)) if c)
