@@ -12,7 +12,8 @@ runs ``--steps`` training steps. The first ``--warmup-steps`` compile the engine
 out of the averages.
 
 Settings: n=5, T=1, top_p 0.99, top_k off, 2,048-token cap, PAPO's pixel bounds (200,704 to 1,003,520 pixels:
-the synthetic 224-px images become 448x448, 256 image tokens), micro-batch 4, gradient checkpointing, lr 1e-6,
+the synthetic 224-px images become 448x448, 256 image tokens), micro-batch 4 (16 for the no-grad scoring passes, as the
+authors), gradient checkpointing, lr 1e-6,
 two optimizer updates per step. Precision: ``default`` = fp32 master weights with bf16 compute (papo's CUDA
 default), ``lean`` = bf16 weights with Kahan-compensated AdamW (the authors' scheme).
 
@@ -50,6 +51,7 @@ PRECISIONS = {"default": ["model.param_dtype=float32", "model.compute_dtype=auto
               "lean": ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16"]}
 PAPER = ["rollout.n=5", "rollout.temperature=1.0", "rollout.top_p=0.99", "rollout.top_k=0", "rollout.max_new_tokens=2048",
          "data.min_pixels=200704", "data.max_pixels=1003520", "trainer.micro_batch_size=4",
+         "trainer.scoring_micro_batch_size=16",
          "model.gradient_checkpointing=true", "optim.lr=1e-6"]
 QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.save_every=0", "trainer.log_samples_every=0"]
 PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
@@ -134,7 +136,10 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     load_s = time.time() - t0
     rows = []
     for i in range(steps):
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.startswith("cuda") else 0
         row = trainer.step()
+        if device.startswith("cuda"):  # cudaMalloc retries: the allocator freed its cache to fit (memory pressure)
+            row["alloc_retries"] = int(ctx.max(torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries)[0])
         exp = trainer.last_experience
         lengths = exp.mask.sum(-1)
         row["update_tflop"] = round(ctx.sum(update_flops(trainer, exp))[0] / 1e12, 1)  # every rank's sequences
@@ -145,7 +150,8 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         rows.append(row)
         if ctx.is_main:
             print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
-                                                  "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib") if k in row}),
+                                                  "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib",
+                                                  "alloc_retries", "skipped") if k in row}),
                   flush=True)
     steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 

@@ -107,7 +107,7 @@ def test_nonfinite_inputs_names_each_cause():
     ("rewards=nan@2", "non-finite reward", []),
     ("logprobs=nan@2", "non-finite old log-probs", ["trainer.mini_batch_size=1"]),  # two updates: an old-log-prob pass
     ("logprobs=nan@2", "non-finite masked log-probs", []),  # one update: the masked pass is the first
-    ("grad=nan@2", "non-finite gradient norm", [])])
+    ("grad=nan@2", "non-finite gradient norm in mini-batch 0 (not finite in 1 of", [])])
 def test_a_nonfinite_step_is_skipped_logged_and_training_continues(spec, cause, extra, tmp_path):
     trainer = Trainer(small_cfg("papo_g", extra), tmp_path, "cpu")
     trainer.step()

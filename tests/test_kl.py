@@ -64,6 +64,17 @@ def test_entropy_from_logits_hand_computed():
     close(entropy_from_logits(torch.tensor([[0.0, math.log(3)]])), [-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
 
 
+def test_entropy_gradient_is_finite_with_suppressed_ids():
+    """Suppressed ids are -inf logits: the entropy's gradient must stay finite (it was nan, through 0 x -inf)."""
+    logits = torch.tensor([[0.5, -1.0, float("-inf"), 2.0]], requires_grad=True)
+    entropy_from_logits(logits).sum().backward()
+    p = torch.tensor([0.5, -1.0, 2.0]).softmax(-1)
+    h = -(p * p.log()).sum()
+    expected = -p * (p.log() + h)  # dH/dz_i = -p_i (log p_i + H)
+    close(logits.grad[0, [0, 1, 3]], expected, tol=1e-6)
+    assert logits.grad[0, 2] == 0
+
+
 def test_entropy_from_logits_against_float64_reference():
     logits = torch.randn(3, 5, 11) * 4
     p = logits.double().softmax(-1)

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 from model_fixtures import mixed_batch, sharpen_vision, tiny_policy
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AttentionInterface, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from papo.data.masking import MaskingConfig, PatchLayout, corrupt_images, image_pair, mask_rng, random_mask_pixel_values
-from papo.models.inputs import append_completions, with_images, with_pixel_values
+from papo.models.inputs import PromptBatch, append_completions, concat_prompt_batches, with_images, with_pixel_values
 from papo.models.loading import (
     ModelOptions,
     load_processor,
@@ -91,6 +91,69 @@ def test_forward_logprobs_equal_sampler_logprobs_left_padded_mixed_images(temper
     m = comp.mask.bool()
     assert (logp[m] - sampler_logp[m]).abs().max() < 1e-5
     assert (logp[~m] == 0).all()
+
+
+def test_concatenated_prompt_batches_score_each_row_as_alone():
+    """Scoring merges micro-batches: a row's log-probs must not change with the padding the merge gives it."""
+    torch.manual_seed(1)
+    policy = tiny_policy()
+    policy.model.eval()
+    _, prompts, images = mixed_batch(policy)
+    parts = [policy.encode([p], [ims]) for p, ims in zip(prompts, images)]
+    assert parts[0].prompt_len != parts[1].prompt_len
+    merged = concat_prompt_batches(parts, policy.pad_id)
+    whole = policy.encode(prompts, images)  # what the processor itself makes of both rows
+    assert merged.inputs.keys() == whole.inputs.keys()
+    for key in whole.inputs:
+        assert torch.equal(merged.inputs[key], whole.inputs[key]), key
+    comp = Sampler(policy).generate(merged, SamplingParams(6))
+    with torch.no_grad():
+        together, _ = policy.logprobs(merged, comp.ids, comp.mask)
+        alone = [policy.logprobs(b, comp.ids[i : i + 1], comp.mask[i : i + 1])[0] for i, b in enumerate(parts)]
+    assert (together - torch.cat(alone)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="neither per-token nor an image tensor"):
+        concat_prompt_batches([PromptBatch({**parts[0].inputs, "extra": torch.zeros(3)}, parts[0].image_keys)] * 2, 0)
+
+
+def test_padding_free_forward_equals_the_padded_one(monkeypatch):
+    """Packed sequences (papo.models.packing) give the padded forward's log-probs, entropies and gradients,
+    and the language model sees only valid tokens."""
+    import papo.models.attention as attention
+
+    torch.manual_seed(1)
+    policy = tiny_policy()
+    sharpen_vision(policy, 5.0)
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    comp = Sampler(policy).generate(batch, SamplingParams(8))
+    mask = comp.mask.clone()
+    mask[1, 3:] = 0  # responses of unequal length: right padding as well as the prompts' left padding
+    seen = []
+    real = attention.packed_text_attention
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((query.shape[2], kwargs.get("packed_seq_lens") is not None))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.PACKED_TEXT_ATTENTION, spy)
+    policy.model.train()
+    results = []
+    for implementation in (attention.PACKED_TEXT_ATTENTION, "sdpa"):
+        policy.model.set_attn_implementation({"text_config": implementation})
+        policy.model.zero_grad(set_to_none=True)
+        logp, ent = policy.logprobs(batch, comp.ids, mask, with_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters()
+                                                      if p.grad is not None}))
+    valid_tokens = int(batch.inputs["attention_mask"].sum() + mask.sum())
+    assert seen and all(t == valid_tokens and packed for t, packed in seen)  # only valid tokens, every layer
+    (logp, ent, grads), (ref_logp, ref_ent, ref_grads) = results
+    m = mask.bool()
+    assert (logp - ref_logp).abs().max() < 1e-5 and (ent - ref_ent).abs().max() < 1e-5
+    assert (logp[~m] == 0).all() and (ent[~m] == 0).all()
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
 
 
 def test_chunked_equals_unchunked_and_exact_entropies():

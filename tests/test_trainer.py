@@ -8,6 +8,7 @@ from PIL import Image
 from papo.algo import group_advantages
 from papo.cli import main
 from papo.config.schema import PRESETS, ConfigError, load_config
+from papo.training.experience import MicroBatches
 from papo.training.loop import run_train
 from papo.training.monitor import HackingMonitor
 from papo.training.trainer import PromptStream, Trainer
@@ -108,6 +109,26 @@ def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path
         for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     assert max(float((x - y).abs().max()) for x, y in zip(w_skipped, w_forced)) < 1e-6
+
+
+def test_scoring_in_larger_micro_batches_gives_the_same_log_probs(tmp_path):
+    """trainer.scoring_micro_batch_size merges whole update micro-batches for the no-grad passes (the authors
+    score in micro-batches of 16 and update in 4): the old, masked and reference log-probs stay the same."""
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("papo_g", ["trainer.mini_batch_size=1", "trainer.micro_batch_size=2"]), tmp_path, "cpu")
+    exp, _ = trainer.collect({})
+    scored = {}
+    for scoring_size in (0, 8):
+        batches = MicroBatches(exp, trainer.policy, 2, 4, scoring_size)
+        assert len(list(batches.scoring())) == (4 if scoring_size == 0 else 1)
+        scored[scoring_size] = trainer.score_experience(exp, batches, {}).named()
+    assert scored[0].keys() == scored[8].keys() == {"old", "masked", "ref"}
+    for name in scored[0]:
+        assert (scored[0][name] - scored[8][name]).abs().max() < 1e-5, name
+    with pytest.raises(ValueError, match="not a multiple of the micro-batch size 2"):
+        MicroBatches(exp, trainer.policy, 2, 4, 3)
+    with pytest.raises(ConfigError, match=r"scoring_micro_batch_size \(now 12\) must be 0 or a multiple of trainer.micro_batch_size \(now 8\)"):
+        small_cfg("papo_g", ["trainer.scoring_micro_batch_size=12"])
 
 
 def test_dapo_regenerates_until_the_batch_is_full(tmp_path):

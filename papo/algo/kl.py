@@ -56,6 +56,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logits = logits.float()
     log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = (logits - log_z).exp()
-    # p * logit is 0 * -inf = nan for suppressed ids; those carry no probability mass.
-    p_logit = torch.where(probs > 0, probs * logits, torch.zeros((), device=logits.device))
-    return log_z.squeeze(-1) - p_logit.sum(-1)
+    # suppressed ids (-inf) carry no mass: zero their logit before the product, not after it, or the product's
+    # gradient (-inf x 0) is nan and poisons every weight
+    finite_logits = torch.where(probs > 0, logits, torch.zeros((), device=logits.device))
+    return log_z.squeeze(-1) - (probs * finite_logits).sum(-1)

@@ -33,6 +33,7 @@ class ModelSection:
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
     lora_rank: int = 0
+    padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
 
 
 @dataclass
@@ -119,6 +120,9 @@ class TrainerSection:
     gen_batch_size: int = 0
     mini_batch_size: int = 8  # prompts per optimizer update (official 128: 3 updates per step)
     micro_batch_size: int = 32  # sequences per forward/backward (official 4 per GPU)
+    # sequences per no-grad scoring forward (old / masked / reference log-probs), a multiple of micro_batch_size;
+    # 0 = micro_batch_size (official micro_batch_size_per_device_for_experience 16)
+    scoring_micro_batch_size: int = 0
     seed: int = 0
     device: str = "auto"
     save_every: int = 20  # keep this key name: scripts rely on it
@@ -177,6 +181,9 @@ class TrainConfig:
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),
+            (t.micro_batch_size < 1 or (t.scoring_micro_batch_size >= 0 and t.scoring_micro_batch_size % t.micro_batch_size == 0),
+             f"trainer.scoring_micro_batch_size (now {t.scoring_micro_batch_size}) must be 0 or a multiple of "
+             f"trainer.micro_batch_size (now {t.micro_batch_size}): scoring merges whole update micro-batches"),
             (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: trainer.rollout_batch_size)"),
             (t.gen_batch_size == 0 or a.online_filter,
              "trainer.gen_batch_size sizes DAPO's filter rounds; it needs algorithm.online_filter=true"),

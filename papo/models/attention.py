@@ -1,4 +1,7 @@
-"""Packed attention for Qwen-VL vision towers, without flash-attn.
+"""Packed attention without flash-attn: for Qwen-VL vision towers, and for padding-free language-model passes.
+
+Vision towers
+-------------
 
 A Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower attends within segments of one packed sequence (one
 segment per image, or per window in Qwen2.5-VL's windowed layers). Without flash-attn, transformers runs one
@@ -10,18 +13,33 @@ one SDPA call per distinct length (one call when all images share a size).
 transformers hands the vision attention its segment boundaries (``cu_seq_lens_q``) only when the attention
 implementation's name contains "flash", hence the registered name. It is set on the vision sub-config only:
 the language model keeps its own implementation (SDPA by default).
+
+Language models
+---------------
+``PACKED_TEXT_ATTENTION`` is SDPA for every ordinary call (same masks, same kernels). When a forward passes
+``packed_seq_lens`` (papo.models.packing: several sequences laid end to end in one row), each sequence attends
+causally within itself: torch's variable-length flash kernel on CUDA, one SDPA call per sequence elsewhere.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9
+    varlen_attn = None
 
 PACKED_VISION_ATTENTION = "papo_packed_flash_sdpa"
+PACKED_TEXT_ATTENTION = "papo_packed_text_sdpa"
 
 
 @torch.compiler.disable  # reads segment lengths as Python ints: compiled vision blocks break the graph here
@@ -74,3 +92,67 @@ def use_packed_vision_attention(model: torch.nn.Module) -> bool:
 def _forward_args(module: torch.nn.Module) -> tuple[str, ...]:
     code = type(module).forward.__code__
     return code.co_varnames[: code.co_argcount]
+
+
+def _varlen_causal() -> dict[str, Any]:
+    """torch's causal flag for varlen_attn: ``is_causal`` up to 2.11, ``window_size`` after."""
+    params = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                          dropout: float = 0.0, scaling: float | None = None,
+                          packed_seq_lens: tuple[Tensor, list[int]] | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """SDPA, or, with ``packed_seq_lens`` = (cumulative lengths (S + 1,) int32 on the device, lengths as ints),
+    causal attention within each packed sequence of query/key/value (1, H, T, D) -> (1, T, H, D)."""
+    if packed_seq_lens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is not None:
+        raise ValueError("packed sequences take no attention mask: each attends within itself")
+    cu, lengths = packed_seq_lens
+    dropout = dropout if module.training else 0.0
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):  # rotary embeddings leave float32 q/k: SDPA would cast too
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None and dropout == 0.0:
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: the kernel wants as many key/value heads as queries
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        longest = max(lengths)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **_varlen_causal())
+        return out[None], None
+    outs, start = [], 0
+    for length in lengths:  # CPU (and CUDA in fp32): one causal SDPA call per sequence
+        seg = slice(start, start + length)
+        outs.append(F.scaled_dot_product_attention(query[:, :, seg], key[:, :, seg], value[:, :, seg], dropout_p=dropout,
+                                                   is_causal=True, scale=scaling, enable_gqa=True))
+        start += length
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+AttentionInterface.register(PACKED_TEXT_ATTENTION, packed_text_attention)
+def packed_text_mask(*, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
+    """SDPA's mask, except none for a full-length call without a padding mask: such a call is either one
+    unpadded batch (SDPA's own causal flag) or packed sequences (each attends within itself; transformers would
+    build a dense block-diagonal mask of T x T entries that packed attention does not read)."""
+    if attention_mask is None and q_length == kv_length and q_offset == kv_offset == 0:
+        return None
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, **kwargs)
+
+
+AttentionMaskInterface.register(PACKED_TEXT_ATTENTION, packed_text_mask)
+
+
+def use_packed_text_attention(model: torch.nn.Module) -> bool:
+    """Let the language model take packed (padding-free) forwards; True if switched. Left alone: models whose
+    language model is not on SDPA (eager, flash-attn: the user chose them) and models without M-RoPE indexing
+    (papo.models.packing computes positions with ``get_rope_index``)."""
+    config = getattr(model.config, "text_config", None)
+    base = getattr(model, "model", None)
+    if config is None or base is None or not hasattr(base, "get_rope_index"):
+        return False
+    if getattr(config, "_attn_implementation", None) not in (None, "sdpa"):
+        return False
+    model.set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+    return True

@@ -72,6 +72,30 @@ def tokenize_completions(tokenizer: Any, texts: Sequence[str], eos_id: int | Non
     return pad_completions([tokenizer(t, add_special_tokens=False)["input_ids"] + tail for t in texts], pad_id)
 
 
+def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
+    """One batch of the rows of ``batches`` in order, left-padded again to the longest prompt: per-token tensors
+    are padded (``input_ids`` with ``pad_id``, the others with zeros), image tensors are concatenated. The
+    positions come from the attention mask, so a row's log-probs do not depend on the padding it gets."""
+    if not batches:
+        raise ValueError("no prompt batches to concatenate")
+    keys, image_keys = batches[0].inputs.keys(), batches[0].image_keys
+    if any(b.inputs.keys() != keys or b.image_keys != image_keys for b in batches):
+        raise ValueError("prompt batches to concatenate carry different tensors: "
+                         + " vs ".join(str(sorted(b.inputs)) for b in batches[:2]))
+    width = max(b.prompt_len for b in batches)
+    out = {}
+    for key in keys:
+        parts = [b.inputs[key] for b in batches]
+        if key in image_keys:
+            out[key] = torch.cat(parts)
+        elif all(t.dim() == 2 and tuple(t.shape) == (b.size, b.prompt_len) for t, b in zip(parts, batches)):
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts])
+        else:
+            raise ValueError(f"cannot concatenate prompt batches: {key!r} is neither per-token nor an image tensor")
+    return PromptBatch(out, image_keys)
+
+
 def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Inputs for prompt + completion: ids / mask (B, R) right-padded completions."""
     b, p = batch.inputs["input_ids"].shape

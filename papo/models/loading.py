@@ -114,6 +114,7 @@ class ModelOptions:
     lora_rank: int = 0  # > 0: wrap with a peft LoRA adapter on the language model's linear layers
     lora_alpha: int = 16
     lora_target: str = "all-linear"
+    padding_free: bool = True  # Policy: scoring and update forwards without padding (papo.models.packing)
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_of(self.param_dtype)

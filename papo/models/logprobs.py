@@ -1,6 +1,6 @@
 """Per-token log-probs (and exact entropies) of response tokens, with the sampler's token support.
 
-The language-model head is applied to chunks of response positions, each under activation checkpointing
+The language-model head is applied to chunks of the valid response positions, each under activation checkpointing
 when gradients are on, so (tokens x vocabulary) logits for the whole batch never exist at once, in the
 forward or the backward pass. Logits are divided by the sampling temperature and the suppressed ids (vision
 placeholders, padded vocabulary rows) are set to -inf, exactly as the sampler's logits processors do, so a
@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from papo.algo.kl import entropy_from_logits
+from papo.models.packing import can_pack, pack
 
 
 def suppressed_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -40,8 +41,8 @@ def suppress_mask(ids: list[int], vocab: int, device: Any = None) -> Tensor:  # 
     return mask
 
 
-def _hidden_states(model: Any, inputs: dict[str, Tensor]) -> Tensor:
-    """(B, L, H) last hidden states, without computing logits for every position."""
+def _backbone(model: Any, inputs: dict[str, Any]) -> Tensor:
+    """Last hidden states (B, L, H), without computing logits for every position."""
     base = getattr(model, "model", None)
     if base is None:
         raise TypeError(f"{type(model).__name__} has no .model backbone; papo needs an image-text-to-text model")
@@ -67,7 +68,10 @@ def response_logprobs(
     chunk_tokens: int = 2048,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions."""
+    """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions.
+
+    Padding-free when the model takes packed forwards (papo.models.packing), and the language-model head
+    only ever sees the valid response positions."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     if hasattr(model, "get_base_model"):  # peft: the adapters sit inside the base model's own modules
@@ -75,23 +79,24 @@ def response_logprobs(
     b, r = response_mask.shape
     ids = inputs["input_ids"]
     p = ids.shape[1] - r
-    hidden = _hidden_states(model, inputs)[:, p - 1 : p + r - 1]  # (B, R, H): position t predicts token t + 1
-    valid = response_mask.bool()
-    # padded targets may be suppressed ids (-inf): score a harmless id there and zero the result
-    safe_id = int(getattr(model.config, "pad_token_id", None) or 0)
-    targets = torch.where(valid, ids[:, p:], torch.full_like(ids[:, p:], safe_id)).reshape(-1)
-    flat = hidden.reshape(b * r, -1)
+    rows, cols = response_mask.bool().nonzero(as_tuple=True)  # valid response tokens, row by row
+    before = p - 1 + cols  # the position that predicts each of them
+    if can_pack(model, inputs):
+        packed = pack(model, inputs)
+        hidden = _backbone(model, packed.inputs)[0][packed.index[rows, before]]  # (N, H)
+    else:
+        hidden = _backbone(model, inputs)[rows, before]
+    targets = ids[rows, p + cols]
     head = model.get_output_embeddings()
     logps, entropies = [], []
-    for start in range(0, flat.shape[0], chunk_tokens):
-        args = (head, flat[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature, suppress, with_entropy)
-        if torch.is_grad_enabled() and flat.requires_grad:
+    for start in range(0, max(1, hidden.shape[0]), chunk_tokens):
+        args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature, suppress, with_entropy)
+        if torch.is_grad_enabled() and hidden.requires_grad:
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(*args)
         logps.append(lp)
         entropies.append(ent)
-    zero = torch.zeros((), device=flat.device)
-    logp = torch.where(valid, torch.cat(logps).view(b, r), zero)
-    entropy = torch.where(valid, torch.cat(entropies).view(b, r), zero) if with_entropy else None
+    logp = torch.cat(logps).new_zeros(b, r).index_put((rows, cols), torch.cat(logps))
+    entropy = torch.cat(entropies).new_zeros(b, r).index_put((rows, cols), torch.cat(entropies)) if with_entropy else None
     return logp, entropy

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
-from papo.models.attention import use_packed_vision_attention
+from papo.models.attention import use_packed_text_attention, use_packed_vision_attention
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
@@ -63,15 +63,18 @@ class RootCall(torch.nn.Module):
 class Policy:
     """``compute_dtype``: what forwards and rollouts run in (None: the parameters' dtype); with float32
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
-    own bfloat16 copy of the weights (``papo.models.precision``)."""
+    own bfloat16 copy of the weights (``papo.models.precision``). ``padding_free``: scoring and update forwards
+    pack each batch's sequences without padding where the model allows it (``papo.models.packing``)."""
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, padding_free: bool = True):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.root = RootCall(model)  # what a sharded model is wrapped in (papo.training.sharding)
         param_dtype = next(model.parameters()).dtype
         self.precision = Precision(param_dtype, compute_dtype or param_dtype)
         use_packed_vision_attention(model)  # one SDPA call per image size instead of one per image or window
+        if padding_free:  # scoring and update forwards skip padding (papo.models.packing)
+            use_packed_text_attention(model)
         # papo resizes images with PAPO's rule before the processor; None keeps the dataset's pixels
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.suppress_ids = suppressed_token_ids(model, self.tokenizer)
@@ -91,7 +94,7 @@ class Policy:
         path = resolve_model(name_or_path)
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
         _warn_if_processor_shrinks(processor, min_pixels, path)
-        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype)
+        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype, opts.padding_free)
 
     @property
     def device(self) -> torch.device:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from papo.models.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
+from papo.models.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.inputs import PromptBatch
 from papo.models.loading import plain_class
 from papo.models.mrope import VisionInputs, mrope_positions
@@ -320,6 +320,9 @@ def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
     packed = getattr(config.vision_config, "_attn_implementation", None) == PACKED_VISION_ATTENTION
     if packed:  # transformers builds only the attention implementations it knows: switch after construction
         config.vision_config._attn_implementation = "sdpa"
+    text = getattr(config, "text_config", None)
+    if getattr(text, "_attn_implementation", None) == PACKED_TEXT_ATTENTION:  # packed only in training passes
+        text._attn_implementation = "sdpa"
     with torch.device("meta"):
         clone = plain_class(model)._from_config(config, dtype=dtype)
     if packed:

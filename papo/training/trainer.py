@@ -81,7 +81,8 @@ class Trainer:
         self.ctx = ctx or DistContext.current(device)
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
-        opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank)
+        opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank,
+                            padding_free=m.padding_free)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
         # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters
@@ -201,7 +202,7 @@ class Trainer:
         T = self.cfg.rollout.temperature
         out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
         self.policy.model.eval()
-        for mb in batches.all():
+        for mb in batches.scoring():
             for name in out:
                 t = time.time()
                 with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
@@ -251,13 +252,17 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
             self.poison.gradients(self.policy.model.parameters())
-            norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.optim.grad_clip)
-            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the norm over all ranks
+            params = [p for p in self.policy.model.parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: the norm over all ranks
             if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
+                torch.nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip, total)
                 self.optim.step()
-            else:  # a non-finite gradient never reaches the weights
+            else:  # a non-finite gradient never reaches the weights; the gradients are still unclipped, so say where
                 skipped += 1
-                causes.append(f"non-finite gradient norm in mini-batch {index}")
+                where = "; ".join(f"rank {r}: {w}" if self.ctx.world_size > 1 else w
+                                  for r, w in enumerate(self.ctx.gather(nonfinite_gradients(self.policy.model))) if w)
+                causes.append(f"non-finite gradient norm in mini-batch {index}" + (f" ({where})" if where else ""))
                 self.optim.zero_grad(set_to_none=True)
             norms.append(float(norm))
         self.sched.step()
@@ -279,7 +284,8 @@ class Trainer:
             self.phase = "rollout"
             exp, extra = self.collect(timing)
             per_update = self.cfg.trainer.mini_batch_size // self.ctx.world_size * self.cfg.rollout.n  # this rank's share
-            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size, per_update)
+            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size, per_update,
+                                   self.cfg.trainer.scoring_micro_batch_size)
             # 5. old, masked and reference log-probs
             self.phase = "scoring"
             logps = self.score_experience(exp, batches, timing)
@@ -355,6 +361,8 @@ class Trainer:
             "rollout": (f"{size_key} (now {self.round_size}; x rollout.n = {self.round_size * c.rollout.n} sequences are "
                         "sampled at once), "
                         f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
+            "scoring": (f"trainer.scoring_micro_batch_size (now {c.trainer.scoring_micro_batch_size or c.trainer.micro_batch_size}), "
+                        f"data.max_pixels (now {c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"),
         }.get(self.phase, f"trainer.micro_batch_size (now {c.trainer.micro_batch_size}), data.max_pixels (now "
                           f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
                           "model.gradient_checkpointing=true")
@@ -416,6 +424,17 @@ def nonfinite_inputs(rewards: torch.Tensor, logps: dict[str, torch.Tensor], mask
         if bad := int((~torch.isfinite(values[:, : valid.shape[1]]) & valid[:, : values.shape[1]]).sum()):
             causes.append(f"non-finite {name} log-probs ({bad} tokens)")
     return "; ".join(causes)
+
+
+def nonfinite_gradients(model: torch.nn.Module) -> str:
+    """Which of this rank's gradients are not finite ("" if none): how many tensors, and the first few by name,
+    so a skipped update points at the layer where the NaN or inf appeared."""
+    grads = [(name, p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+             for name, p in model.named_parameters() if p.grad is not None]
+    bad = [name for name, grad in grads if not bool(torch.isfinite(grad).all())]
+    if not bad:
+        return ""
+    return f"not finite in {len(bad)} of {len(grads)} gradient tensors, first {', '.join(bad[:3])}"
 
 
 def _finite_mean(values: list[float]) -> float:
