@@ -1,5 +1,6 @@
 """Small models shared by the model tests (built offline in well under a second each)."""
 
+import copy
 import functools
 
 import torch
@@ -17,11 +18,11 @@ def _tiny_state():
 
 
 def tiny_policy() -> Policy:
-    """A fresh tiny Qwen2.5-VL policy (weights copied, so tests may train it)."""
+    """A fresh tiny Qwen2.5-VL policy (weights and processor copied, so tests may train it or change its bounds)."""
     state, processor = _tiny_state()
     model, _ = build_tiny("tiny", seed=0)
     model.load_state_dict(state)
-    return Policy(model, processor)
+    return Policy(model, copy.deepcopy(processor))
 
 
 def mixed_batch(policy: Policy, n: int = 2):

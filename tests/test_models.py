@@ -10,6 +10,7 @@ from transformers import AttentionInterface, AutoModelForImageTextToText, AutoPr
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from papo.data.masking import MaskingConfig, PatchLayout, corrupt_images, image_pair, mask_rng, random_mask_pixel_values
+from papo.models.attention import PACKED_TEXT_ATTENTION, use_packed_text_attention
 from papo.models.inputs import PromptBatch, append_completions, concat_prompt_batches, with_images, with_pixel_values
 from papo.models.loading import (
     ModelOptions,
@@ -111,6 +112,12 @@ def test_concatenated_prompt_batches_score_each_row_as_alone():
         together, _ = policy.logprobs(merged, comp.ids, comp.mask)
         alone = [policy.logprobs(b, comp.ids[i : i + 1], comp.mask[i : i + 1])[0] for i, b in enumerate(parts)]
     assert (together - torch.cat(alone)).abs().max() < 1e-5
+    text_only = policy.encode(["What is 2 + 2?"], [[]])  # no image tensors at all
+    mixed = concat_prompt_batches([parts[0], text_only], policy.pad_id)
+    whole = policy.encode([prompts[0], "What is 2 + 2?"], [images[0], []])
+    assert mixed.inputs.keys() == whole.inputs.keys() and mixed.image_keys == whole.image_keys
+    for key in whole.inputs:
+        assert torch.equal(mixed.inputs[key], whole.inputs[key]), key
     with pytest.raises(ValueError, match="neither per-token nor an image tensor"):
         concat_prompt_batches([PromptBatch({**parts[0].inputs, "extra": torch.zeros(3)}, parts[0].image_keys)] * 2, 0)
 
@@ -338,6 +345,9 @@ def test_lora_wraps_the_language_model_only():
     model = prepare_model(policy.model, ModelOptions(lora_rank=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    model.set_attn_implementation({"text_config": "sdpa"})
+    assert use_packed_text_attention(model)  # padding-free under LoRA too: the peft wrapper is looked through
+    assert model.get_base_model().config.text_config._attn_implementation == PACKED_TEXT_ATTENTION
 
 
 def test_a_lora_policy_saves_merged_weights_like_peft_merge_and_unload(tmp_path):

@@ -94,10 +94,14 @@ def _forward_args(module: torch.nn.Module) -> tuple[str, ...]:
     return code.co_varnames[: code.co_argcount]
 
 
-def _varlen_causal() -> dict[str, Any]:
-    """torch's causal flag for varlen_attn: ``is_causal`` up to 2.11, ``window_size`` after."""
+def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
+    """varlen_attn's causal flag (``is_causal`` in older torch, ``window_size`` in newer) and its grouped-query
+    flag, where the installed torch has one."""
     params = inspect.signature(varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    out: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if heads_q != heads_kv and "enable_gqa" in params:
+        out["enable_gqa"] = True
+    return out
 
 
 def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -115,10 +119,11 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # rotary embeddings leave float32 q/k: SDPA would cast too
         q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None and dropout == 0.0:
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: the kernel wants as many key/value heads as queries
+        options = _varlen_options(q.shape[1], k.shape[1])
+        if k.shape[1] != q.shape[1] and "enable_gqa" not in options:  # as many key/value heads as queries
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         longest = max(lengths)
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **_varlen_causal())
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **options)
         return out[None], None
     outs, start = [], 0
     for length in lengths:  # CPU (and CUDA in fp32): one causal SDPA call per sequence
@@ -130,29 +135,26 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
 
 
 AttentionInterface.register(PACKED_TEXT_ATTENTION, packed_text_attention)
-def packed_text_mask(*, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                     attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-    """SDPA's mask, except none for a full-length call without a padding mask: such a call is either one
-    unpadded batch (SDPA's own causal flag) or packed sequences (each attends within itself; transformers would
-    build a dense block-diagonal mask of T x T entries that packed attention does not read)."""
-    if attention_mask is None and q_length == kv_length and q_offset == kv_offset == 0:
-        return None
-    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-                     attention_mask=attention_mask, **kwargs)
-
-
-AttentionMaskInterface.register(PACKED_TEXT_ATTENTION, packed_text_mask)
+# Ordinary calls get SDPA's masks. A packed call gives only the three M-RoPE rows as positions (no text row), so
+# transformers sees no packed sequences, and for a full-length call without a padding mask SDPA's own mask
+# function returns None.
+AttentionMaskInterface.register(PACKED_TEXT_ATTENTION, sdpa_mask)
 
 
 def use_packed_text_attention(model: torch.nn.Module) -> bool:
     """Let the language model take packed (padding-free) forwards; True if switched. Left alone: models whose
-    language model is not on SDPA (eager, flash-attn: the user chose them) and models without M-RoPE indexing
-    (papo.models.packing computes positions with ``get_rope_index``)."""
+    language model is not on SDPA (eager, flash-attn: the user chose them), models without M-RoPE indexing
+    (papo.models.packing computes positions with ``get_rope_index``), and language models with layers other
+    than full attention (sliding windows, recurrent layers would run across the packed sequences)."""
+    if hasattr(model, "get_base_model"):  # peft: the image-text-to-text model is inside
+        model = model.get_base_model()
     config = getattr(model.config, "text_config", None)
     base = getattr(model, "model", None)
     if config is None or base is None or not hasattr(base, "get_rope_index"):
         return False
     if getattr(config, "_attn_implementation", None) not in (None, "sdpa"):
+        return False
+    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
     model.set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
     return True

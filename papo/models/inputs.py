@@ -78,17 +78,18 @@ def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> Prompt
     positions come from the attention mask, so a row's log-probs do not depend on the padding it gets."""
     if not batches:
         raise ValueError("no prompt batches to concatenate")
-    keys, image_keys = batches[0].inputs.keys(), batches[0].image_keys
-    if any(b.inputs.keys() != keys or b.image_keys != image_keys for b in batches):
-        raise ValueError("prompt batches to concatenate carry different tensors: "
-                         + " vs ".join(str(sorted(b.inputs)) for b in batches[:2]))
+    image_keys = tuple(dict.fromkeys(k for b in batches for k in b.image_keys))  # a text-only batch has none
+    keys = list(dict.fromkeys(k for b in batches for k in b.inputs))
     width = max(b.prompt_len for b in batches)
     out = {}
     for key in keys:
-        parts = [b.inputs[key] for b in batches]
         if key in image_keys:
-            out[key] = torch.cat(parts)
-        elif all(t.dim() == 2 and tuple(t.shape) == (b.size, b.prompt_len) for t, b in zip(parts, batches)):
+            out[key] = torch.cat([b.inputs[key] for b in batches if key in b.inputs])
+            continue
+        if missing := [i for i, b in enumerate(batches) if key not in b.inputs]:
+            raise ValueError(f"cannot concatenate prompt batches: {key!r} is missing from batch {missing[0]}")
+        parts = [b.inputs[key] for b in batches]
+        if all(t.dim() == 2 and tuple(t.shape) == (b.size, b.prompt_len) for t, b in zip(parts, batches)):
             fill = pad_id if key == "input_ids" else 0
             out[key] = torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts])
         else:

@@ -5,9 +5,8 @@ responses from a few hundred tokens to the 2,048-token cap, a micro-batch of 4 r
 longest row four times over. Packing keeps only the valid tokens of each sequence, in order, in one row of
 ``T`` tokens. The language model attends causally within each sequence (``packed_seq_lens``, read by
 papo.models.attention's packed text attention), and every token keeps the 3-D M-RoPE position the padded batch
-gives it: positions are computed on the padded batch by the model's own ``get_rope_index`` and then packed
-(transformers' packed-input convention: text positions that restart at 0 for each sequence, then the three
-M-RoPE rows). The vision tower sees the same images as before. A token's log-prob is therefore the padded
+gives it: positions are computed on the padded batch by the model's own ``get_rope_index`` and then packed.
+The vision tower sees the same images as before. A token's log-prob is therefore the padded
 forward's, up to kernel rounding.
 """
 
@@ -48,17 +47,19 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
         attention_mask=inputs["attention_mask"])  # (3, B, L), as the padded forward computes them
     flat = keep.reshape(-1).nonzero().squeeze(-1)  # row-major: sequences stay in order, and so do their images
     lengths = keep.sum(-1)
-    text = (keep.long().cumsum(-1) - 1).reshape(-1)[flat]
-    packed_positions = torch.cat([text[None], positions.reshape(3, -1)[:, flat].to(text)])[:, None]  # (4, 1, T)
+    # the three M-RoPE rows only: with a leading text row transformers would detect packed sequences and build
+    # a dense T x T block-diagonal mask that packed attention does not read
+    packed_positions = positions.reshape(3, -1)[:, flat][:, None]  # (3, 1, T)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=ids.device)
     cu[1:] = lengths.cumsum(0)
     out: dict[str, Any] = {}
     for key, value in inputs.items():
         if key == "attention_mask":
             continue
-        per_token = isinstance(value, Tensor) and value.dim() == 2 and tuple(value.shape) == (b, length)
+        image = key.startswith("pixel_values") or key.endswith("grid_thw")
+        per_token = not image and isinstance(value, Tensor) and value.dim() == 2 and tuple(value.shape) == (b, length)
         out[key] = value.reshape(-1)[flat][None] if per_token else value
-    out.update(position_ids=packed_positions, packed_seq_lens=(cu, lengths.tolist()))  # no mask: see packed_text_mask
+    out.update(position_ids=packed_positions, packed_seq_lens=(cu, lengths.tolist()))  # no attention mask
     index = torch.full((b * length,), -1, dtype=torch.long, device=ids.device)
     index[flat] = torch.arange(flat.numel(), device=ids.device)
     return Packed(out, index.view(b, length))
