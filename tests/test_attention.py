@@ -70,8 +70,25 @@ def test_only_packed_segment_towers_are_switched(tmp_path):
     assert not use_packed_vision_attention(policy.model)  # a user's explicit eager choice is kept
     policy.model.set_attn_implementation({"vision_config": "sdpa"})
     assert use_packed_vision_attention(policy.model)
-    policy.save(tmp_path)  # the registered name is a runtime choice, never written into the checkpoint
-    assert attention.PACKED_VISION_ATTENTION not in (tmp_path / "config.json").read_text()
+    assert policy.model.config.text_config._attn_implementation == attention.PACKED_TEXT_ATTENTION
+    policy.save(tmp_path)  # the registered names are runtime choices, never written into the checkpoint
+    saved = (tmp_path / "config.json").read_text()
+    assert attention.PACKED_VISION_ATTENTION not in saved and attention.PACKED_TEXT_ATTENTION not in saved
+
+
+@pytest.mark.parametrize("signature, expected", [
+    ("q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)", {"window_size": (-1, 0)}),
+    ("q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, *, scale=None", {"is_causal": True}),
+    ("q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False",
+     {"window_size": (-1, 0), "enable_gqa": True}),
+])
+def test_varlen_options_follow_the_installed_torch(signature, expected, monkeypatch):
+    """torch's varlen_attn changed its causal flag between versions (the GPU machine's torch is older than CI's)."""
+    namespace: dict = {}
+    exec(f"def varlen_attn({signature}): pass", namespace)
+    monkeypatch.setattr(attention, "varlen_attn", namespace["varlen_attn"])
+    assert attention._varlen_options(16, 2) == expected
+    assert "enable_gqa" not in attention._varlen_options(16, 16)
 
 
 def test_scoring_with_packed_attention_matches_the_sampler():
