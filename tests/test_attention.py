@@ -82,11 +82,13 @@ def test_only_packed_segment_towers_are_switched(tmp_path):
     ("q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False",
      {"window_size": (-1, 0), "enable_gqa": True}),
 ])
-def test_varlen_options_follow_the_installed_torch(signature, expected, monkeypatch):
+def test_varlen_options_follow_the_installed_torch(signature, expected, monkeypatch, request):
     """torch's varlen_attn changed its causal flag between versions (the GPU machine's torch is older than CI's)."""
     namespace: dict = {}
     exec(f"def varlen_attn({signature}): pass", namespace)
     monkeypatch.setattr(attention, "varlen_attn", namespace["varlen_attn"])
+    attention._varlen_options.cache_clear()  # the options are cached per process: read the fake signature
+    request.addfinalizer(attention._varlen_options.cache_clear)
     assert attention._varlen_options(16, 2) == expected
     assert "enable_gqa" not in attention._varlen_options(16, 16)
 

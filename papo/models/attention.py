@@ -23,6 +23,7 @@ causally within itself: torch's variable-length flash kernel on CUDA, one SDPA c
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -94,6 +95,7 @@ def _forward_args(module: torch.nn.Module) -> tuple[str, ...]:
     return code.co_varnames[: code.co_argcount]
 
 
+@functools.cache  # called in every layer of every packed forward
 def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
     """varlen_attn's causal flag (``is_causal`` in older torch, ``window_size`` in newer) and its grouped-query
     flag, where the installed torch has one."""

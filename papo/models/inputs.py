@@ -72,6 +72,11 @@ def tokenize_completions(tokenizer: Any, texts: Sequence[str], eos_id: int | Non
     return pad_completions([tokenizer(t, add_special_tokens=False)["input_ids"] + tail for t in texts], pad_id)
 
 
+def is_per_token(value: Any, rows: int, length: int) -> bool:
+    """Whether an input tensor holds one entry per token (shaped like ``input_ids``: (rows, length))."""
+    return isinstance(value, Tensor) and value.dim() == 2 and tuple(value.shape) == (rows, length)
+
+
 def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
     """One batch of the rows of ``batches`` in order, left-padded again to the longest prompt: per-token tensors
     are padded (``input_ids`` with ``pad_id``, the others with zeros), image tensors are concatenated. The
@@ -89,7 +94,7 @@ def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> Prompt
         if missing := [i for i, b in enumerate(batches) if key not in b.inputs]:
             raise ValueError(f"cannot concatenate prompt batches: {key!r} is missing from batch {missing[0]}")
         parts = [b.inputs[key] for b in batches]
-        if all(t.dim() == 2 and tuple(t.shape) == (b.size, b.prompt_len) for t, b in zip(parts, batches)):
+        if all(is_per_token(t, b.size, b.prompt_len) for t, b in zip(parts, batches)):
             fill = pad_id if key == "input_ids" else 0
             out[key] = torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts])
         else:
@@ -108,7 +113,7 @@ def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[st
             out[key] = torch.cat([value, ids.to(value)], dim=1)
         elif key == "attention_mask":
             out[key] = torch.cat([value, mask.to(value)], dim=1)
-        elif key not in batch.image_keys and value.dim() == 2 and tuple(value.shape) == (b, p):
+        elif key not in batch.image_keys and is_per_token(value, b, p):
             out[key] = torch.cat([value, torch.zeros_like(ids, dtype=value.dtype)], dim=1)  # e.g. mm_token_type_ids
         else:
             out[key] = value

@@ -97,6 +97,8 @@ def response_logprobs(
             lp, ent = _chunk_logprobs(*args)
         logps.append(lp)
         entropies.append(ent)
-    logp = torch.cat(logps).new_zeros(b, r).index_put((rows, cols), torch.cat(logps))
-    entropy = torch.cat(entropies).new_zeros(b, r).index_put((rows, cols), torch.cat(entropies)) if with_entropy else None
-    return logp, entropy
+    def scatter(values: list[Tensor]) -> Tensor:  # (N,) chunks -> (B, R), zero at padded positions
+        flat = torch.cat(values)
+        return flat.new_zeros(b, r).index_put((rows, cols), flat)
+
+    return scatter(logps), scatter(entropies) if with_entropy else None

@@ -19,14 +19,15 @@ import torch
 from torch import Tensor
 
 from papo.models.attention import PACKED_TEXT_ATTENTION
+from papo.models.inputs import is_per_token
 
 
 def can_pack(model: Any, inputs: dict[str, Tensor]) -> bool:
     """True if ``model`` (the image-text-to-text model, not a peft wrapper) takes packed forwards and ``inputs``
     carry what its M-RoPE positions are computed from. Without images or ``mm_token_type_ids`` transformers
     falls back to 1-D positions over the padded row; those inputs keep the padded forward, so as to get them."""
-    config = getattr(model.config, "text_config", None)
-    return (getattr(config, "_attn_implementation", None) == PACKED_TEXT_ATTENTION and hasattr(model.model, "get_rope_index")
+    config = getattr(model.config, "text_config", None)  # the packed attention is set only on models with get_rope_index
+    return (getattr(config, "_attn_implementation", None) == PACKED_TEXT_ATTENTION
             and inputs.get("mm_token_type_ids") is not None
             and (inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None))
 
@@ -57,8 +58,7 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
         if key == "attention_mask":
             continue
         image = key.startswith("pixel_values") or key.endswith("grid_thw")
-        per_token = not image and isinstance(value, Tensor) and value.dim() == 2 and tuple(value.shape) == (b, length)
-        out[key] = value.reshape(-1)[flat][None] if per_token else value
+        out[key] = value.reshape(-1)[flat][None] if not image and is_per_token(value, b, length) else value
     out.update(position_ids=packed_positions, packed_seq_lens=(cu, lengths.tolist()))  # no attention mask
     index = torch.full((b * length,), -1, dtype=torch.long, device=ids.device)
     index[flat] = torch.arange(flat.numel(), device=ids.device)
