@@ -131,6 +131,51 @@ def test_scoring_in_larger_micro_batches_gives_the_same_log_probs(tmp_path):
         small_cfg("papo_g", ["trainer.scoring_micro_batch_size=12"])
 
 
+@pytest.mark.parametrize("extra", [[], ["algorithm.masked_grad=true", "algorithm.entropy_estimator=exact",
+                                         "algorithm.masked_entropy_coef=0.03", "algorithm.token_mean_scope=mini_batch"]])
+def test_update_passes_of_several_micro_batches_leave_the_gradient_unchanged(extra, tmp_path):
+    """trainer.update_micro_batch_size runs one forward and backward over several micro-batches, and the loss
+    still takes its token mean per micro-batch: the same metrics and weights as one pass per micro-batch.
+    Responses of unequal length make the per-micro-batch weighting matter (one mean over a whole pass would
+    weigh tokens differently)."""
+    runs = []
+    for update_size in (0, 4, 8):
+        torch.manual_seed(0)
+        cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.micro_batch_size=2",
+                                   f"trainer.update_micro_batch_size={update_size}", *extra])
+        trainer = Trainer(cfg, tmp_path / str(update_size), "cpu")
+        row = trainer.step()
+        runs.append((row, _params(trainer.policy.model)))
+    tokens = trainer.last_experience.mask.sum(-1).view(-1, 2).sum(-1)  # valid tokens of each micro-batch
+    assert len(set(tokens.tolist())) > 1
+    (base, w_base), *others = runs
+    assert base["grad_norm"] > 0 and base["kl_prcp"] > 0
+    for row, weights in others:
+        for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "masked_entropy"):
+            assert row[key] == pytest.approx(base[key], rel=1e-5, abs=1e-7), key
+        assert max(float((x - y).abs().max()) for x, y in zip(weights, w_base)) < 1e-6
+    with pytest.raises(ConfigError, match=r"update_micro_batch_size \(now 6\) must be 0 or a multiple of trainer.micro_batch_size \(now 4\)"):
+        small_cfg("papo_g", ["trainer.micro_batch_size=4", "trainer.update_micro_batch_size=6"])
+
+
+def test_micro_batches_group_passes_within_mini_batches(tmp_path):
+    """Encoding units that both kinds of pass merge whole; update passes never cross a mini-batch, scoring
+    passes may; loss groups split a pass back into the authors' micro-batches."""
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("grpo", ["rollout.n=5", "trainer.rollout_batch_size=2"]), tmp_path, "cpu")
+    exp, _ = trainer.collect({})
+    assert exp.size == 10
+    batches = MicroBatches(exp, trainer.policy, size=2, per_update=5, scoring_size=4, update_size=6)
+    assert batches.plan == [[[0, 1], [2, 3], [4]], [[5, 6], [7, 8], [9]]]  # gcd(4, 6) = 2 sequences per unit
+    passes = [[mb.rows for mb in mini] for mini in batches.mini_batches()]
+    assert passes == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8, 9]]]
+    mini = next(batches.mini_batches())
+    assert batches.loss_groups(mini[0]) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert [mb.rows for mb in batches.scoring()] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match="update micro-batch size 3 is not a multiple of the micro-batch size 2"):
+        MicroBatches(exp, trainer.policy, 2, 4, update_size=3)
+
+
 def test_dapo_regenerates_until_the_batch_is_full(tmp_path):
     torch.manual_seed(2)
     trainer = Trainer(small_cfg("dapo"), tmp_path, "cpu")

@@ -16,6 +16,7 @@ import yaml
 from papo.algo import ADV_ESTIMATORS, APPLY_MODES, GAMMA_SCHEDULES, TOKEN_MEAN_SCOPES, LossConfig
 from papo.data.masking import MaskingConfig
 from papo.errors import ConfigError
+from papo.models.checkpointing import MODES as CHECKPOINT_MODES
 from papo.models.precision import Precision
 from papo.rewards import REWARDS
 from papo.rollout.sampler import ENGINES
@@ -31,7 +32,8 @@ class ModelSection:
     compute_dtype: str = "auto"  # forward/backward matmuls and rollouts: auto = bfloat16 on CUDA, param_dtype elsewhere
     attn_implementation: str | None = None
     freeze_vision: bool = False
-    gradient_checkpointing: bool = False
+    # false, true (full: recompute each block in the backward) or selective (keep matmul and attention outputs)
+    gradient_checkpointing: bool | str = False
     lora_rank: int = 0
     padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
 
@@ -123,6 +125,9 @@ class TrainerSection:
     # sequences per no-grad scoring forward (old / masked / reference log-probs), a multiple of micro_batch_size;
     # 0 = micro_batch_size (official micro_batch_size_per_device_for_experience 16)
     scoring_micro_batch_size: int = 0
+    # sequences per forward/backward pass of the update, a multiple of micro_batch_size; 0 = micro_batch_size.
+    # The loss still takes its token mean per micro_batch_size sequences: speed and memory change, the gradient does not
+    update_micro_batch_size: int = 0
     seed: int = 0
     device: str = "auto"
     save_every: int = 20  # keep this key name: scripts rely on it
@@ -184,6 +189,11 @@ class TrainConfig:
             (t.micro_batch_size < 1 or (t.scoring_micro_batch_size >= 0 and t.scoring_micro_batch_size % t.micro_batch_size == 0),
              f"trainer.scoring_micro_batch_size (now {t.scoring_micro_batch_size}) must be 0 or a multiple of "
              f"trainer.micro_batch_size (now {t.micro_batch_size}): scoring merges whole update micro-batches"),
+            (t.micro_batch_size < 1 or (t.update_micro_batch_size >= 0 and t.update_micro_batch_size % t.micro_batch_size == 0),
+             f"trainer.update_micro_batch_size (now {t.update_micro_batch_size}) must be 0 or a multiple of "
+             f"trainer.micro_batch_size (now {t.micro_batch_size}): an update pass holds whole micro-batches"),
+            (self.model.gradient_checkpointing in (True, False, *CHECKPOINT_MODES),
+             f"model.gradient_checkpointing must be true, false or one of {', '.join(CHECKPOINT_MODES)}"),
             (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: trainer.rollout_batch_size)"),
             (t.gen_batch_size == 0 or a.online_filter,
              "trainer.gen_batch_size sizes DAPO's filter rounds; it needs algorithm.online_filter=true"),
@@ -206,7 +216,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if type(None) in types:
             return None
         raise ConfigError(f"{key} may not be null")
-    if isinstance(value, str) and str not in types:
+    if isinstance(value, str) and str in types and bool in types and isinstance(yaml.safe_load(value), bool):
+        value = yaml.safe_load(value)  # true / false in a field that also takes names (model.gradient_checkpointing)
+    elif isinstance(value, str) and str not in types:
         try:  # YAML 1.1 reads "1e-4" as a string; numbers in overrides should just work
             value = float(value) if float in types and not value.lstrip("+-").isdigit() else yaml.safe_load(value)
         except ValueError:

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.utils import cached_file, is_torchvision_available
 
 from papo.errors import UserError
+from papo.models.checkpointing import set_checkpointing
 from papo.models.precision import dtype_of
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class ModelOptions:
     param_dtype: str = "float32"  # float32 | bfloat16 | float16: what the weights are stored in (papo.models.precision)
     attn_implementation: str | None = None  # sdpa (transformers default) | eager | flash_attention_2
     freeze_vision: bool = False  # official PAPO trains the vision tower
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # false / true (full) / "selective" (papo.models.checkpointing)
     lora_rank: int = 0  # > 0: wrap with a peft LoRA adapter on the language model's linear layers
     lora_alpha: int = 16
     lora_target: str = "all-linear"
@@ -132,9 +133,7 @@ def prepare_model(model: torch.nn.Module, opts: ModelOptions) -> torch.nn.Module
     if opts.freeze_vision:
         for p in vision_parameters(model):
             p.requires_grad_(False)
-    if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    set_checkpointing(model, opts.gradient_checkpointing)
     if opts.lora_rank > 0:
         try:
             from peft import LoraConfig, get_peft_model

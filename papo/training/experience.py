@@ -3,6 +3,7 @@ and ``MicroBatches`` of it encoded once for the scoring and update passes."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,42 +67,53 @@ class MicroBatch:
 
 class MicroBatches:
     """A step's sequences in mini-batches (one optimizer update each, ``per_update`` sequences) of micro-batches
-    (one forward/backward each, ``size`` sequences), in order. Not sorted by length: under the authors'
-    per-micro-batch token mean a token's weight depends on its micro-batch, and sorting did not shorten the
-    update at micro-batch 4 (docs/training-at-scale.md).
+    (``size`` sequences, in order): the authors' micro-batch, over which the loss takes its token mean. Not
+    sorted by length: under that per-micro-batch mean a token's weight depends on its micro-batch, and sorting
+    did not shorten the update at micro-batch 4 (docs/training-at-scale.md).
 
-    Each micro-batch is encoded by the processor once: the scoring and the update pass see the same
-    micro-batches, so steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of running the image
-    processor twice (larger steps would hold every image tensor of the step in memory). ``seconds``: time spent
-    in the processor.
+    Forward passes may hold more sequences than a micro-batch: ``update_size`` for the update's forward and
+    backward (``loss_groups`` then splits a pass back into its micro-batches, so the gradient is unchanged) and
+    ``scoring_size`` for the no-grad scoring passes (the authors' experience micro-batch of 16 against 4 for
+    the update). Both are multiples of ``size``; sequences are encoded by the processor in units that both kinds
+    of pass merge whole, once per step: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
+    running the image processor for every pass (larger steps would hold every image tensor of the step in
+    memory). ``seconds``: time spent in the processor."""
 
-    The no-grad scoring passes may take larger batches (``scoring_size``, a multiple of ``size``, as the
-    authors' experience micro-batch of 16 against 4 for the update): ``scoring()`` concatenates consecutive
-    update micro-batches, so the processor still runs once per sequence."""
-
-    def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0) -> None:
-        scoring_size = scoring_size or size
-        if scoring_size % size:
-            raise ValueError(f"scoring micro-batch size {scoring_size} is not a multiple of the micro-batch size {size}")
-        self.exp, self.policy, self.merge = exp, policy, scoring_size // size
+    def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0,
+                 update_size: int = 0) -> None:
+        scoring_size, update_size = scoring_size or size, update_size or size
+        for name, value in (("scoring", scoring_size), ("update", update_size)):
+            if value % size:
+                raise ValueError(f"{name} micro-batch size {value} is not a multiple of the micro-batch size {size}")
+        unit = math.gcd(scoring_size, update_size)  # sequences encoded together
+        self.exp, self.policy, self.size = exp, policy, size
+        self.scoring_merge, self.update_merge = scoring_size // unit, update_size // unit
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
         self.seconds = 0.0
-        self.plan: list[list[list[int]]] = []  # mini-batch -> micro-batch -> rows
+        self.plan: list[list[list[int]]] = []  # mini-batch -> encoding unit -> rows
         for start in range(0, exp.size, per_update):
             rows = list(range(start, min(start + per_update, exp.size)))
-            self.plan.append([rows[i : i + size] for i in range(0, len(rows), size)])
+            self.plan.append([rows[i : i + unit] for i in range(0, len(rows), unit)])
 
     def mini_batches(self) -> Iterator[list[MicroBatch]]:
-        for micro in self.plan:
-            yield [self._get(rows) for rows in micro]
+        """Per optimizer update, its forward/backward passes of up to ``update_size`` sequences."""
+        for units in self.plan:
+            yield [self._joined(units[i : i + self.update_merge]) for i in range(0, len(units), self.update_merge)]
+
+    def loss_groups(self, mb: MicroBatch) -> list[slice]:
+        """The micro-batches of a pass (row slices): passes start at a micro-batch boundary of their mini-batch."""
+        return [slice(i, min(i + self.size, len(mb.rows))) for i in range(0, len(mb.rows), self.size)]
 
     def scoring(self) -> Iterator[MicroBatch]:
-        """Every sequence once, in order, ``merge`` update micro-batches at a time."""
-        flat = [rows for micro in self.plan for rows in micro]
-        for start in range(0, len(flat), self.merge):
-            group = [self._get(rows) for rows in flat[start : start + self.merge]]
-            yield group[0] if len(group) == 1 else merge_micro_batches(group, self.policy.pad_id)
+        """Every sequence once, in order, up to ``scoring_size`` at a time."""
+        flat = [rows for units in self.plan for rows in units]
+        for start in range(0, len(flat), self.scoring_merge):
+            yield self._joined(flat[start : start + self.scoring_merge])
+
+    def _joined(self, units: list[list[int]]) -> MicroBatch:
+        group = [self._get(rows) for rows in units]
+        return group[0] if len(group) == 1 else merge_micro_batches(group, self.policy.pad_id)
 
     def _get(self, rows: list[int]) -> MicroBatch:
         mb = self.cache.get(tuple(rows)) or self._encode(rows)

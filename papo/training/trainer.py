@@ -224,12 +224,13 @@ class Trainer:
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
-        for index, micro in enumerate(batches.mini_batches()):
+        for index, passes in enumerate(batches.mini_batches()):
+            micro_batches = sum(len(batches.loss_groups(mb)) for mb in passes)
             total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
             if c.algorithm.token_mean_scope == "mini_batch":
-                total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in micro))[0]
+                total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in passes))[0]
             self.optim.zero_grad(set_to_none=True)
-            for mb in micro:
+            for mb in passes:  # one forward and backward per pass of trainer.update_micro_batch_size sequences
                 failpoint("update")
                 rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
                 logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
@@ -239,18 +240,21 @@ class Trainer:
                 masked_ent = None
                 if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
                     masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
-                loss, metrics = papo_loss(
-                    self.loss_cfg, logp, old, adv[rows].to(dev), mb.mask.to(dev),
-                    masked_log_probs=masked_logp,
-                    ref_log_probs=logps.ref[rows, :w].to(dev) if logps.ref is not None else None,
-                    kl_prcp_coef=gamma, kl_prcp_weights=weights[rows].to(dev), entropies=ent, masked_entropies=masked_ent,
-                )
-                weight = micro_batch_weight(c.algorithm.token_mean_scope, len(micro), float(mb.mask.sum()), total_tokens,
-                                            self.ctx.world_size)
-                (loss * weight).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
+                ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
+                mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
+                loss = 0.0
+                for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
+                    part, metrics = papo_loss(
+                        self.loss_cfg, logp[g], old[g], adv_rows[g], mask[g], masked_log_probs=_rows(masked_logp, g),
+                        ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
+                        entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
+                    )
+                    loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
+                                                            float(mask[g].sum()), total_tokens, self.ctx.world_size)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                loss.backward()
             self.poison.gradients(self.policy.model.parameters())
             params = [p for p in self.policy.model.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -283,9 +287,10 @@ class Trainer:
             # 1-4. prompts and their masked images, G rollouts each, rewards (DAPO: filter and draw again)
             self.phase = "rollout"
             exp, extra = self.collect(timing)
-            per_update = self.cfg.trainer.mini_batch_size // self.ctx.world_size * self.cfg.rollout.n  # this rank's share
-            batches = MicroBatches(exp, self.policy, self.cfg.trainer.micro_batch_size, per_update,
-                                   self.cfg.trainer.scoring_micro_batch_size)
+            t = self.cfg.trainer
+            per_update = t.mini_batch_size // self.ctx.world_size * self.cfg.rollout.n  # this rank's share
+            batches = MicroBatches(exp, self.policy, t.micro_batch_size, per_update, t.scoring_micro_batch_size,
+                                   t.update_micro_batch_size)
             # 5. old, masked and reference log-probs
             self.phase = "scoring"
             logps = self.score_experience(exp, batches, timing)
@@ -363,7 +368,8 @@ class Trainer:
                         f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
             "scoring": (f"trainer.scoring_micro_batch_size (now {c.trainer.scoring_micro_batch_size or c.trainer.micro_batch_size}), "
                         f"data.max_pixels (now {c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"),
-        }.get(self.phase, f"trainer.micro_batch_size (now {c.trainer.micro_batch_size}), data.max_pixels (now "
+        }.get(self.phase, f"trainer.update_micro_batch_size (now {c.trainer.update_micro_batch_size or c.trainer.micro_batch_size}), "
+                          f"data.max_pixels (now "
                           f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
                           "model.gradient_checkpointing=true")
         last = latest_checkpoint(self.out / "checkpoints")
@@ -435,6 +441,10 @@ def nonfinite_gradients(model: torch.nn.Module) -> str:
     if not bad:
         return ""
     return f"not finite in {len(bad)} of {len(grads)} gradient tensors, first {', '.join(bad[:3])}"
+
+
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
 
 
 def _finite_mean(values: list[float]) -> float:

@@ -1,0 +1,146 @@
+"""The update's pass size and activation checkpointing, side by side: one mini-batch of 32 sequences through
+the Trainer's own ``update`` (PAPO-G loss, AdamW step included) with forward/backward passes of 4, 8 or 16
+sequences (``trainer.update_micro_batch_size``; the loss keeps the authors' per-4 token mean) and full,
+selective or no checkpointing (``model.gradient_checkpointing``); also the no-grad scoring pass at 16 and 32
+sequences. ``train_step.py``'s PAPER settings, fp32 master weights with bf16 compute, padding-free passes.
+
+    python benchmarks/update_passes.py --out /tmp/update-passes.json            # Qwen2.5-VL-3B, CUDA
+    python benchmarks/update_passes.py --smoke --out /tmp/update-passes.json    # the embedded model, CPU
+
+Response lengths are drawn once (seeded) as in ``padding_free.py``: uniform in [64, 2048) with a third at the
+2,048-token cap. Reported per configuration: seconds per update, update MFU (as ``train_step.py`` counts it)
+and peak memory (optimizer states included); a configuration that runs out of memory is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import PAPER, PEAK_BF16_FLOPS, PRECISIONS, QUIET, ensure_model, update_flops  # noqa: E402
+from update_cost import timed  # noqa: E402
+
+from papo.config.schema import load_config  # noqa: E402
+from papo.data.masking import image_pair  # noqa: E402
+from papo.models.checkpointing import set_checkpointing  # noqa: E402
+from papo.training.distributed import DistContext  # noqa: E402
+from papo.training.experience import Experience, LogProbs, MicroBatches  # noqa: E402
+from papo.training.trainer import Trainer  # noqa: E402
+
+SEQUENCES = 32
+CONFIGS = [(4, "full"), (16, "full"), (4, "selective"), (8, "selective"), (16, "selective"), (4, "none"), (8, "none")]
+
+
+def experience(trainer: Trainer, cap: int, seed: int = 0) -> Experience:
+    """SEQUENCES sequences of the trainer's prompts (5 per prompt) with random response tokens."""
+    policy, g = trainer.policy, torch.Generator().manual_seed(seed)
+    draws = trainer.stream.take(SEQUENCES // 5 + 1)
+    samples = [s for _, s in draws for _ in range(5)][:SEQUENCES]
+    pairs = [image_pair(s, trainer.masking, 0, i, policy.min_pixels, policy.max_pixels) for i, s in enumerate(samples)]
+    lengths = torch.randint(min(64, cap - 1), cap, (SEQUENCES,), generator=g)
+    lengths[torch.randperm(SEQUENCES, generator=g)[: SEQUENCES // 3]] = cap
+    allowed = torch.ones(policy.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    allowed[policy.suppress.cpu()] = False
+    vocab = allowed.nonzero().squeeze(-1)
+    ids = vocab[torch.randint(len(vocab), (SEQUENCES, cap), generator=g)]
+    mask = (torch.arange(cap)[None] < lengths[:, None]).long()
+    prompt_tokens = torch.tensor([trainer.prompt_tokens(s) for s in samples])
+    scores = [{"overall": float(i % 2), "accuracy": float(i % 2)} for i in range(SEQUENCES)]
+    return Experience(samples, [f"{i // 5}" for i in range(SEQUENCES)], [p[0] for p in pairs], [p[1] for p in pairs],
+                      ids, mask, [""] * SEQUENCES, scores, prompt_tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", default="3b")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    ctx = DistContext(device=device)
+    cap = 48 if args.smoke else 2048
+    if args.smoke:
+        model_dir, settings = "default", [f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=4"]
+    else:
+        model_dir, settings = str(ensure_model(args.size, Path(args.models_dir) / f"qwen2.5-vl-{args.size}", ctx)), PAPER
+    cfg = load_config("papo_g", overrides=[*settings, f"model.name={model_dir}", *PRECISIONS["default"], *QUIET,
+                                           "trainer.rollout_batch_size=8", "trainer.mini_batch_size=8"])
+    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "papo-update-passes", device, ctx=ctx)
+    exp = experience(trainer, cap)
+    zeros = torch.zeros(exp.ids.shape)
+    logps = LogProbs(old=None, masked=zeros, ref=zeros)  # values do not change the time; on-policy old log-probs
+    adv = torch.linspace(-1, 1, SEQUENCES)
+    flops = update_flops(trainer, exp)
+    micro = cfg.trainer.micro_batch_size
+    encoded = {}
+
+    def batches(pass_size: int, scoring_size: int = 0) -> MicroBatches:
+        key = (pass_size, scoring_size)
+        if key not in encoded:  # the processor runs outside the timed region, as each step encodes once
+            encoded[key] = MicroBatches(exp, trainer.policy, micro, SEQUENCES, scoring_size, pass_size)
+            list(encoded[key].mini_batches())
+            list(encoded[key].scoring())
+        return encoded[key]
+
+    def update_fn(pass_size: int, mode: str):
+        set_checkpointing(trainer.policy.model, mode)
+        mb = batches(pass_size)
+        return lambda: trainer.update(exp, mb, logps, adv, 0.02, {})
+
+    rows = []
+    for pass_size, mode in CONFIGS:
+        row = {"pass_size": pass_size, "checkpointing": mode}
+        fn = update_fn(pass_size, mode)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds = timed(fn, device, args.repeats)
+            row.update(update_s=round(seconds, 3), update_mfu=round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None)
+        except torch.OutOfMemoryError:
+            trainer.optim.zero_grad(set_to_none=True)
+            row["update_s"] = "out of memory"
+        if device == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    set_checkpointing(trainer.policy.model, "full")
+    scoring = []
+    for size in (16, 32):
+        mb = batches(micro, size)
+        seconds = timed(lambda: trainer.score_experience(exp, mb, {}), device, args.repeats) / 3  # old, masked, ref
+        scoring.append({"scoring_size": size, "pass_s": round(seconds, 3),
+                        "mfu": round(flops / 3 / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None})
+        print(json.dumps(scoring[-1]), flush=True)
+    result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sequences": SEQUENCES,
+              "response_tokens": exp.mask.sum(-1).tolist(), "tokens": exp.tokens, "update_tflop": round(flops / 1e12, 1),
+              "rows": rows, "scoring": scoring}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        pass_size, mode = args.profile.split(":")
+        fn = update_fn(int(pass_size), mode)
+        fn()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        print(result["profile"], flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
