@@ -218,6 +218,7 @@ class Trainer:
                timing: dict[str, float]) -> dict[str, float]:
         """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
         t0, c, T = time.time(), self.cfg, self.cfg.rollout.temperature
+        self.policy.model.train()  # dropout-free models, but gradient checkpointing acts in train mode only
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
         weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
         exact = self.loss_cfg.entropy_estimator == "exact"
