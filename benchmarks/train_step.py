@@ -13,7 +13,7 @@ out of the averages.
 
 Settings: n=5, T=1, top_p 0.99, top_k off, 2,048-token cap, PAPO's pixel bounds (200,704 to 1,003,520 pixels:
 the synthetic 224-px images become 448x448, 256 image tokens), micro-batch 4 (16 for the no-grad scoring passes, as the
-authors), gradient checkpointing, lr 1e-6,
+authors; update passes of 16 sequences that keep the authors' per-4 token mean), gradient checkpointing, lr 1e-6,
 two optimizer updates per step. Precision: ``default`` = fp32 master weights with bf16 compute (papo's CUDA
 default), ``lean`` = bf16 weights with Kahan-compensated AdamW (the authors' scheme).
 
@@ -51,7 +51,7 @@ PRECISIONS = {"default": ["model.param_dtype=float32", "model.compute_dtype=auto
               "lean": ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16"]}
 PAPER = ["rollout.n=5", "rollout.temperature=1.0", "rollout.top_p=0.99", "rollout.top_k=0", "rollout.max_new_tokens=2048",
          "data.min_pixels=200704", "data.max_pixels=1003520", "trainer.micro_batch_size=4",
-         "trainer.scoring_micro_batch_size=16",
+         "trainer.scoring_micro_batch_size=16", "trainer.update_micro_batch_size=16",
          "model.gradient_checkpointing=true", "optim.lr=1e-6"]
 QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.save_every=0", "trainer.log_samples_every=0"]
 PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")

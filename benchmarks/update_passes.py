@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--configs", default=",".join(f"{p}:{m}" for p, m in CONFIGS), help="pass:mode pairs to time")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -97,7 +98,8 @@ def main() -> None:
         return lambda: trainer.update(exp, mb, logps, adv, 0.02, {})
 
     rows = []
-    for pass_size, mode in CONFIGS:
+    for pass_size, mode in (spec.split(":") for spec in args.configs.split(",") if spec):
+        pass_size = int(pass_size)
         row = {"pass_size": pass_size, "checkpointing": mode}
         fn = update_fn(pass_size, mode)
         if device == "cuda":
