@@ -124,8 +124,29 @@ def update_flops(trainer: Trainer, exp) -> float:
     return flops
 
 
+def profiled(score, into: dict):
+    """``score`` (the trainer's scoring phase) under torch's profiler: its wall time, the GPU's busy time within
+    it (kernel time summed; the rest the GPU idled) and the top operators by GPU time, written into ``into``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def wrapper(*args, **kwargs):
+        torch.cuda.synchronize()
+        t = time.time()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            out = score(*args, **kwargs)
+            torch.cuda.synchronize()
+        wall = time.time() - t
+        events = prof.key_averages()
+        kernels = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        into.update(wall_s=round(wall, 3), gpu_busy_s=round(kernels / 1e6, 3),
+                    top=events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+        return out
+
+    return wrapper
+
+
 def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, device: str, extra: list[str],
-        ctx, warmup: int = 1, preset: str = "papo_g") -> dict:
+        ctx, warmup: int = 1, preset: str = "papo_g", profile_scoring: dict | None = None) -> dict:
     overrides = [f"model.name={model_dir}", f"trainer.rollout_batch_size={prompts}",
                  f"trainer.mini_batch_size={max(1, prompts // 2)}", *PRECISIONS[precision], *QUIET, *extra]
     cfg = load_config(preset, overrides=([] if device == "cpu" else PAPER) + overrides)
@@ -136,6 +157,8 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     load_s = time.time() - t0
     rows = []
     for i in range(steps):
+        if profile_scoring and i == steps - 1:
+            trainer.score_experience = profiled(trainer.score_experience, profile_scoring)
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.startswith("cuda") else 0
         row = trainer.step()
         if device.startswith("cuda"):  # cudaMalloc retries: the allocator freed its cache to fit (memory pressure)
@@ -191,6 +214,7 @@ def main() -> None:
     ap.add_argument("--label", default="", help="stored with each run (e.g. which code it measured)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
+    ap.add_argument("--profile-scoring", action="store_true", help="profile the last step's scoring phase (CUDA)")
     args = ap.parse_args()
     ctx, device = init_from_env("cpu" if args.smoke else "cuda")
     results: list[dict] = []
@@ -206,8 +230,13 @@ def main() -> None:
             size, precision = spec.split(":")
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
             ensure_model(size, folder, ctx)
+            profile: dict | None = {} if args.profile_scoring else None
             results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
-                               ctx, args.warmup_steps, preset))
+                               ctx, args.warmup_steps, preset, profile))
+            if profile:
+                results[-1]["scoring_profile"] = profile
+                if ctx.is_main:
+                    print(f"scoring phase: {profile['wall_s']} s wall, GPU busy {profile['gpu_busy_s']} s\n{profile['top']}", flush=True)
             if ctx.is_main:
                 Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     if not ctx.is_main:

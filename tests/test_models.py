@@ -163,6 +163,28 @@ def test_padding_free_forward_equals_the_padded_one(monkeypatch):
         assert (grads[name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
 
 
+def test_packed_positions_are_get_rope_index_of_the_padded_batch():
+    """Packing computes M-RoPE positions on the host (papo.models.mrope) instead of transformers'
+    get_rope_index (a GPU sync per row); the packed positions are transformers' own, valid tokens in order."""
+    from papo.models.attention import PACKED_TEXT_ATTENTION
+    from papo.models.inputs import append_completions
+    from papo.models.packing import pack
+
+    policy = tiny_policy()
+    policy.model.set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    ids = torch.randint(5, 200, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4])
+    inputs = append_completions(batch, ids, mask)
+    expected, _ = policy.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"])
+    keep = inputs["attention_mask"].bool()
+    packed = pack(policy.model, inputs)
+    assert torch.equal(packed.inputs["position_ids"][:, 0], expected[:, keep])
+
+
 def test_chunked_equals_unchunked_and_exact_entropies():
     torch.manual_seed(2)
     policy = tiny_policy()

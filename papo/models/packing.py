@@ -5,7 +5,8 @@ responses from a few hundred tokens to the 2,048-token cap, a micro-batch of 4 r
 longest row four times over. Packing keeps only the valid tokens of each sequence, in order, in one row of
 ``T`` tokens. The language model attends causally within each sequence (``packed_seq_lens``, read by
 papo.models.attention's packed text attention), and every token keeps the 3-D M-RoPE position the padded batch
-gives it: positions are computed on the padded batch by the model's own ``get_rope_index`` and then packed.
+gives it: positions are computed on the padded batch (``papo.models.mrope``, equal to the model's own
+``get_rope_index``) and then packed.
 The vision tower sees the same images as before. A token's log-prob is therefore the padded
 forward's, up to kernel rounding.
 """
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from papo.models.attention import PACKED_TEXT_ATTENTION
 from papo.models.inputs import is_per_token
+from papo.models.mrope import mrope_positions
 
 
 def can_pack(model: Any, inputs: dict[str, Tensor]) -> bool:
@@ -42,10 +44,7 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
     """Pack prompt + completion ``inputs`` (append_completions' layout: (B, L) with an attention mask)."""
     ids, keep = inputs["input_ids"], inputs["attention_mask"].bool()
     b, length = ids.shape
-    positions, _ = model.model.get_rope_index(
-        ids, mm_token_type_ids=inputs.get("mm_token_type_ids"), image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
-        attention_mask=inputs["attention_mask"])  # (3, B, L), as the padded forward computes them
+    positions = _rope_positions(model, inputs)  # (3, B, L), as the padded forward computes them
     flat = keep.reshape(-1).nonzero().squeeze(-1)  # row-major: sequences stay in order, and so do their images
     lengths = keep.sum(-1)
     # the three M-RoPE rows only: with a leading text row transformers would detect packed sequences and build
@@ -63,3 +62,17 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
     index = torch.full((b * length,), -1, dtype=torch.long, device=ids.device)
     index[flat] = torch.arange(flat.numel(), device=ids.device)
     return Packed(out, index.view(b, length))
+
+
+def _rope_positions(model: Any, inputs: dict[str, Tensor]) -> Tensor:
+    """(3, B, L) M-RoPE positions: papo's host-side ``mrope_positions`` (transformers' ``get_rope_index`` syncs
+    with the GPU once per row), transformers' own for prompts with videos."""
+    grid = inputs.get("image_grid_thw")
+    got = mrope_positions(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu(),
+                          None if grid is None else grid.cpu(), model.config.vision_config.spatial_merge_size)
+    if got is not None:
+        return got[0].to(inputs["input_ids"].device)
+    return model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs.get("mm_token_type_ids"), image_grid_thw=grid,
+        video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        attention_mask=inputs["attention_mask"])[0]
