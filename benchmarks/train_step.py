@@ -157,7 +157,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     load_s = time.time() - t0
     rows = []
     for i in range(steps):
-        if profile_scoring and i == steps - 1:
+        if profile_scoring is not None and i == steps - 1:
             trainer.score_experience = profiled(trainer.score_experience, profile_scoring)
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.startswith("cuda") else 0
         row = trainer.step()
@@ -233,7 +233,7 @@ def main() -> None:
             profile: dict | None = {} if args.profile_scoring else None
             results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
                                ctx, args.warmup_steps, preset, profile))
-            if profile:
+            if profile is not None:
                 results[-1]["scoring_profile"] = profile
                 if ctx.is_main:
                     print(f"scoring phase: {profile['wall_s']} s wall, GPU busy {profile['gpu_busy_s']} s\n{profile['top']}", flush=True)
