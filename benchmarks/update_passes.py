@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--compile-modules", action="store_true", help="also time update and scoring with the decoder's "
+                    "MLPs and norms compiled (an experiment)")
     ap.add_argument("--configs", default=",".join(f"{p}:{m}" for p, m in CONFIGS), help="pass:mode pairs to time")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     args = ap.parse_args()
@@ -116,17 +118,36 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     set_checkpointing(trainer.policy.model, "full")
-    scoring = []
-    for size in (16, 32):
+    trainer.needs["old"] = True  # as in a step of several updates: old, masked and reference passes
+    passes = sum(trainer.needs.values())
+
+    def score(size: int) -> dict:
         mb = batches(micro, size)
-        seconds = timed(lambda: trainer.score_experience(exp, mb, {}), device, args.repeats) / 3  # old, masked, ref
-        scoring.append({"scoring_size": size, "pass_s": round(seconds, 3),
-                        "mfu": round(flops / 3 / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None})
-        print(json.dumps(scoring[-1]), flush=True)
+        seconds = timed(lambda: trainer.score_experience(exp, mb, {}), device, args.repeats) / passes
+        row = {"scoring_size": size, "pass_s": round(seconds, 3),
+               "mfu": round(flops / 3 / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None}
+        print(json.dumps(row), flush=True)
+        return row
+
+    scoring = [score(size) for size in (16, 32)]
+    compiled = {}
+    if args.compile_modules:  # an experiment: Inductor fuses the element-wise work around the matmuls
+        text = trainer.policy.model.model.language_model
+        for layer in text.layers:
+            for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                module.compile(dynamic=True)
+        text.norm.compile(dynamic=True)
+        fn = update_fn(16, "full")
+        fn()  # compiles
+        seconds = timed(fn, device, args.repeats)
+        compiled = {"modules": "decoder MLPs and RMSNorms", "update_16_full_s": round(seconds, 3),
+                    "update_mfu": round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None,
+                    "scoring": [score(16)]}
+        print(json.dumps(compiled), flush=True)
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sequences": SEQUENCES,
               "response_tokens": exp.mask.sum(-1).tolist(), "tokens": exp.tokens, "update_tflop": round(flops / 1e12, 1),
-              "rows": rows, "scoring": scoring}
+              "rows": rows, "scoring": scoring, **({"compiled": compiled} if compiled else {})}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
