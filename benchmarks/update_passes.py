@@ -118,7 +118,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     set_checkpointing(trainer.policy.model, "full")
-    trainer.needs["old"] = True  # as in a step of several updates: old, masked and reference passes
+    trainer.needs["old"], trainer.old_from_update = True, False  # three whole passes: old, masked and reference
     passes = sum(trainer.needs.values())
 
     def score(size: int) -> dict:

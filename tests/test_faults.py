@@ -141,12 +141,15 @@ def test_repeated_faults_stop_the_run_with_the_weights_untouched(tmp_path):
 # ------------------------------------------------------------------ memory
 
 
-@pytest.mark.parametrize("point, setting", [("update", "trainer.micro_batch_size (now 8)"),
-                                            ("rollout", "trainer.rollout_batch_size (now 2; x rollout.n = 8")])
-def test_out_of_memory_names_the_setting_to_lower_and_saves_nothing(point, setting, tmp_path):
+@pytest.mark.parametrize("point, setting, extra", [
+    ("update", "trainer.micro_batch_size (now 8)", []),
+    ("update", "trainer.update_micro_batch_size (now 8)", ["trainer.micro_batch_size=4", "trainer.update_micro_batch_size=8"]),
+    ("rollout", "trainer.rollout_batch_size (now 2; x rollout.n = 8", []),
+])
+def test_out_of_memory_names_the_setting_to_lower_and_saves_nothing(point, setting, extra, tmp_path):
     out = tmp_path / "run"
-    faults.configure(f"{point}=oom@2")  # during step 2 (rollout: its 2nd rollout; update: its 2nd micro-batch)
-    cfg = small_cfg("papo_g", ["trainer.max_steps=3", "trainer.save_every=1"])
+    faults.configure(f"{point}=oom@2")  # during step 2 (rollout: its 2nd rollout; update: its 2nd update pass)
+    cfg = small_cfg("papo_g", ["trainer.max_steps=3", "trainer.save_every=1", *extra])
     with pytest.raises(TrainingStopped, match="out of memory") as info:
         run_train(cfg, str(out))
     assert setting in str(info.value) and "resume from step-1" in str(info.value)

@@ -59,6 +59,7 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
     torch.manual_seed(1)
     trainer = Trainer(small_cfg("papo_g", ["trainer.mini_batch_size=1"]), tmp_path, "cpu")
     assert trainer.needs == {"old": True, "masked": True, "ref": True}
+    trainer.old_from_update = False  # score the first mini-batch's old log-probs too, to compare them
     recorded = []
     import papo.training.trainer as trainer_module
 
@@ -99,7 +100,7 @@ def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path
         trainer = Trainer(small_cfg("grpo", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.log_kl_prcp=true"]),
                           tmp_path / str(force), "cpu")
         assert not trainer.needs["old"]  # one update per step: skipped unless forced
-        trainer.needs["old"] = force
+        trainer.needs["old"], trainer.old_from_update = force, not force
         rows = [trainer.step()]
         runs.append((rows, _params(trainer.policy.model)))
     (skipped, w_skipped), (forced, w_forced) = runs
@@ -111,11 +112,44 @@ def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path
     assert max(float((x - y).abs().max()) for x, y in zip(w_skipped, w_forced)) < 1e-6
 
 
+def test_the_first_mini_batch_takes_old_log_probs_from_its_update(tmp_path):
+    """Two updates per step: before the first optimizer step the weights that sampled are the weights being
+    updated, so only the second mini-batch's sequences go through the old-log-prob pass. The same seed with
+    every sequence scored: the same losses, clip fractions and weights."""
+    runs = []
+    for from_update in (True, False):
+        torch.manual_seed(0)
+        trainer = Trainer(small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.mini_batch_size=1",
+                                               "trainer.micro_batch_size=2"]), tmp_path / str(from_update), "cpu")
+        trainer.old_from_update = from_update
+        olds = []
+        real = trainer.score_experience
+
+        def score(exp, batches, timing, real=real, olds=olds):
+            logps = real(exp, batches, timing)
+            olds.append(logps.old.clone())
+            return logps
+
+        trainer.score_experience = score
+        rows = [trainer.step(), trainer.step()]
+        runs.append((rows, olds, _params(trainer.policy.model)))
+    (fast, fast_olds, w_fast), (full, full_olds, w_full) = runs
+    for old in fast_olds:  # rows 0-3 (the first mini-batch: 1 prompt x 4 samples) were not scored
+        assert (old[:4] == 0).all() and (old[4:] != 0).any()
+    assert all((old[:4] != 0).any() for old in full_olds)
+    for a, b in zip(fast, full):
+        assert "old_logp_s" in a and a["grad_norm"] > 0
+        for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "ppo_kl", "clipfrac_high", "clipfrac_low"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert max(float((x - y).abs().max()) for x, y in zip(w_fast, w_full)) < 1e-6
+
+
 def test_scoring_in_larger_micro_batches_gives_the_same_log_probs(tmp_path):
     """trainer.scoring_micro_batch_size merges whole update micro-batches for the no-grad passes (the authors
     score in micro-batches of 16 and update in 4): the old, masked and reference log-probs stay the same."""
     torch.manual_seed(0)
     trainer = Trainer(small_cfg("papo_g", ["trainer.mini_batch_size=1", "trainer.micro_batch_size=2"]), tmp_path, "cpu")
+    trainer.old_from_update = False  # every sequence's old log-probs, whichever passes hold them
     exp, _ = trainer.collect({})
     scored = {}
     for scoring_size in (0, 8):

@@ -216,8 +216,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if type(None) in types:
             return None
         raise ConfigError(f"{key} may not be null")
-    if isinstance(value, str) and str in types and bool in types and isinstance(yaml.safe_load(value), bool):
-        value = yaml.safe_load(value)  # true / false in a field that also takes names (model.gradient_checkpointing)
+    if isinstance(value, str) and str in types and bool in types and value.lower() in ("true", "false"):
+        value = value.lower() == "true"  # a field that also takes names (model.gradient_checkpointing)
     elif isinstance(value, str) and str not in types:
         try:  # YAML 1.1 reads "1e-4" as a string; numbers in overrides should just work
             value = float(value) if float in types and not value.lstrip("+-").isdigit() else yaml.safe_load(value)

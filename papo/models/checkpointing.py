@@ -5,8 +5,9 @@ block's forward the backward recomputes.
 * ``full``: keep only each block's input and recompute its whole forward in the backward (least memory, about
   a third more compute);
 * ``selective``: keep the outputs of matrix multiplies and attention, recompute the element-wise rest (norms,
-  rope, activations, casts): most of full checkpointing's saving of time at a fraction of no checkpointing's
-  memory (torch's selective activation checkpointing; figures in docs/training-at-scale.md).
+  rope, activations, casts), through torch's selective activation checkpointing. It trades the recomputed
+  matmuls for the memory of their outputs, and adds a Python dispatch per operator: whether that beats
+  ``full`` depends on the model and GPU (docs/training-at-scale.md has the measurements).
 """
 
 from __future__ import annotations

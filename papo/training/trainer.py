@@ -5,7 +5,7 @@ One training step, as in the paper's algorithm (``Trainer.step``):
   2. sample G responses per prompt from the full image
   3. rewards (0.9 accuracy + 0.1 format)
   4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
-  5. old log-probs (full image; not when the step makes one update), masked log-probs (masked image; PAPO, or
+  5. old log-probs (full image; not for the first mini-batch, whose update sees the sampling weights), masked log-probs (masked image; PAPO, or
      trainer.log_kl_prcp), reference log-probs (when beta > 0): each no-grad pass only when something reads it
   6. group advantages
   7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip
@@ -103,6 +103,9 @@ class Trainer:
                                synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
         self.needs = self.scoring_passes()
+        # before the first optimizer step of a step the weights that sampled are the weights being updated: the
+        # first mini-batch takes pi_old from the update's own forward (detached), unless a reward reads it first
+        self.old_from_update = cfg.algorithm.kl_prcp_reward_coef == 0
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -119,7 +122,8 @@ class Trainer:
 
     def scoring_passes(self) -> dict[str, bool]:
         """Which of step 5's no-grad forwards a step needs. Old log-probs: unless the step makes one update
-        (then the weights that sampled are the weights being updated, and the ratio is exactly 1). Masked: for
+        (then the weights that sampled are the weights being updated, and the ratio is exactly 1), and then only
+        for the mini-batches after the first (``old_from_update``). Masked: for
         a KL_prcp or masked-entropy term, a KL_prcp reward, or the KL_prcp metric when asked
         (``trainer.log_kl_prcp``), unless the update recomputes it with gradient. Reference: when beta > 0."""
         a, t = self.cfg.algorithm, self.cfg.trainer
@@ -201,9 +205,12 @@ class Trainer:
         each only when something reads it (``needs``)."""
         T = self.cfg.rollout.temperature
         out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
+        first = {row for units in batches.plan[:1] for rows in units for row in rows} if self.old_from_update else set()
         self.policy.model.eval()
         for mb in batches.scoring():
             for name in out:
+                if name == "old" and set(mb.rows) <= first:  # the first mini-batch's come from its update
+                    continue
                 t = time.time()
                 with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
                     logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked if name == "masked" else None,
@@ -218,7 +225,7 @@ class Trainer:
                timing: dict[str, float]) -> dict[str, float]:
         """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
         t0, c, T = time.time(), self.cfg, self.cfg.rollout.temperature
-        self.policy.model.train()  # dropout-free models, but gradient checkpointing acts in train mode only
+        self.policy.model.train()  # whoever called last: gradient checkpointing acts in train mode only
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
         weights = kl_prcp_weights(correct, c.algorithm.kl_prcp_apply_mode, c.algorithm.incorrect_weight)
         exact = self.loss_cfg.entropy_estimator == "exact"
@@ -235,8 +242,9 @@ class Trainer:
                 failpoint("update")
                 rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
                 logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
-                # on-policy (one update per step), pi_old is the policy itself: its log-probs, detached
-                old = logp.detach() if logps.old is None else logps.old[rows, :w].to(dev)
+                # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
+                on_policy = logps.old is None or (index == 0 and self.old_from_update)
+                old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
                 masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
                 masked_ent = None
                 if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
@@ -363,14 +371,15 @@ class Trainer:
     def _oom_message(self) -> str:
         c = self.cfg
         size_key = "trainer.gen_batch_size" if c.trainer.gen_batch_size else "trainer.rollout_batch_size"
+        update_size = max(c.trainer.update_micro_batch_size, c.trainer.micro_batch_size)  # sequences per update pass
+        update_key = "trainer.update_micro_batch_size" if update_size > c.trainer.micro_batch_size else "trainer.micro_batch_size"
         lower = {
             "rollout": (f"{size_key} (now {self.round_size}; x rollout.n = {self.round_size * c.rollout.n} sequences are "
                         "sampled at once), "
                         f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
             "scoring": (f"trainer.scoring_micro_batch_size (now {c.trainer.scoring_micro_batch_size or c.trainer.micro_batch_size}), "
                         f"data.max_pixels (now {c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"),
-        }.get(self.phase, f"trainer.update_micro_batch_size (now {c.trainer.update_micro_batch_size or c.trainer.micro_batch_size}), "
-                          f"data.max_pixels (now "
+        }.get(self.phase, f"{update_key} (now {update_size}), data.max_pixels (now "
                           f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
                           "model.gradient_checkpointing=true")
         last = latest_checkpoint(self.out / "checkpoints")
