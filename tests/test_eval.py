@@ -119,3 +119,15 @@ def test_papo_eval_column_mapping_on_jsonl(tmp_path, eval_data):
     assert main(["eval", "--data", str(tmp_path / "custom.jsonl"), "--prompt-key", "q", "--answer-key", "gold",
                  "--image-key", "pics", "--k", "1", "--max-new-tokens", "32", "--out", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["benchmarks"]["custom"]["n"] == 2
+
+
+def test_paired_change_hand_computed():
+    """Per-sample differences 0.5, 0, 0.5, 1: mean 0.5, sample sd sqrt(1/6), standard error sqrt(1/6) / 2."""
+    from papo.rollout.graded import paired_change
+
+    before = {"avg_at_k": 0.25, "accuracies": [0.0, 0.5, 0.5, 0.0]}
+    after = {"avg_at_k": 0.75, "accuracies": [0.5, 0.5, 1.0, 1.0]}
+    change = paired_change(before, after)
+    assert change == {"before": 0.25, "after": 0.75, "change": 0.5, "se": pytest.approx((1 / 6) ** 0.5 / 2), "n": 4}
+    assert paired_change({"avg_at_k": 0.2}, after) is None  # a summary written before per-sample accuracies were kept
+    assert paired_change(before, {"avg_at_k": 0.5, "accuracies": [1.0]}) is None

@@ -319,6 +319,11 @@ def test_run_outputs_report_and_checkpoints(tmp_path):
     for name in ("model.safetensors", "config.json", "trainer_state.pt", "processor_config.json"):
         assert (ckpt / name).is_file()
     assert "Held-out accuracy before and after" in (out / "report.md").read_text()
+    change = json.loads((out / "heldout_change.json").read_text())  # paired over the same 4 test questions
+    before, after = result["before"]["accuracies"], result["after"]["accuracies"]
+    assert len(before) == len(after) == change["n"] == 4
+    assert change["change"] == pytest.approx(result["after"]["avg_at_k"] - result["before"]["avg_at_k"])
+    assert change["before"] == result["before"]["avg_at_k"] and change["after"] == result["after"]["avg_at_k"]
     for png in (out / "plots").glob("*.png"):
         assert Image.open(png).size[0] > 100
     assert list((out / "tensorboard").glob("events.*"))

@@ -3,6 +3,8 @@ trainer's held-out checks and ``papo eval``, and the avg@k summary of its result
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,9 +84,11 @@ class Summary:
     avg_at_k: float  # mean over samples of the per-sample mean accuracy (PAPO's avg@k)
     format_rate: float
     per_task: dict[str, float] = field(default_factory=dict)
+    accuracies: list[float] = field(default_factory=list)  # each sample's mean accuracy, in sample order
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "k": self.k, "avg_at_k": self.avg_at_k, "format_rate": self.format_rate, "per_task": self.per_task}
+        return {"n": self.n, "k": self.k, "avg_at_k": self.avg_at_k, "format_rate": self.format_rate, "per_task": self.per_task,
+                "accuracies": self.accuracies}
 
 
 def summarize(results: Sequence[SampleResult], k: int) -> Summary:
@@ -99,7 +103,21 @@ def summarize_scores(tasks: Sequence[str | None], accuracies: Sequence[float], f
         by_task[task or "-"].append(acc)
     n = len(accuracies)
     return Summary(n=n, k=k, avg_at_k=sum(accuracies) / max(1, n), format_rate=sum(format_rates) / max(1, n),
-                   per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())})
+                   per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())}, accuracies=[float(a) for a in accuracies])
+
+
+def paired_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+    """avg@k after minus before on the same samples, with the standard error of that paired difference (the
+    standard deviation of per-sample differences over sqrt(n)): the noise a before/after claim must beat. None
+    when either summary lacks per-sample accuracies (written before they were kept) or they do not pair up."""
+    a, b = before.get("accuracies"), after.get("accuracies")
+    if not a or not b or len(a) != len(b):
+        return None
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return {"before": before["avg_at_k"], "after": after["avg_at_k"], "change": mean, "se": se, "n": n}
 
 
 def summary_table(title: str, columns: dict[str, dict[str, Any]], change: bool = False) -> Any:

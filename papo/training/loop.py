@@ -20,7 +20,7 @@ from papo.data.synthetic import SPEC_PREFIX
 from papo.errors import TrainingStopped, UserError
 from papo.jsonl import read_records, write_records
 from papo.models.loading import resolve_device
-from papo.rollout.graded import generate_and_score, summarize_scores, summary_table
+from papo.rollout.graded import generate_and_score, paired_change, summarize_scores, summary_table
 from papo.rollout.sampling import SamplingParams
 from papo.training.checkpoint import latest_checkpoint
 from papo.training.distributed import DistContext, init_from_env
@@ -187,6 +187,11 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
     if before and after:
         console.print(summary_table(f"held-out avg@{after['k']} before / after ({after['n']} test questions)",
                                     {"before": before, "after": after}, change=True))
+        if change := paired_change(before, after):
+            (out_dir / "heldout_change.json").write_text(json.dumps(change, indent=1))
+            console.print(f"held-out change {change['change']:+.3f} ± {change['se']:.3f} (standard error of the paired "
+                          f"difference over {change['n']} questions: {abs(change['change']) / change['se']:.1f} SE)"
+                          if change["se"] > 0 else f"held-out change {change['change']:+.3f} (no spread to estimate an error from)")
     console.print(f"wrote {report}, metrics.jsonl, checkpoints/ and final/ to {out_dir}")
     return {"before": before, "after": after, "steps": trainer.step_no, "warnings": warnings}
 
