@@ -4,7 +4,6 @@ trainer's held-out checks and ``papo eval``, and the avg@k summary of its result
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
