@@ -1,0 +1,160 @@
+"""papo against TRL's GRPOTrainer, side by side in one run: the same model, prompts, batch, response cap,
+sampling settings and mixed precision, steps timed the same way.
+
+    python benchmarks/race.py --out benchmarks/results/race-h200.json              # Qwen2.5-VL-3B, one GPU
+    python benchmarks/race.py --out /tmp/race.json --papo-before /tmp/before.json  # add a train_step.py result
+    python benchmarks/race.py --smoke --out /tmp/race.json                         # the embedded model, CPU
+
+Both systems train the random-weight Qwen2.5-VL-3B directory ``train_step.py`` writes, in fp32 master weights
+with bf16 autocast, on 32 synthetic prompts × 5 rollouts per step (images resized by PAPO's pixel bounds to
+448×448, 256 image tokens), a 2,048-token cap, temperature 1, top_p 0.99, two optimizer updates per step of 80
+sequences in micro-batches of 4, gradient checkpointing, lr 1e-6, KL to the reference model (beta 0.01).
+papo runs the GRPO preset through ``train_step.py``'s ``run`` (its paper settings: scoring passes of 16, update
+passes of 16); TRL runs ``GRPOTrainer`` with transformers ``generate`` (no vLLM), ``steps_per_generation`` set
+so that one generation feeds the same two updates. A papo step is one generation and its two updates; so is
+a TRL step, timed from TRL's own step callbacks. Tokens count prompt (image tokens included) and response
+tokens, as verl and EasyR1 count them (TRL's ``num_tokens``). ``--papo-before`` folds in a ``train_step.py``
+result measured at an earlier papo commit with the same arguments.
+
+TRL is not a papo dependency: install it (and accelerate) to run this benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import ensure_model, run  # noqa: E402
+
+from papo.config.schema import load_config  # noqa: E402
+from papo.data.stream import PromptStream  # noqa: E402
+from papo.models.loading import load_processor  # noqa: E402
+from papo.models.policy import resolve_model  # noqa: E402
+from papo.rewards import score_responses  # noqa: E402
+from papo.training.distributed import DistContext  # noqa: E402
+
+PAPO_PIXELS = (200704, 1003520)
+
+
+def prompts_and_images(n: int, seed: int = 0) -> list[dict]:
+    """``n`` synthetic prompts as TRL's conversational rows: the prompt papo's trainer formats, its image
+    resized by PAPO's pixel bounds, and what papo's reward needs."""
+    cfg = load_config("grpo")
+    stream = PromptStream(cfg.data.train, seed)
+    rows = []
+    for _, sample in stream.take(n):
+        image = sample.load_images(*PAPO_PIXELS)[0]
+        rows.append({"prompt": [{"role": "user", "content": [{"type": "image"},
+                                                              {"type": "text", "text": sample.formatted_prompt()}]}],
+                     "image": image, "answer": sample.answer, "answer_type": sample.answer_type,
+                     "meta": json.dumps(sample.meta or {})})
+    return rows
+
+
+def papo_reward(completions, answer, answer_type, meta, **_) -> list[float]:
+    """papo's reward (0.9 accuracy + 0.1 format) on TRL's conversational completions."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    scores = score_responses(texts, list(answer), list(answer_type), [json.loads(m) for m in meta])
+    return [float(s["overall"]) for s in scores]
+
+
+def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    n, micro, updates = (2, 2, 2) if smoke else (5, 4, 2)
+    sequences = prompts * n
+    per_update = sequences // updates
+    marks: list[float] = []
+    records: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            records.append({**(logs or {}), "step": state.global_step})
+
+    args = GRPOConfig(
+        output_dir=str(Path(tempfile.gettempdir()) / "papo-race-trl"), report_to=[], logging_steps=1, save_strategy="no",
+        per_device_train_batch_size=micro, gradient_accumulation_steps=per_update // micro,
+        steps_per_generation=sequences // micro, num_generations=n, max_completion_length=cap,
+        temperature=1.0, top_p=0.99, top_k=0, learning_rate=1e-6, beta=0.01, epsilon=0.2, epsilon_high=0.3,
+        bf16=torch.cuda.is_available(), gradient_checkpointing=True, max_steps=steps * updates,
+        model_init_kwargs={"dtype": torch.float32}, use_vllm=False, seed=0, use_cpu=not torch.cuda.is_available(),
+    )
+    processor = load_processor(model_dir)  # AutoProcessor, or papo's own assembly where torchvision is missing
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=papo_reward, args=args,
+                          train_dataset=Dataset.from_list(prompts_and_images(prompts * steps)), processing_class=processor,
+                          callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    # a step: one generation and its `updates` optimizer steps
+    ends = [start] + marks[updates - 1 :: updates]
+    step_s = [round(b - a, 3) for a, b in zip(ends, ends[1:])]
+    tokens = [row["num_tokens"] for row in records if "num_tokens" in row]  # cumulative, logged once per generation
+    per_step_tokens = [b - a for a, b in zip([0.0] + tokens, tokens)]
+    steady = step_s[1:] or step_s
+    tokens_steady = per_step_tokens[1:] or per_step_tokens
+    result = {"system": "trl", "version": __import__("trl").__version__, "steps_s": step_s,
+              "step_s": round(sum(steady) / len(steady), 3), "tokens_per_step": per_step_tokens,
+              "tokens_per_s_per_gpu": round(sum(tokens_steady) / sum(steady), 1) if steady and tokens_steady else None,
+              "logs": records}
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3, help="steps per system; the first is left out of the averages")
+    ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
+    ap.add_argument("--papo-before", default="", help="a train_step.py result JSON measured at an earlier papo commit")
+    ap.add_argument("--systems", default="papo,trl")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    ctx = DistContext(device=device)
+    cap = 16 if args.smoke else 2048
+    model_dir = resolve_model("default") if args.smoke else str(ensure_model("3b", Path(args.models_dir) / "qwen2.5-vl-3b", ctx))
+    runs = []
+    for system in args.systems.split(","):
+        if system == "papo":
+            extra = ["rollout.n=2", f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=2"] if args.smoke else []
+            name = "embedded-default" if args.smoke else "qwen2.5-vl-3b"
+            r = run(name, model_dir, "default", args.prompts, args.steps, device, extra, ctx, preset="grpo")
+            runs.append({"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
+                         "detail": r})
+        elif system == "trl":
+            runs.append(run_trl(model_dir, args.prompts, args.steps, cap, args.smoke))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("detail", "logs")}), flush=True)
+    if args.papo_before:
+        before = json.loads(Path(args.papo_before).read_text())
+        r = before["runs"][0]
+        runs.append({"system": "papo-before", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
+                     "label": before.get("label", ""), "detail": r})
+    by = {r["system"]: r for r in runs}
+    result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b", "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "prompts_per_step": args.prompts,
+              "runs": runs}
+    if "papo" in by and "trl" in by:
+        result["trl_step_over_papo_step"] = round(by["trl"]["step_s"] / by["papo"]["step_s"], 2)
+        print(f"TRL step / papo step: {result['trl_step_over_papo_step']}", flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
