@@ -137,7 +137,8 @@ def profiled(score, into: dict):
             torch.cuda.synchronize()
         wall = time.time() - t
         events = prof.key_averages()
-        kernels = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = sum(getattr(e, "self_device_time_total", 0) for e in events  # "Command Buffer Full" is a host stall
+                      if e.device_type == torch.autograd.DeviceType.CUDA and "Command Buffer" not in e.key)
         into.update(wall_s=round(wall, 3), gpu_busy_s=round(kernels / 1e6, 3),
                     top=events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
         return out

@@ -90,13 +90,13 @@ def main() -> None:
         key = (pass_size, scoring_size)
         if key not in encoded:  # the processor runs outside the timed region, as each step encodes once
             encoded[key] = MicroBatches(exp, trainer.policy, micro, SEQUENCES, scoring_size, pass_size)
-            list(encoded[key].mini_batches())
+            list(encoded[key].update_passes(0))
             list(encoded[key].scoring())
         return encoded[key]
 
     def update_fn(pass_size: int, mode: str):
         set_checkpointing(trainer.policy.model, mode)
-        mb = batches(pass_size)
+        mb = batches(pass_size, pass_size)  # as a step with scoring passes of the same size: no merging
         return lambda: trainer.update(exp, mb, logps, adv, 0.02, {})
 
     rows = []

@@ -154,7 +154,7 @@ def test_scoring_in_larger_micro_batches_gives_the_same_log_probs(tmp_path):
     scored = {}
     for scoring_size in (0, 8):
         batches = MicroBatches(exp, trainer.policy, 2, 4, scoring_size)
-        assert len(list(batches.scoring())) == (4 if scoring_size == 0 else 1)
+        assert len(list(batches.scoring())) == (4 if scoring_size == 0 else 2)  # split at the first mini-batch
         scored[scoring_size] = trainer.score_experience(exp, batches, {}).named()
     assert scored[0].keys() == scored[8].keys() == {"old", "masked", "ref"}
     for name in scored[0]:
@@ -173,23 +173,59 @@ def test_update_passes_of_several_micro_batches_leave_the_gradient_unchanged(ext
     Responses of unequal length make the per-micro-batch weighting matter (one mean over a whole pass would
     weigh tokens differently)."""
     runs = []
-    for update_size in (0, 4, 8):
+    for update_size in (0, 4, 6, 8):
         torch.manual_seed(0)
         cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.micro_batch_size=2",
                                    f"trainer.update_micro_batch_size={update_size}", *extra])
         trainer = Trainer(cfg, tmp_path / str(update_size), "cpu")
+        grads = []
+        real_step = trainer.optim.step
+
+        def step(*args, real_step=real_step, grads=grads, model=trainer.policy.model, **kwargs):
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            return real_step(*args, **kwargs)
+
+        trainer.optim.step = step
         row = trainer.step()
-        runs.append((row, _params(trainer.policy.model)))
+        runs.append((row, grads, _params(trainer.policy.model)))
     tokens = trainer.last_experience.mask.sum(-1).view(-1, 2).sum(-1)  # valid tokens of each micro-batch
     assert len(set(tokens.tolist())) > 1
-    (base, w_base), *others = runs
+    (base, g_base, w_base), *others = runs
     assert base["grad_norm"] > 0 and base["kl_prcp"] > 0
-    for row, weights in others:
+    for row, grads, weights in others:
         for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "masked_entropy"):
             assert row[key] == pytest.approx(base[key], rel=1e-5, abs=1e-7), key
+        assert len(grads) == len(g_base) == 1
+        for g, b in zip(grads[0], g_base[0]):  # the update's gradient itself, before AdamW normalises it away
+            assert torch.allclose(g, b, rtol=1e-5, atol=1e-9)
         assert max(float((x - y).abs().max()) for x, y in zip(weights, w_base)) < 1e-6
     with pytest.raises(ConfigError, match=r"update_micro_batch_size \(now 6\) must be 0 or a multiple of trainer.micro_batch_size \(now 4\)"):
         small_cfg("papo_g", ["trainer.micro_batch_size=4", "trainer.update_micro_batch_size=6"])
+
+
+def test_update_passes_over_partial_micro_batches_and_two_mini_batches(tmp_path):
+    """Micro-batches of 3 over mini-batches of 4 sequences (a partial last micro-batch), update passes of 6
+    (a partial last pass), scoring passes of 9: the same losses and gradients as one pass per micro-batch."""
+    runs = []
+    for sizes in (["trainer.update_micro_batch_size=0"], ["trainer.update_micro_batch_size=6", "trainer.scoring_micro_batch_size=9"]):
+        torch.manual_seed(0)
+        cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.micro_batch_size=3", "trainer.mini_batch_size=1", *sizes])
+        trainer = Trainer(cfg, tmp_path / sizes[0][-1], "cpu")
+        norms = []
+        real_step = trainer.optim.step
+
+        def step(*args, real_step=real_step, norms=norms, model=trainer.policy.model, **kwargs):
+            norms.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone())
+            return real_step(*args, **kwargs)
+
+        trainer.optim.step = step
+        runs.append((trainer.step(), norms))
+    (a, ga), (b, gb) = runs
+    assert len(ga) == len(gb) == 2  # two mini-batches, two optimizer steps
+    for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "ppo_kl"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for x, y in zip(ga, gb):  # scoring passes of 9 and of 3 round old log-probs differently: fp32 noise only
+        assert float((x - y).abs().max()) <= 1e-5 * float(y.abs().max()), float((x - y).abs().max() / y.abs().max())
 
 
 def test_micro_batches_group_passes_within_mini_batches(tmp_path):
@@ -201,11 +237,14 @@ def test_micro_batches_group_passes_within_mini_batches(tmp_path):
     assert exp.size == 10
     batches = MicroBatches(exp, trainer.policy, size=2, per_update=5, scoring_size=4, update_size=6)
     assert batches.plan == [[[0, 1], [2, 3], [4]], [[5, 6], [7, 8], [9]]]  # gcd(4, 6) = 2 sequences per unit
-    passes = [[mb.rows for mb in mini] for mini in batches.mini_batches()]
+    passes = [[mb.rows for mb in batches.update_passes(i)] for i in range(len(batches.plan))]
     assert passes == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8, 9]]]
-    mini = next(batches.mini_batches())
-    assert batches.loss_groups(mini[0]) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert [mb.rows for mb in batches.scoring()] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [batches.rows(i) for i in range(2)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [batches.micro_batch_count(i) for i in range(2)] == [3, 3]
+    first = next(batches.update_passes(0))
+    assert batches.loss_groups(first) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # scoring passes may span later mini-batches, never the first one's end (its old log-probs come from its update)
+    assert [mb.rows for mb in batches.scoring()] == [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9]]
     with pytest.raises(ValueError, match="update micro-batch size 3 is not a multiple of the micro-batch size 2"):
         MicroBatches(exp, trainer.policy, 2, 4, update_size=3)
 

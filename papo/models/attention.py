@@ -146,7 +146,7 @@ AttentionMaskInterface.register(PACKED_TEXT_ATTENTION, sdpa_mask)
 def use_packed_text_attention(model: torch.nn.Module) -> bool:
     """Let the language model take packed (padding-free) forwards; True if switched. Left alone: models whose
     language model is not on SDPA (eager, flash-attn: the user chose them), models without M-RoPE indexing
-    (papo.models.packing computes positions with ``get_rope_index``), and language models with layers other
+    (papo.models.packing computes positions as ``get_rope_index`` does), and language models with layers other
     than full attention (sliding windows, recurrent layers would run across the packed sequences)."""
     if hasattr(model, "get_base_model"):  # peft: the image-text-to-text model is inside
         model = model.get_base_model()

@@ -5,8 +5,8 @@ responses from a few hundred tokens to the 2,048-token cap, a micro-batch of 4 r
 longest row four times over. Packing keeps only the valid tokens of each sequence, in order, in one row of
 ``T`` tokens. The language model attends causally within each sequence (``packed_seq_lens``, read by
 papo.models.attention's packed text attention), and every token keeps the 3-D M-RoPE position the padded batch
-gives it: positions are computed on the padded batch (``papo.models.mrope``, equal to the model's own
-``get_rope_index``) and then packed.
+gives it: positions are computed on the padded batch (the model's own ``get_rope_index``, or for the
+Qwen2-VL family ``papo.models.mrope``, equal to it) and then packed.
 The vision tower sees the same images as before. A token's log-prob is therefore the padded
 forward's, up to kernel rounding.
 """
@@ -64,12 +64,18 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
     return Packed(out, index.view(b, length))
 
 
+HOST_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the layouts papo.models.mrope reproduces (tested)
+
+
 def _rope_positions(model: Any, inputs: dict[str, Tensor]) -> Tensor:
-    """(3, B, L) M-RoPE positions: papo's host-side ``mrope_positions`` (transformers' ``get_rope_index`` syncs
-    with the GPU once per row), transformers' own for prompts with videos."""
+    """(3, B, L) M-RoPE positions: papo's host-side ``mrope_positions`` for the Qwen2-VL family (transformers'
+    ``get_rope_index`` syncs with the GPU once per row), the model's own ``get_rope_index`` for other models and
+    for prompts with videos."""
     grid = inputs.get("image_grid_thw")
-    got = mrope_positions(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu(),
-                          None if grid is None else grid.cpu(), model.config.vision_config.spatial_merge_size)
+    got = None
+    if model.config.model_type in HOST_MROPE_MODEL_TYPES:
+        got = mrope_positions(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu(),
+                              None if grid is None else grid.cpu(), model.config.vision_config.spatial_merge_size)
     if got is not None:
         return got[0].to(inputs["input_ids"].device)
     return model.model.get_rope_index(

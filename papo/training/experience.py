@@ -75,8 +75,8 @@ class MicroBatches:
     backward (``loss_groups`` then splits a pass back into its micro-batches, so the gradient is unchanged) and
     ``scoring_size`` for the no-grad scoring passes (the authors' experience micro-batch of 16 against 4 for
     the update). Both are multiples of ``size``; sequences are encoded by the processor in units that both kinds
-    of pass merge whole, once per step: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of
-    running the image processor for every pass (larger steps would hold every image tensor of the step in
+    of pass merge whole: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings (one processor run per
+    sequence) instead of running the image processor for every pass (larger steps would hold every image tensor of the step in
     memory). ``seconds``: time spent in the processor."""
 
     def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0,
@@ -96,20 +96,32 @@ class MicroBatches:
             rows = list(range(start, min(start + per_update, exp.size)))
             self.plan.append([rows[i : i + unit] for i in range(0, len(rows), unit)])
 
-    def mini_batches(self) -> Iterator[list[MicroBatch]]:
-        """Per optimizer update, its forward/backward passes of up to ``update_size`` sequences."""
-        for units in self.plan:
-            yield [self._joined(units[i : i + self.update_merge]) for i in range(0, len(units), self.update_merge)]
+    def rows(self, index: int) -> list[int]:
+        """The sequences of mini-batch ``index``."""
+        return [row for unit in self.plan[index] for row in unit]
+
+    def micro_batch_count(self, index: int) -> int:
+        return -(-len(self.rows(index)) // self.size)
+
+    def update_passes(self, index: int) -> Iterator[MicroBatch]:
+        """Mini-batch ``index``'s forward/backward passes of up to ``update_size`` sequences, built as they are
+        used (a merged pass is a copy of its units' tensors)."""
+        units = self.plan[index]
+        for i in range(0, len(units), self.update_merge):
+            yield self._joined(units[i : i + self.update_merge])
 
     def loss_groups(self, mb: MicroBatch) -> list[slice]:
         """The micro-batches of a pass (row slices): passes start at a micro-batch boundary of their mini-batch."""
         return [slice(i, min(i + self.size, len(mb.rows))) for i in range(0, len(mb.rows), self.size)]
 
     def scoring(self) -> Iterator[MicroBatch]:
-        """Every sequence once, in order, up to ``scoring_size`` at a time."""
-        flat = [rows for units in self.plan for rows in units]
-        for start in range(0, len(flat), self.scoring_merge):
-            yield self._joined(flat[start : start + self.scoring_merge])
+        """Every sequence once, in order, up to ``scoring_size`` at a time. A pass may span later mini-batches
+        but never the first one's end: the first mini-batch's old log-probs come from its update, so its
+        passes are the ones the old-log-prob pass skips."""
+        first, rest = self.plan[:1], self.plan[1:]
+        for part in ([unit for units in first for unit in units], [unit for units in rest for unit in units]):
+            for start in range(0, len(part), self.scoring_merge):
+                yield self._joined(part[start : start + self.scoring_merge])
 
     def _joined(self, units: list[list[int]]) -> MicroBatch:
         group = [self._get(rows) for rows in units]

@@ -47,6 +47,7 @@ from papo.data.masking import image_pair
 from papo.data.sample import Sample
 from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
+from papo.models.checkpointing import checkpoint_mode
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy, RootCall
 from papo.models.precision import Precision
@@ -122,8 +123,8 @@ class Trainer:
 
     def scoring_passes(self) -> dict[str, bool]:
         """Which of step 5's no-grad forwards a step needs. Old log-probs: unless the step makes one update
-        (then the weights that sampled are the weights being updated, and the ratio is exactly 1), and then only
-        for the mini-batches after the first (``old_from_update``). Masked: for
+        (then the weights that sampled are the weights being updated, and the ratio is exactly 1); when it makes
+        several, the pass covers the mini-batches after the first only (``old_from_update``). Masked: for
         a KL_prcp or masked-entropy term, a KL_prcp reward, or the KL_prcp metric when asked
         (``trainer.log_kl_prcp``), unless the update recomputes it with gradient. Reference: when beta > 0."""
         a, t = self.cfg.algorithm, self.cfg.trainer
@@ -205,7 +206,7 @@ class Trainer:
         each only when something reads it (``needs``)."""
         T = self.cfg.rollout.temperature
         out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
-        first = {row for units in batches.plan[:1] for rows in units for row in rows} if self.old_from_update else set()
+        first = set(batches.rows(0)) if self.old_from_update and batches.plan else set()
         self.policy.model.eval()
         for mb in batches.scoring():
             for name in out:
@@ -232,13 +233,13 @@ class Trainer:
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
-        for index, passes in enumerate(batches.mini_batches()):
-            micro_batches = sum(len(batches.loss_groups(mb)) for mb in passes)
+        for index in range(len(batches.plan)):
+            micro_batches = batches.micro_batch_count(index)
             total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
             if c.algorithm.token_mean_scope == "mini_batch":
-                total_tokens = self.ctx.sum(sum(float(mb.mask.sum()) for mb in passes))[0]
+                total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
             self.optim.zero_grad(set_to_none=True)
-            for mb in passes:  # one forward and backward per pass of trainer.update_micro_batch_size sequences
+            for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
                 failpoint("update")
                 rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
                 logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
@@ -380,8 +381,9 @@ class Trainer:
             "scoring": (f"trainer.scoring_micro_batch_size (now {c.trainer.scoring_micro_batch_size or c.trainer.micro_batch_size}), "
                         f"data.max_pixels (now {c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"),
         }.get(self.phase, f"{update_key} (now {update_size}), data.max_pixels (now "
-                          f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens}), or set "
-                          "model.gradient_checkpointing=true")
+                          f"{c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"
+                          + ("" if checkpoint_mode(c.model.gradient_checkpointing) == "full"
+                             else ", or set model.gradient_checkpointing=true"))
         last = latest_checkpoint(self.out / "checkpoints")
         where = f" on rank {self.ctx.rank} of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
         return (f"out of memory during the {self.phase} phase of step {self.step_no + 1}{where}. Lower {lower}. Nothing was "
