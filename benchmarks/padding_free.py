@@ -22,14 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import PAPER, PRECISIONS, QUIET, ensure_model  # noqa: E402
+from train_step import paper_trainer, sampleable_ids  # noqa: E402
 from update_cost import timed  # noqa: E402
 
-from papo.config.schema import load_config  # noqa: E402
 from papo.data.masking import image_pair  # noqa: E402
 from papo.models.attention import PACKED_TEXT_ATTENTION  # noqa: E402
-from papo.training.distributed import DistContext  # noqa: E402
-from papo.training.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -41,23 +38,15 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one padding-free scoring call on new shapes")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    ctx = DistContext(device=device)
     cap = 64 if args.smoke else 2048
-    if args.smoke:
-        model_dir, settings = "default", [f"rollout.max_new_tokens={cap}"]
-    else:
-        model_dir, settings = str(ensure_model(args.size, Path(args.models_dir) / f"qwen2.5-vl-{args.size}", ctx)), PAPER
-    cfg = load_config("papo_g", overrides=[*settings, f"model.name={model_dir}", *PRECISIONS["default"], *QUIET])
-    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "papo-padding-free", device, ctx=ctx)
+    trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "padding-free",
+                                               [f"rollout.max_new_tokens={cap}"])
     policy = trainer.policy
     samples = [s for _, s in trainer.stream.take(16)]
     images = [image_pair(s, trainer.masking, 0, 0, policy.min_pixels, policy.max_pixels)[0] for s in samples]
     batch16 = policy.encode([s.formatted_prompt() for s in samples], images)
     batch4 = policy.encode([s.formatted_prompt() for s in samples[:4]], images[:4])
-    allowed = torch.ones(policy.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-    allowed[policy.suppress.cpu()] = False
-    vocab = allowed.nonzero().squeeze(-1)
+    vocab = sampleable_ids(policy)
 
     def draw(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import qwen25_vl_config  # noqa: E402
 
 from papo.config.schema import load_config  # noqa: E402
-from papo.training.distributed import init_from_env  # noqa: E402
+from papo.training.distributed import DistContext, init_from_env  # noqa: E402
 from papo.training.trainer import Trainer  # noqa: E402
 
 PEAK_BF16_FLOPS = 989.5e12  # H100/H200 SXM dense bf16
@@ -84,6 +84,28 @@ def ensure_model(size: str, folder: Path, ctx) -> Path:
         print(f"wrote random-weight qwen2.5-vl-{size} to {folder} in {time.time() - t:.0f} s", flush=True)
     ctx.barrier()
     return folder
+
+
+def paper_trainer(size: str, models_dir: str, smoke: bool, name: str, smoke_settings: list[str],
+                  extra: list[str] = ()) -> tuple[Trainer, str, str]:
+    """A one-process PAPO-G Trainer for the micro-benchmarks: the random-weight ``size`` model with the PAPER
+    settings and the default precision on CUDA, or (``smoke``) the embedded model with ``smoke_settings`` on
+    the CPU. Returns (trainer, device, model directory)."""
+    device = "cpu" if smoke else "cuda"
+    ctx = DistContext(device=device)
+    if smoke:
+        model_dir, settings = "default", smoke_settings
+    else:
+        model_dir, settings = str(ensure_model(size, Path(models_dir) / f"qwen2.5-vl-{size}", ctx)), PAPER
+    cfg = load_config("papo_g", overrides=[*settings, f"model.name={model_dir}", *PRECISIONS["default"], *QUIET, *extra])
+    return Trainer(cfg, Path(tempfile.gettempdir()) / f"papo-{name}", device, ctx=ctx), device, model_dir
+
+
+def sampleable_ids(policy) -> torch.Tensor:
+    """Vocabulary ids the policy may sample (its suppressed ids left out): random responses drawn from these."""
+    allowed = torch.ones(policy.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    allowed[policy.suppress.cpu()] = False
+    return allowed.nonzero().squeeze(-1)
 
 
 def parameter_counts(model) -> tuple[int, int, int]:

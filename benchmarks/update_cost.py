@@ -23,12 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import PAPER, PEAK_BF16_FLOPS, PRECISIONS, QUIET, ensure_model, parameter_counts  # noqa: E402
+from train_step import PEAK_BF16_FLOPS, paper_trainer, parameter_counts, sampleable_ids  # noqa: E402
 
-from papo.config.schema import load_config  # noqa: E402
 from papo.data.masking import image_pair  # noqa: E402
-from papo.training.distributed import DistContext  # noqa: E402
-from papo.training.trainer import Trainer  # noqa: E402
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -54,23 +51,15 @@ def main() -> None:
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    ctx = DistContext(device=device)
-    if args.smoke:
-        model_dir, settings = "default", ["rollout.max_new_tokens=64"]
-    else:
-        model_dir, settings = str(ensure_model(args.size, Path(args.models_dir) / f"qwen2.5-vl-{args.size}", ctx)), PAPER
-    cfg = load_config("papo_g", overrides=[*settings, f"model.name={model_dir}", *PRECISIONS["default"], *QUIET])
-    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "papo-update-cost", device, ctx=ctx)
+    trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "update-cost",
+                                               ["rollout.max_new_tokens=64"])
     policy = trainer.policy
     _, sample = trainer.stream.take(1)[0]
     images, _ = image_pair(sample, trainer.masking, 0, 0, policy.min_pixels, policy.max_pixels)
     batch = policy.encode([sample.formatted_prompt()] * args.micro, [images] * args.micro)
     n_text, n_vision, _ = parameter_counts(policy.model)
     patches = int(batch.inputs["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch.inputs else 0
-    allowed = torch.ones(policy.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-    allowed[policy.suppress.cpu()] = False
-    vocab = allowed.nonzero().squeeze(-1)
+    vocab = sampleable_ids(policy)
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         g = torch.Generator().manual_seed(length)

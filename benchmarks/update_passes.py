@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import PAPER, PEAK_BF16_FLOPS, PRECISIONS, QUIET, ensure_model, update_flops  # noqa: E402
+from train_step import PEAK_BF16_FLOPS, paper_trainer, sampleable_ids, update_flops  # noqa: E402
 from update_cost import timed  # noqa: E402
 
-from papo.config.schema import load_config  # noqa: E402
 from papo.data.masking import image_pair  # noqa: E402
 from papo.models.checkpointing import set_checkpointing  # noqa: E402
-from papo.training.distributed import DistContext  # noqa: E402
 from papo.training.experience import Experience, LogProbs, MicroBatches  # noqa: E402
 from papo.training.trainer import Trainer  # noqa: E402
 
@@ -45,9 +43,7 @@ def experience(trainer: Trainer, cap: int, seed: int = 0) -> Experience:
     pairs = [image_pair(s, trainer.masking, 0, i, policy.min_pixels, policy.max_pixels) for i, s in enumerate(samples)]
     lengths = torch.randint(min(64, cap - 1), cap, (SEQUENCES,), generator=g)
     lengths[torch.randperm(SEQUENCES, generator=g)[: SEQUENCES // 3]] = cap
-    allowed = torch.ones(policy.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-    allowed[policy.suppress.cpu()] = False
-    vocab = allowed.nonzero().squeeze(-1)
+    vocab = sampleable_ids(policy)
     ids = vocab[torch.randint(len(vocab), (SEQUENCES, cap), generator=g)]
     mask = (torch.arange(cap)[None] < lengths[:, None]).long()
     prompt_tokens = torch.tensor([trainer.prompt_tokens(s) for s in samples])
@@ -68,16 +64,11 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(f"{p}:{m}" for p, m in CONFIGS), help="pass:mode pairs to time")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    ctx = DistContext(device=device)
     cap = 48 if args.smoke else 2048
-    if args.smoke:
-        model_dir, settings = "default", [f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=4"]
-    else:
-        model_dir, settings = str(ensure_model(args.size, Path(args.models_dir) / f"qwen2.5-vl-{args.size}", ctx)), PAPER
-    cfg = load_config("papo_g", overrides=[*settings, f"model.name={model_dir}", *PRECISIONS["default"], *QUIET,
-                                           "trainer.rollout_batch_size=8", "trainer.mini_batch_size=8"])
-    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "papo-update-passes", device, ctx=ctx)
+    trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "update-passes",
+                                               [f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=4"],
+                                               ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=8"])
+    cfg = trainer.cfg
     exp = experience(trainer, cap)
     zeros = torch.zeros(exp.ids.shape)
     logps = LogProbs(old=None, masked=zeros, ref=zeros)  # values do not change the time; on-policy old log-probs

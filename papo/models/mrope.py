@@ -16,6 +16,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
+HOST_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the layouts ``mrope_positions`` reproduces (tested)
+_ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+
+
+def rope_index(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """A processor batch's 3-D rope positions (3, B, L) and deltas (B, 1), on the host: ``mrope_positions`` for
+    the Qwen2-VL family, the model's own ``get_rope_index`` (on host copies) for other models and for prompts
+    with videos. ``model``: the image-text-to-text model."""
+    types = inputs.get("mm_token_type_ids")
+    if types is None and "image_grid_thw" in inputs:
+        raise ValueError("rope positions need mm_token_type_ids from the processor to place image tokens")
+    got = None
+    if model.config.model_type in HOST_MODEL_TYPES:
+        types = torch.zeros_like(inputs["input_ids"]) if types is None else types
+        grid = inputs.get("image_grid_thw")
+        got = mrope_positions(types.cpu(), inputs["attention_mask"].cpu(), None if grid is None else grid.cpu(),
+                              model.config.vision_config.spatial_merge_size)
+    if got is None:
+        got = model.model.get_rope_index(**{k: v.cpu() for k, v in inputs.items() if k in _ROPE_INDEX_KEYS})
+    return got
+
 
 def mrope_positions(token_types: Tensor, attention_mask: Tensor | None, image_grid_thw: Tensor | None,
                     spatial_merge_size: int) -> tuple[Tensor, Tensor] | None:

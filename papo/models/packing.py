@@ -21,7 +21,7 @@ from torch import Tensor
 
 from papo.models.attention import PACKED_TEXT_ATTENTION
 from papo.models.inputs import is_per_token
-from papo.models.mrope import mrope_positions
+from papo.models.mrope import rope_index
 
 
 def can_pack(model: Any, inputs: dict[str, Tensor]) -> bool:
@@ -44,7 +44,7 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
     """Pack prompt + completion ``inputs`` (append_completions' layout: (B, L) with an attention mask)."""
     ids, keep = inputs["input_ids"], inputs["attention_mask"].bool()
     b, length = ids.shape
-    positions = _rope_positions(model, inputs)  # (3, B, L), as the padded forward computes them
+    positions = rope_index(model, inputs)[0].to(ids.device)  # (3, B, L), as the padded forward computes them
     flat = keep.reshape(-1).nonzero().squeeze(-1)  # row-major: sequences stay in order, and so do their images
     lengths = keep.sum(-1)
     # the three M-RoPE rows only: with a leading text row transformers would detect packed sequences and build
@@ -62,23 +62,3 @@ def pack(model: Any, inputs: dict[str, Tensor]) -> Packed:
     index = torch.full((b * length,), -1, dtype=torch.long, device=ids.device)
     index[flat] = torch.arange(flat.numel(), device=ids.device)
     return Packed(out, index.view(b, length))
-
-
-HOST_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the layouts papo.models.mrope reproduces (tested)
-
-
-def _rope_positions(model: Any, inputs: dict[str, Tensor]) -> Tensor:
-    """(3, B, L) M-RoPE positions: papo's host-side ``mrope_positions`` for the Qwen2-VL family (transformers'
-    ``get_rope_index`` syncs with the GPU once per row), the model's own ``get_rope_index`` for other models and
-    for prompts with videos."""
-    grid = inputs.get("image_grid_thw")
-    got = None
-    if model.config.model_type in HOST_MROPE_MODEL_TYPES:
-        got = mrope_positions(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu(),
-                              None if grid is None else grid.cpu(), model.config.vision_config.spatial_merge_size)
-    if got is not None:
-        return got[0].to(inputs["input_ids"].device)
-    return model.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs.get("mm_token_type_ids"), image_grid_thw=grid,
-        video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
-        attention_mask=inputs["attention_mask"])[0]

@@ -34,7 +34,7 @@ from torch import Tensor
 from papo.models.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.inputs import PromptBatch
 from papo.models.loading import plain_class
-from papo.models.mrope import VisionInputs, mrope_positions
+from papo.models.mrope import VisionInputs, rope_index
 from papo.rollout.decode_step import DecodeBuffers, DecodeStep
 from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
@@ -154,7 +154,7 @@ class RolloutEngine:
         prompt n times). Returns the (B*n, V) fp32 logits of the last prompt token."""
         buf, host = self._buf, batch.inputs
         P, base, out = batch.prompt_len, self.base, []
-        positions, deltas = self._positions(host)
+        positions, deltas = rope_index(self.model, host)  # (3, B, P), (B, 1), on the host
         chunk = max(1, self.prefill_tokens // P)  # prompts per prefill pass: bounds its activations
         for start in range(0, batch.size, chunk):
             part = _slice_rows(host, start, min(start + chunk, batch.size))
@@ -171,18 +171,6 @@ class RolloutEngine:
             buf.valid[rows, :P] = mask.bool().repeat_interleave(n, 0)
             out.append(logits if n == 1 else logits.repeat_interleave(n, 0))
         return torch.cat(out)
-
-    def _positions(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(3, B, P) rope positions and (B, 1) deltas of the whole batch, computed on the host."""
-        merge = self.model.config.vision_config.spatial_merge_size
-        types = inputs.get("mm_token_type_ids")
-        if types is None and "image_grid_thw" in inputs:
-            raise ValueError("papo.rollout needs mm_token_type_ids from the processor to place image tokens")
-        types = torch.zeros_like(inputs["input_ids"]) if types is None else types
-        got = mrope_positions(types.cpu(), inputs["attention_mask"].cpu(), inputs.get("image_grid_thw"), merge)
-        if got is None:  # videos: transformers' own loop
-            got = self.base.get_rope_index(**{k: v.cpu() for k, v in inputs.items() if k in _ROPE_INDEX_KEYS})
-        return got
 
     def _with_image_features(self, embeds: Tensor, ids: Tensor, part: dict[str, Tensor]) -> Tensor:
         grid = part["image_grid_thw"]
@@ -306,9 +294,6 @@ class RolloutEngine:
         order = torch.argsort(buf.done[:active].to(torch.int8), stable=True)[:bucket]  # running rows first
         for t in (buf.valid, buf.tokens, buf.positions, buf.limits, buf.done, buf.rows, *buf.keys, *buf.values):
             t[:bucket] = t[:active][order]
-
-
-_ROPE_INDEX_KEYS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
 
 
 def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
