@@ -191,13 +191,16 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         row["update_tflop"] = round(ctx.sum(update_flops(trainer, exp))[0] / 1e12, 1)  # every rank's sequences
         if "update_s" in row:  # a skipped step (non-finite inputs) has no update phase
             row["update_mfu"] = round(row["update_tflop"] * 1e12 / row["update_s"] / PEAK_BF16_FLOPS / ctx.world_size, 4)
+        engine = trainer.sampler._engine if trainer.sampler.uses_engine else None
+        if engine is not None and engine.last_timing:  # this rank's rollout: prefill, decode, graph captures
+            row["rollout_engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in engine.last_timing.items()}
         row["sequences"] = int(ctx.sum(exp.size)[0])
         row["max_response_tokens"] = int(ctx.max(int(lengths.max()))[0])
         rows.append(row)
         if ctx.is_main:
             print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
                                                   "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib",
-                                                  "alloc_retries", "skipped") if k in row}),
+                                                  "alloc_retries", "skipped", "rollout_engine") if k in row}),
                   flush=True)
     steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 

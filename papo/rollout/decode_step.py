@@ -9,8 +9,10 @@ transformers' own 3-D rope tables, and in decoding, with text-only inputs, Qwen'
 A graph-captured step is bound by its kernels, not by launches, so the step does less work rather than fewer
 launches (measurements: docs/rollout.md):
 * q, k and v come from one GEMM over weights stacked once per rollout;
-* grouped-query attention runs without expanding the cache: the query heads that share a KV head become that
-  head's query positions, one token each, in one masked SDPA call over the cache slots filled so far;
+* grouped-query attention runs without expanding the cache: the query heads that share a KV head are read
+  together. On CUDA, ``papo.rollout.decode_attention`` (Triton) splits the keys across the GPU, skips finished
+  rows and reads each row's length on the device, so one captured step serves a whole rollout; elsewhere, one
+  masked SDPA call over the cache slots filled so far;
 * compiled, the parts around attention are one graph of fused kernels per batch size, reused by every layer,
   so compiling takes seconds (compiling the whole step with dynamic shapes measured slower than eager).
 """
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from papo.models.logprobs import suppress_mask
+from papo.rollout.decode_attention import available as kernel_available
+from papo.rollout.decode_attention import decode_attention, split_count
 from papo.rollout.keyed_noise import exponential_noise
 from papo.rollout.sampling import SamplingParams
 
@@ -35,7 +39,8 @@ class DecodeBuffers:
 
     keys: list[Tensor]  # per layer (B, kv_heads, L, head_dim)
     values: list[Tensor]
-    valid: Tensor  # (B, L) bool: cache slots a row may attend to (its prompt without padding, its tokens so far)
+    start: Tensor  # (B,) int32: a row's first cache slot (its prompt's left padding ends there); it attends to
+    # slots [start, prompt_len + step], its prompt without padding and its tokens so far
     tokens: Tensor  # (B,) the token fed to this step
     positions: Tensor  # (B,) its rope position
     step: Tensor  # (1,) long: decode step s feeds output column s, writes cache slot prompt_len + s, samples column s + 1
@@ -51,7 +56,7 @@ class DecodeBuffers:
 
     def state(self) -> tuple[Tensor, ...]:
         """What one step changes besides the KV slot it writes (a replay rewrites that slot identically)."""
-        return (self.step, self.tokens, self.positions, self.done, self.valid, self.out, self.out_logp)
+        return (self.step, self.tokens, self.positions, self.done, self.out, self.out_logp)
 
 
 class LayerWeights(NamedTuple):
@@ -129,15 +134,18 @@ def decode_head(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor, suppress: 
 class DecodeStep:
     """``step(b, params, span)``: one token for cache rows [0, b); ``prefill``: whole prompts into the cache.
     ``compile``: torch.compile the decode step's parts around attention and its head once per batch-size bucket
-    (static shapes: dynamic ones measured slower than no compilation), and the prefill layer with dynamic shapes."""
+    (static shapes: dynamic ones measured slower than no compilation), and the prefill layer with dynamic shapes.
+    ``kernel``: decode attention through ``papo.rollout.decode_attention`` (None: where it can run)."""
 
-    def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int, compile: bool = False) -> None:
+    def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int, compile: bool = False,
+                 kernel: bool | None = None) -> None:
         self.model, self.text = model, model.model.language_model
         cfg = model.config.get_text_config()
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.vocab = model.lm_head.weight.shape[0]
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.kernel = kernel_available(self.device) if kernel is None else kernel  # decode attention: Triton or SDPA
         self.pad_id = int(pad_id)
         self.suppress = suppress_mask(suppress_ids, self.vocab, self.device)
         self.eos = torch.as_tensor(list(eos_ids) or [-1], device=self.device)
@@ -172,7 +180,7 @@ class DecodeStep:
         self.buf = DecodeBuffers(
             keys=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
             values=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
-            valid=torch.zeros(rows, cache_len, dtype=torch.bool, device=dev),
+            start=torch.zeros(rows, dtype=torch.int32, device=dev),
             tokens=torch.zeros(rows, dtype=torch.long, device=dev), positions=torch.zeros(rows, dtype=torch.long, device=dev),
             step=torch.zeros(1, dtype=torch.long, device=dev), prompt_len=torch.zeros(1, dtype=torch.long, device=dev),
             limits=torch.zeros(rows, dtype=torch.long, device=dev), done=torch.zeros(rows, dtype=torch.bool, device=dev),
@@ -195,29 +203,36 @@ class DecodeStep:
                 torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=b)
 
     def __call__(self, b: int, params: SamplingParams, span: int) -> None:
-        """One token for rows [0, b), attending over cache slots [0, span): the step reads no more of the cache
-        than its rows have filled (with a 311-token prompt and 256 new tokens, 471 slots on average instead of 576)."""
+        """One token for rows [0, b). ``span``: the SDPA path attends over cache slots [0, span), no more than its
+        rows have filled (a captured step per span); the kernel reads each row's own slots and ignores it."""
         buf = self.buf
         h = self.text.embed_tokens(buf.tokens[:b])[:, None]  # (b, 1, H)
         freqs = buf.positions[:b, None].float() * self.inv_freq[None]  # (b, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = (emb.cos() * self.rope_scale).to(h.dtype)[:, None, None], (emb.sin() * self.rope_scale).to(h.dtype)[:, None, None]  # (b, 1, 1, hd)
         slot = buf.step + buf.prompt_len  # (1,)
-        valid = buf.valid[:b, :span].index_fill(1, slot, True)  # (b, span)
-        bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
+        start, done = buf.start[:b], buf.done[:b]
+        if self.kernel:  # a finished row reads nothing; the lengths live on the device, so span is not used
+            length = torch.where(done, 0, slot + 1 - start).int()
+            splits = split_count(b, self.kv_heads, buf.keys[0].shape[2], self.device)
+        else:
+            slots = torch.arange(span, device=h.device)
+            valid = (slots >= start[:, None]) & (slots <= slot)  # (b, span)
+            bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
         for i, weights in enumerate(self.weights):
             keys, values = buf.keys[i][:b], buf.values[i][:b]
             q = self.qkv_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], keys, values, cos, sin, slot, self.shape)
-            o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=bias, scale=self.scaling)
+            if self.kernel:
+                o = decode_attention(q, keys, values, start, length, self.scaling, splits)
+            else:
+                o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=bias, scale=self.scaling)
             h = self.rest_fn(h, o, weights, self.eps)
         rows, column = buf.rows[:b], (buf.step + 1).expand(b)  # column 0 came from the prefill
         token, logp = self.head_fn(h, *self.final_norm, self.model.lm_head.weight, self.suppress, params,
                                    buf.noise_keys[rows], column)
-        done = buf.done[:b]
         token = torch.where(done, torch.full_like(token, self.pad_id), token)
         buf.out.index_put_((rows, column), token)
         buf.out_logp.index_put_((rows, column), logp)
-        buf.valid[:b].index_fill_(1, slot, True)
         finished = torch.isin(token, self.eos) | (buf.step + 2 >= buf.limits[:b])  # step s wrote token s + 2
         buf.done[:b] = done | finished
         buf.tokens[:b] = token
@@ -267,7 +282,8 @@ def race_scores(logits: Tensor, params: SamplingParams, keys: Tensor, column: Te
     return probs / exponential_noise(keys, column, probs.shape[-1])  # the race needs no normalised probs
 
 
-TOP_P_BISECTION_STEPS = 31  # bit patterns of floats in [0, 1] span < 2^30: the search ends on the exact cutoff
+TOP_P_PROBES = 15  # thresholds tried per pass over the vocabulary: each pass narrows the cutoff 16-fold
+TOP_P_PASSES = 8  # bit patterns of floats in [0, 1] span < 2^30, and 16^8 > 2^30: the search ends on the exact cutoff
 
 
 def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
@@ -275,16 +291,20 @@ def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
 
     transformers' TopPLogitsWarper drops the longest run of least likely tokens whose mass is at most 1 - top_p.
     The same set is {p <= t} for the largest t with mass(p <= t) <= 1 - top_p (up to the order it picks inside a
-    run of exactly equal probabilities), and t is found here by bisection on the floats' bit patterns
-    (non-negative floats order like their int32 bits): 31 masked sums over the vocabulary, no sort and no cumsum.
-    The reason: Inductor cannot generate the sorted cumsum over a 151,936-token vocabulary, and these passes
-    compile into the engine's decode step like the rest of the sampling head."""
-    budget = 1.0 - top_p
-    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)  # mass(p <= 0) = 0 <= budget
-    hi = probs.amax(-1).view(torch.int32)  # mass(p <= max) = 1 > budget
-    for _ in range(TOP_P_BISECTION_STEPS):
-        mid = lo + (hi - lo) // 2
-        below = torch.where(probs <= mid.view(torch.float32)[:, None], probs, 0.0).sum(-1)
-        fits = below <= budget
-        lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
-    return lo.view(torch.float32)
+    run of exactly equal probabilities), and t is found by searching the floats' bit patterns (non-negative
+    floats order like their int32 bits): each pass over the vocabulary sums the mass below 15 thresholds at once,
+    8 passes in all, no sort and no cumsum. The reasons: Inductor cannot generate the sorted cumsum over a
+    151,936-token vocabulary, these passes compile into the engine's decode step like the rest of the sampling
+    head, and with many rows the step is bound by how often it reads the (rows, vocabulary) probabilities."""
+    budget, k = 1.0 - top_p, TOP_P_PROBES + 1
+    lo = torch.zeros(probs.shape[0], dtype=torch.int64, device=probs.device)  # mass(p <= 0) = 0 <= budget
+    hi = probs.amax(-1).view(torch.int32).long()  # mass(p <= max) = 1 > budget
+    j = torch.arange(1, k, device=probs.device)
+    for _ in range(TOP_P_PASSES):
+        probes = lo[:, None] + (hi - lo)[:, None] * j // k  # (b, 15), ascending, in [lo, hi)
+        below = probes.int().view(torch.float32)
+        mass = torch.stack([torch.where(probs <= below[:, i, None], probs, 0.0).sum(-1) for i in range(TOP_P_PROBES)], -1)
+        fits = (mass <= budget).sum(-1)  # mass grows with the threshold: the probes that fit come first
+        lo = torch.where(fits > 0, probes.gather(1, (fits - 1).clamp(min=0)[:, None])[:, 0], lo)
+        hi = torch.where(fits < TOP_P_PROBES, probes.gather(1, fits.clamp(max=TOP_P_PROBES - 1)[:, None])[:, 0], hi)
+    return lo.int().view(torch.float32)

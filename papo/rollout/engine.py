@@ -9,8 +9,8 @@ training batch sizes (docs/rollout.md). This engine keeps what must be model-spe
   decoder layers as ``papo.rollout.decode_step.prefill_layer``, which writes keys and values straight into the cache;
 * decode: ``papo.rollout.decode_step.DecodeStep``, written against the model's weights; with text-only tokens Qwen's 3-D
   rope is 1-D rope at ``last prompt position + 1 + t``. On CUDA the step (sampling included: suppressed ids,
-  temperature, top-k, top-p, EOS and per-row limits) is captured as a CUDA graph per batch-size bucket and
-  cache span, and replayed, one launch per token;
+  temperature, top-k, top-p, EOS and per-row limits) is captured as a CUDA graph per batch-size bucket (and,
+  where decode attention falls back to SDPA, per cache span), and replayed, one launch per token;
 * finished rows are compacted away: when at most half the rows of a bucket are still running they are
   gathered into the front of the cache and the next smaller bucket's graph takes over.
 
@@ -41,7 +41,7 @@ from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 CHECK_EVERY = 16  # decode steps between host checks for "all done" / compaction (each check is one sync)
-SPAN_BLOCK = 64  # a step attends over the cache slots filled so far, rounded up to this (one graph per span)
+SPAN_BLOCK = 64  # SDPA steps attend over the cache slots filled so far, rounded up to this (one graph per span)
 
 
 def supports(model: Any) -> bool:
@@ -93,7 +93,9 @@ class RolloutEngine:
         self._graphs: dict[tuple[int, int], Any] = {}  # (rows, cache span) -> captured step
         self._pool: Any = None  # one memory pool for all of them: they never run at once
         self._graph_key: tuple | None = None
-        self.last_timing: dict[str, float] = {}
+        self._captures = [0, 0.0]  # graphs captured during the last generate, and the host seconds they took
+        self.last_timing: dict[str, Any] = {}
+        self.record_windows = False  # time every CHECK_EVERY-step window with CUDA events (benchmarks/decode_profile.py)
 
     @property
     def _buf(self) -> DecodeBuffers | None:
@@ -168,7 +170,7 @@ class RolloutEngine:
             # the first generated token's rope position: Qwen's rope delta says how far image tokens shifted it
             first = part["attention_mask"].sum(-1) + deltas[start:start + m, 0]
             buf.positions[rows] = first.to(self.device).repeat_interleave(n, 0)
-            buf.valid[rows, :P] = mask.bool().repeat_interleave(n, 0)
+            buf.start[rows] = (P - part["attention_mask"].sum(-1)).int().to(self.device).repeat_interleave(n, 0)
             out.append(logits if n == 1 else logits.repeat_interleave(n, 0))
         return torch.cat(out)
 
@@ -213,7 +215,7 @@ class RolloutEngine:
         if self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
             self._graphs = {}  # captured graphs bake in the sampling settings
         self._graph_key = (params.greedy, params.temperature, params.top_p, params.top_k)
-        buf.valid.zero_()
+        _check_left_padded(batch.inputs["attention_mask"])
         buf.done.zero_()
         buf.out.fill_(self.pad_id)
         buf.out_logp.zero_()
@@ -231,9 +233,13 @@ class RolloutEngine:
         buf.out[:N, 0], buf.out_logp[:N, 0] = token, logp
         buf.tokens[:N] = token
         buf.done[:N] = torch.isin(token, self.step.eos) | (buf.limits[:N] <= 1)
-        active, steps = N, 1
+        active, steps, windows = N, 1, []
+        self._captures = [0, 0.0]
         while steps < T:
             if steps % CHECK_EVERY == 1 or CHECK_EVERY == 1:
+                if self.record_windows and self.device.type == "cuda":
+                    windows.append((steps, active, torch.cuda.Event(enable_timing=True)))
+                    windows[-1][2].record()
                 running = int((~buf.done[:active]).sum())
                 if running == 0:
                     break
@@ -242,11 +248,20 @@ class RolloutEngine:
                     self._compact(active, bucket)
                     active = bucket
             buf.step.fill_(steps - 1)
-            span = min(buf.valid.shape[1], -(-(P + steps) // SPAN_BLOCK) * SPAN_BLOCK)  # slots written so far
+            cache_len = buf.keys[0].shape[2]  # the kernel reads each row's own length: one graph per bucket
+            span = cache_len if self.step.kernel else min(cache_len, -(-(P + steps) // SPAN_BLOCK) * SPAN_BLOCK)
             self._run(active, params, span)
             steps += 1
         completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)  # .cpu() waits for the GPU
-        self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1}
+        self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1,
+                            "captures": self._captures[0], "capture_s": self._captures[1]}
+        if windows:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            marks = [*windows, (steps, 0, end)]
+            # (first step, steps, active rows, milliseconds): graph captures fall inside the windows they happen in
+            self.last_timing["windows"] = [(s, e - s, rows, ev.elapsed_time(nxt)) for (s, rows, ev), (e, _, nxt) in zip(marks, marks[1:])]
         within = torch.arange(steps)[None] < lim[:, None]  # per-row limits end rows without an EOS
         completions.finished &= (completions.mask.bool() & within).sum(-1) == completions.lengths
         completions.mask &= within.long()
@@ -261,7 +276,10 @@ class RolloutEngine:
             return
         graph = self._graphs.get((b, span))
         if graph is None:
+            t = time.perf_counter()
             graph = self._capture(b, params, span)
+            self._captures[0] += 1
+            self._captures[1] += time.perf_counter() - t
         graph.replay()
 
     def _capture(self, b: int, params: SamplingParams, span: int) -> Any:
@@ -292,8 +310,15 @@ class RolloutEngine:
         """Move the running rows of [0, active) to the front; rows past ``bucket`` are all finished."""
         buf = self._buf
         order = torch.argsort(buf.done[:active].to(torch.int8), stable=True)[:bucket]  # running rows first
-        for t in (buf.valid, buf.tokens, buf.positions, buf.limits, buf.done, buf.rows, *buf.keys, *buf.values):
+        for t in (buf.start, buf.tokens, buf.positions, buf.limits, buf.done, buf.rows, *buf.keys, *buf.values):
             t[:bucket] = t[:active][order]
+
+
+def _check_left_padded(mask: Tensor) -> None:
+    """Decode steps attend to one run of cache slots per row: each prompt's padding must all be on its left."""
+    m = mask.bool()
+    if bool((m[:, :-1] & ~m[:, 1:]).any()):
+        raise ValueError("papo.rollout needs left-padded prompts (a real token is followed by padding in the attention mask)")
 
 
 def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
