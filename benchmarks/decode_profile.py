@@ -28,40 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import paper_trainer  # noqa: E402
+from train_step import byte_costs, copy_bandwidth, decode_bound_s, paper_trainer  # noqa: E402
 
 SMOKE = ["rollout.n=2", "rollout.max_new_tokens=24", "trainer.micro_batch_size=2", "rollout.engine=papo"]
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth, read + write bytes per second."""
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)
-
-
-def byte_costs(engine) -> tuple[float, float]:
-    """(bytes of weights one decode step reads, KV-cache bytes per cached token)."""
-    model, step = engine.model, engine.step
-    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
-    weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    per_token = 2 * len(model.model.language_model.layers) * step.kv_heads * step.head_dim * step.dtype.itemsize
-    return weights, per_token
-
-
-def decode_bound_s(prompt_tokens: torch.Tensor, lengths: torch.Tensor, weights: float, per_token: float,
-                   bandwidth: float) -> float:
-    """Seconds an ideal engine needs for the decode steps of these rows (the first token comes from the prefill)."""
-    steps = torch.arange(1, int(lengths.max()))
-    running = lengths[None] > steps[:, None]  # (steps, rows): step t feeds token t of the rows still going
-    kv = (running * (prompt_tokens[None] + steps[:, None])).sum()
-    return float(len(steps) * weights + float(kv) * per_token) / bandwidth
 
 
 def rollouts(trainer, engine, prompts: int, count: int, bandwidth: float) -> list[dict]:

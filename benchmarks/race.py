@@ -26,6 +26,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
+            print(f"trl: optimizer step {len(marks)} at {marks[-1] - start:.1f} s", flush=True)  # progress if cut short
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             records.append({**(logs or {}), "step": state.global_step})
@@ -97,7 +99,7 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> 
     trainer = GRPOTrainer(model=model_dir, reward_funcs=papo_reward, args=args,
                           train_dataset=Dataset.from_list(prompts_and_images(prompts * steps)), processing_class=processor,
                           callbacks=[Clock()])
-    start = time.perf_counter()
+    start = time.perf_counter()  # read by Clock
     trainer.train()
     # a step: one generation and its `updates` optimizer steps
     ends = [start] + marks[updates - 1 :: updates]
@@ -132,15 +134,28 @@ def main() -> None:
     model_dir = resolve_model("default") if args.smoke else str(ensure_model("3b", Path(args.models_dir) / "qwen2.5-vl-3b", ctx))
     runs = []
     for system in args.systems.split(","):
-        if system == "papo":
-            extra = ["rollout.n=2", f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=2"] if args.smoke else []
-            name = "embedded-default" if args.smoke else "qwen2.5-vl-3b"
-            r = run(name, model_dir, "default", args.prompts, args.steps, device, extra, ctx, preset="grpo")
-            runs.append({"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
-                         "detail": r})
-        elif system == "trl":
-            runs.append(run_trl(model_dir, args.prompts, args.steps, cap, args.smoke))
+        try:
+            runs.append(run_system(system, args, model_dir, cap, device, ctx))
+        except Exception as err:  # one system failing must not lose the others' measurements
+            traceback.print_exc()
+            runs.append({"system": system, "error": f"{type(err).__name__}: {str(err)[:500]}"})
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("detail", "logs")}), flush=True)
+        write(args, runs, device)
+
+
+def run_system(system: str, args, model_dir: str, cap: int, device: str, ctx) -> dict:
+    if system == "papo":
+        extra = ["rollout.n=2", f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=2"] if args.smoke else []
+        name = "embedded-default" if args.smoke else "qwen2.5-vl-3b"
+        r = run(name, model_dir, "default", args.prompts, args.steps, device, extra, ctx, preset="grpo")
+        return {"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "detail": r}
+    if system == "trl":
+        return run_trl(model_dir, args.prompts, args.steps, cap, args.smoke)
+    raise ValueError(f"unknown system {system!r} (papo, trl)")
+
+
+def write(args, runs: list[dict], device: str) -> None:
+    runs = list(runs)
     if args.papo_before:
         before = json.loads(Path(args.papo_before).read_text())
         r = before["runs"][0]
@@ -150,7 +165,7 @@ def main() -> None:
     result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "prompts_per_step": args.prompts,
               "runs": runs}
-    if "papo" in by and "trl" in by:
+    if "step_s" in by.get("papo", {}) and "step_s" in by.get("trl", {}):
         result["trl_step_over_papo_step"] = round(by["trl"]["step_s"] / by["papo"]["step_s"], 2)
         print(f"TRL step / papo step: {result['trl_step_over_papo_step']}", flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))

@@ -108,6 +108,40 @@ def sampleable_ids(policy) -> torch.Tensor:
     return allowed.nonzero().squeeze(-1)
 
 
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, read + write bytes per second."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (2 << 30) * 10 / seconds
+
+
+def byte_costs(engine) -> tuple[float, float]:
+    """(bytes of weights one decode step reads, KV-cache bytes per cached token)."""
+    model, step = engine.model, engine.step
+    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
+    weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    per_token = 2 * len(model.model.language_model.layers) * step.kv_heads * step.head_dim * step.dtype.itemsize
+    return weights, per_token
+
+
+def decode_bound_s(prompt_tokens: torch.Tensor, lengths: torch.Tensor, weights: float, per_token: float,
+                   bandwidth: float) -> float:
+    """Seconds an ideal engine needs for the decode steps of these rows (the first token comes from the prefill)."""
+    steps = torch.arange(1, int(lengths.max()))
+    running = lengths[None] > steps[:, None]  # (steps, rows): step t feeds token t of the rows still going
+    kv = (running * (prompt_tokens[None] + steps[:, None])).sum()
+    return float(len(steps) * weights + float(kv) * per_token) / bandwidth
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(language model without the input embedding, LM head included; vision tower; all)."""
     embed = model.get_input_embeddings().weight
@@ -179,6 +213,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
     trainer = Trainer(cfg, out, device, ctx=ctx)
     load_s = time.time() - t0
     rows = []
+    bandwidth = copy_bandwidth() if device.startswith("cuda") else 0.0
     for i in range(steps):
         if profile_scoring is not None and i == steps - 1:
             trainer.score_experience = profiled(trainer.score_experience, profile_scoring)
@@ -193,7 +228,11 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
             row["update_mfu"] = round(row["update_tflop"] * 1e12 / row["update_s"] / PEAK_BF16_FLOPS / ctx.world_size, 4)
         engine = trainer.sampler._engine if trainer.sampler.uses_engine else None
         if engine is not None and engine.last_timing:  # this rank's rollout: prefill, decode, graph captures
-            row["rollout_engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in engine.last_timing.items()}
+            timing = dict(engine.last_timing)
+            if bandwidth:  # how close the decode came to reading only what it must (decode_profile.py)
+                timing["decode_bound_s"] = decode_bound_s(exp.prompt_tokens, lengths, *byte_costs(engine), bandwidth)
+                timing["decode_of_bound"] = timing["decode_bound_s"] / timing["decode_s"]
+            row["rollout_engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
         row["sequences"] = int(ctx.sum(exp.size)[0])
         row["max_response_tokens"] = int(ctx.max(int(lengths.max()))[0])
         rows.append(row)

@@ -1,6 +1,6 @@
-"""papo.rollout.decode_attention (the engine's Triton decode attention), run by Triton's CPU interpreter in a
-subprocess (the interpreter is chosen when Triton is imported): against SDPA on random caches, and the whole
-engine's greedy tokens against the SDPA engine's."""
+"""The rollout engine's Triton kernels, run by Triton's CPU interpreter in a subprocess (the interpreter is
+chosen when Triton is imported): papo.rollout.decode_attention against SDPA on random caches, the whole engine's
+greedy tokens against the SDPA engine's, and papo.rollout.nucleus's search against transformers' nucleus."""
 
 import os
 import subprocess
@@ -63,6 +63,22 @@ print("engine ok")
 """
 
 
+NUCLEUS = """
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+from papo.rollout.nucleus import _kernel_cutoff
+for vocab, top_ps in ((50, (0.3, 0.9, 0.99)), (4096, (0.3, 0.9, 0.99)), (151936, (0.99,))):  # Qwen's vocabulary
+    for top_p in top_ps:
+        gen = torch.Generator().manual_seed(vocab)
+        logits = torch.randn(6, vocab, generator=gen) * torch.tensor([0.05, 0.5, 1.0, 3.0, 8.0, 20.0])[:, None]
+        logits[0, :3] = float("-inf")  # suppressed ids: probability 0
+        expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        probs = logits.softmax(-1)
+        assert torch.equal(probs > _kernel_cutoff(probs, top_p)[:, None], expected), (vocab, top_p)
+print("nucleus ok")
+"""
+
+
 def _interpreted(code: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600)
@@ -76,3 +92,7 @@ def test_kernel_equals_sdpa_on_each_rows_slots():
 
 def test_engine_with_the_kernel_gives_the_sdpa_engines_tokens():
     assert "engine ok" in _interpreted(ENGINE_VS_SDPA)
+
+
+def test_nucleus_kernel_keeps_exactly_transformers_nucleus():
+    assert "nucleus ok" in _interpreted(NUCLEUS)

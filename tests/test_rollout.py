@@ -158,7 +158,7 @@ def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
     """The bisection cutoff keeps the same tokens as transformers' TopPLogitsWarper, at Qwen's vocabulary too."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from papo.rollout.decode_step import top_p_cutoff
+    from papo.rollout.nucleus import top_p_cutoff
 
     gen = torch.Generator().manual_seed(vocab)
     sharpness = torch.tensor([0.05, 0.5, 1.0, 3.0, 8.0, 20.0])[:, None]  # flat to peaked rows

@@ -8,7 +8,7 @@ Why a kernel of its own (measured in docs/rollout.md): SDPA's kernels give each 
 block that walks the whole cache, so with few rows most of the GPU idles (the rollout's tail), and they read
 every slot up to a span fixed when the step is captured, so a captured step exists per span. Here the grid
 also splits the keys, the lengths are read on the device (one captured step serves every length), and
-finished rows cost nothing. The splits are combined with their log-sum-exps.
+finished rows cost nothing. A second kernel combines the splits with their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -78,6 +78,29 @@ if triton is not None:
         tl.store(LSE + row * sl_b + head * sl_h + split * sl_s + g, lse)
 
 
+    @triton.jit
+    def _combine(PART, LSE, OUT, splits, sp_b, sp_h, sp_s, sp_g, sl_b, sl_h, sl_s, so_b, so_h, so_g,
+                 KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        """One (row, KV head): the splits' outputs weighted by exp(lse_split - lse_all), in the output dtype."""
+        pid = tl.program_id(0)
+        row, head = pid // KV, pid % KV
+        g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
+        lse_base, part_base = LSE + row * sl_b + head * sl_h, PART + row * sp_b + head * sp_h
+        top = tl.full([G_PAD], float("-inf"), tl.float32)
+        for s in range(0, splits):
+            top = tl.maximum(top, tl.load(lse_base + s * sl_s + g))
+        safe = tl.where(top == float("-inf"), 0.0, top)  # a finished row: every split empty, output 0
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for s in range(0, splits):
+            w = tl.exp(tl.load(lse_base + s * sl_s + g) - safe)
+            total += w
+            acc += w[:, None] * tl.load(part_base + s * sp_s + g[:, None] * sp_g + d[None, :])
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(OUT + row * so_b + head * so_h + g[:, None] * so_g + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(g[:, None] < G) & (d[None, :] < D))
+
+
 def split_count(rows: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Key splits per (row, KV head): enough thread blocks to keep every SM busy with a few rows, none with
     fewer than ``MIN_KEYS_PER_SPLIT`` keys of a full cache."""
@@ -104,9 +127,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, start: Tensor, len
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), *part.stride()[:4], *lse.stride()[:3],
         scale, chunk, KV=kv, G=group, D=hd, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N, num_warps=4, num_stages=2)
-    if splits == 1:
-        out = part[:, :, 0]
-    else:
-        weight = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True)).nan_to_num_(0.0)  # empty rows: all -inf
-        out = (weight[..., None] * part).sum(2)
-    return out[:, :, :group, :hd].to(q.dtype)
+    out = torch.empty(b, kv, group, hd, dtype=q.dtype, device=q.device)
+    _combine[(b * kv,)](part, lse, out, splits, *part.stride()[:4], *lse.stride()[:3], *out.stride()[:3],
+                        KV=kv, G=group, D=hd, G_PAD=g_pad, D_PAD=d_pad, num_warps=4)
+    return out

@@ -30,6 +30,7 @@ from papo.models.logprobs import suppress_mask
 from papo.rollout.decode_attention import available as kernel_available
 from papo.rollout.decode_attention import decode_attention, split_count
 from papo.rollout.keyed_noise import exponential_noise
+from papo.rollout.nucleus import top_p_cutoff
 from papo.rollout.sampling import SamplingParams
 
 
@@ -280,31 +281,3 @@ def race_scores(logits: Tensor, params: SamplingParams, keys: Tensor, column: Te
     if params.top_p < 1.0:
         probs = probs.masked_fill(probs <= top_p_cutoff(probs, params.top_p)[:, None], 0.0)
     return probs / exponential_noise(keys, column, probs.shape[-1])  # the race needs no normalised probs
-
-
-TOP_P_PROBES = 15  # thresholds tried per pass over the vocabulary: each pass narrows the cutoff 16-fold
-TOP_P_PASSES = 8  # bit patterns of floats in [0, 1] span < 2^30, and 16^8 > 2^30: the search ends on the exact cutoff
-
-
-def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
-    """(b, V) probabilities -> (b,) the nucleus cutoff: tokens with p <= cutoff are dropped.
-
-    transformers' TopPLogitsWarper drops the longest run of least likely tokens whose mass is at most 1 - top_p.
-    The same set is {p <= t} for the largest t with mass(p <= t) <= 1 - top_p (up to the order it picks inside a
-    run of exactly equal probabilities), and t is found by searching the floats' bit patterns (non-negative
-    floats order like their int32 bits): each pass over the vocabulary sums the mass below 15 thresholds at once,
-    8 passes in all, no sort and no cumsum. The reasons: Inductor cannot generate the sorted cumsum over a
-    151,936-token vocabulary, these passes compile into the engine's decode step like the rest of the sampling
-    head, and with many rows the step is bound by how often it reads the (rows, vocabulary) probabilities."""
-    budget, k = 1.0 - top_p, TOP_P_PROBES + 1
-    lo = torch.zeros(probs.shape[0], dtype=torch.int64, device=probs.device)  # mass(p <= 0) = 0 <= budget
-    hi = probs.amax(-1).view(torch.int32).long()  # mass(p <= max) = 1 > budget
-    j = torch.arange(1, k, device=probs.device)
-    for _ in range(TOP_P_PASSES):
-        probes = lo[:, None] + (hi - lo)[:, None] * j // k  # (b, 15), ascending, in [lo, hi)
-        below = probes.int().view(torch.float32)
-        mass = torch.stack([torch.where(probs <= below[:, i, None], probs, 0.0).sum(-1) for i in range(TOP_P_PROBES)], -1)
-        fits = (mass <= budget).sum(-1)  # mass grows with the threshold: the probes that fit come first
-        lo = torch.where(fits > 0, probes.gather(1, (fits - 1).clamp(min=0)[:, None])[:, 0], lo)
-        hi = torch.where(fits < TOP_P_PROBES, probes.gather(1, fits.clamp(max=TOP_P_PROBES - 1)[:, None])[:, 0], hi)
-    return lo.int().view(torch.float32)
