@@ -39,7 +39,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     data = args.data or f"synthetic:{args.task}"
     cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
-                    eval_k=args.eval_k, device=args.device,
+                    eval_k=args.eval_k, device=args.device, masked_share=args.masked_share,
+                    blank_share=args.blank_share, mask_ratio=args.mask_ratio,
                     save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
     run_sft(cfg)
     return 0
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-k", type=int, default=4, help="sampled responses per held-out sample at T=1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-steps", default="", help="comma-separated steps at which to also write DIR/step-N")
+    p.add_argument("--masked-share", type=float, default=0.0, help="share of samples shown PAPO's masked image")
+    p.add_argument("--blank-share", type=float, default=0.0, help="share of samples shown a black image")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="black-cell probability of the masked images")
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("score", help="score a PAPO-Eval inference JSONL exactly as PAPO-Eval does (avg@k, pass@k)")

@@ -65,3 +65,36 @@ def test_model_export_round_trip(tmp_path, monkeypatch):
     assert processor.tokenizer.chat_template == default.tokenizer.chat_template
     for name in ("config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
         assert (tmp_path / "m" / name).is_file()
+
+
+def test_sft_shows_masked_and_blank_views_in_their_shares():
+    import numpy as np
+    import pytest
+
+    from papo.data.synthetic import make_sample
+    from papo.errors import UserError
+    from papo.training.sft import SFTConfig, image_view, view_images
+
+    cfg = SFTConfig(out="unused", masked_share=0.5, blank_share=0.25)
+    views = [image_view(cfg, p) for p in range(4000)]
+    assert views == [image_view(cfg, p) for p in range(4000)]  # keyed by (seed, position): the same every run
+    shares = {v: views.count(v) / len(views) for v in ("full", "masked", "blank")}
+    assert abs(shares["full"] - 0.25) < 0.03 and abs(shares["masked"] - 0.5) < 0.03 and abs(shares["blank"] - 0.25) < 0.03
+    assert all(v == "full" for v in map(lambda p: image_view(SFTConfig(out="unused"), p), range(200)))
+
+    sample = make_sample("count", "train", 0, 0, size=224)
+    full = np.asarray(sample.load_images(None, None)[0])
+    for view in ("full", "masked", "blank"):
+        image = np.asarray(view_images(cfg, sample, views.index(view))[0])
+        black = (image.reshape(16, 14, 16, 14, 3) == 0).all(axis=(1, 3, 4)).mean()  # 14x14 cells entirely black
+        if view == "full":
+            assert np.array_equal(image, full)
+        elif view == "blank":
+            assert not image.any()
+        else:  # PAPO's mask: about 60% of the cells black, every other pixel untouched
+            assert 0.45 < black < 0.75
+            shown = image.any(-1)
+            assert np.array_equal(image[shown], full[shown])
+    for bad in ({"masked_share": 0.8, "blank_share": 0.3}, {"blank_share": -0.1}, {"mask_ratio": 0.0}):
+        with pytest.raises(UserError):
+            SFTConfig(out="unused", **bad)

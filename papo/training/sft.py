@@ -4,6 +4,12 @@ RL from a random init has nothing to reinforce (a random policy never produces t
 embedded default is first taught the format and some perception by imitation: cross-entropy on the tokens
 of ``<think>seen: ...</think> \\boxed{answer}`` given the image and question. Run it short enough that
 sampled accuracy stays between 0 and 1 on most families, leaving room for RL.
+
+``masked_share`` / ``blank_share``: that share of training samples shows PAPO's masked image (``mask_ratio``
+of 14x14 cells black) or a black image, with the same target text. A model that has never seen a masked image
+answers one with incoherent text, so its KL between full and masked views is large for reasons unrelated to
+perception; trained on such views, it answers from the question and what remains visible, as a model
+pretrained on varied images would (the starting point the paper's KL_prcp figures assume).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from papo.data.loaders import load_samples
+from papo.data.masking import MaskingConfig, blacken, corrupt_images, mask_rng
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import UserError
 from papo.models.inputs import encode_prompts, tokenize_completions
@@ -53,6 +60,9 @@ class SFTConfig:
     log_every: int = 10
     workers: int = int(os.environ.get("PAPO_SFT_WORKERS", -1))  # data-loading processes; -1: one per spare core, up to 8
     save_steps: tuple[int, ...] = ()  # also write DIR/step-N (with a held-out check) at these steps
+    masked_share: float = 0.0  # share of training samples shown PAPO's masked image (same target text)
+    blank_share: float = 0.0  # share shown a black image
+    mask_ratio: float = 0.6  # black-cell probability of those masked images (PAPO's 0.6)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every"):
@@ -60,6 +70,11 @@ class SFTConfig:
                 raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"sft lr must be > 0, got {self.lr}")
+        if min(self.masked_share, self.blank_share) < 0 or self.masked_share + self.blank_share > 1:
+            raise UserError(f"sft masked_share and blank_share must be >= 0 with a sum <= 1, got "
+                            f"{self.masked_share} and {self.blank_share}")
+        if not 0 < self.mask_ratio <= 1:
+            raise UserError(f"sft mask_ratio must be in (0, 1], got {self.mask_ratio}")
 
 
 def _train_samples(cfg: SFTConfig):
@@ -73,19 +88,35 @@ def _train_samples(cfg: SFTConfig):
     return samples
 
 
+def image_view(cfg: SFTConfig, position: int) -> str:
+    """Which view of its image the ``position``-th training sample shows: a draw keyed by (seed, position)."""
+    u = mask_rng(cfg.seed, "sft-view", position).random()
+    return "masked" if u < cfg.masked_share else "blank" if u < cfg.masked_share + cfg.blank_share else "full"
+
+
+def view_images(cfg: SFTConfig, sample, position: int) -> list:
+    images = sample.load_images(None, None)
+    view = image_view(cfg, position)
+    if view == "masked":
+        return corrupt_images(images, MaskingConfig(ratio=cfg.mask_ratio), cfg.seed, sample.id, draw=position)
+    return [blacken(im) for im in images] if view == "blank" else images
+
+
 class _Batches(torch.utils.data.Dataset):
     """Step i's encoded batch, built in DataLoader workers: the image processor is the CPU bottleneck."""
 
-    def __init__(self, samples, processor, batch_size: int, steps: int, eos_id: int, pad_id: int):
-        self.samples, self.processor, self.batch_size, self.steps = samples, processor, batch_size, steps
-        self.eos_id, self.pad_id = eos_id, pad_id
+    def __init__(self, samples, processor, cfg: SFTConfig, eos_id: int, pad_id: int):
+        self.samples, self.processor, self.cfg = samples, processor, cfg
+        self.batch_size, self.steps, self.eos_id, self.pad_id = cfg.batch_size, cfg.steps, eos_id, pad_id
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int):
-        batch = [self.samples[(step * self.batch_size + i) % len(self.samples)] for i in range(self.batch_size)]
-        prompts = encode_prompts(self.processor, [s.formatted_prompt() for s in batch], [s.load_images(None, None) for s in batch])
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        batch = [self.samples[p % len(self.samples)] for p in positions]
+        images = [view_images(self.cfg, s, p) for s, p in zip(batch, positions)]
+        prompts = encode_prompts(self.processor, [s.formatted_prompt() for s in batch], images)
         ids, mask = tokenize_completions(self.processor.tokenizer, [s.meta["solution"] for s in batch], self.eos_id, self.pad_id)
         return prompts, ids, mask
 
@@ -148,7 +179,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn()]
     with (out / "sft_metrics.jsonl").open("w") as log, Progress(*columns, console=console) as progress:
         bar = progress.add_task("sft", total=cfg.steps, loss=float("nan"))
-        batches = _Batches(train, policy.processor, cfg.batch_size, cfg.steps, policy.eos_ids[0], policy.pad_id)
+        batches = _Batches(train, policy.processor, cfg, policy.eos_ids[0], policy.pad_id)
         workers = _workers(cfg.workers)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
