@@ -139,6 +139,8 @@ def main() -> None:
         except Exception as err:  # one system failing must not lose the others' measurements
             traceback.print_exc()
             runs.append({"system": system, "error": f"{type(err).__name__}: {str(err)[:500]}"})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("detail", "logs")}), flush=True)
         write(args, runs, device)
 

@@ -229,7 +229,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         engine = trainer.sampler._engine if trainer.sampler.uses_engine else None
         if engine is not None and engine.last_timing:  # this rank's rollout: prefill, decode, graph captures
             timing = dict(engine.last_timing)
-            if bandwidth:  # how close the decode came to reading only what it must (decode_profile.py)
+            if bandwidth and timing["rows"] == exp.size:  # one generate call made this step's sequences (not DAPO's rounds)
                 timing["decode_bound_s"] = decode_bound_s(exp.prompt_tokens, lengths, *byte_costs(engine), bandwidth)
                 timing["decode_of_bound"] = timing["decode_bound_s"] / timing["decode_s"]
             row["rollout_engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}

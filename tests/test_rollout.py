@@ -223,3 +223,15 @@ def test_policy_with_bf16_compute_samples_from_its_current_weights():
     with torch.no_grad():
         tiny.model.lm_head.weight.mul_(-1.0)  # a different model: greedy tokens must change
     assert not torch.equal(sampler.generate(batch, params).ids, first.ids)
+
+
+def test_right_padded_prompts_are_refused_without_giving_up_compilation(policy):
+    from papo.models.inputs import PromptBatch
+
+    batch = _batch(policy, n=2, text_only=True)  # rows of different lengths: the shorter is left-padded
+    inputs = dict(batch.inputs)
+    inputs["attention_mask"] = inputs["attention_mask"].flip(-1)  # its padding now on the right
+    engine = RolloutEngine(policy.model, policy.suppress_ids, policy.eos_ids, policy.pad_id, compile=True)
+    with pytest.raises(ValueError, match="left-padded"):
+        engine.generate(PromptBatch(inputs, batch.image_keys), SamplingParams(4, greedy=True))
+    assert engine.compile  # a bad batch is not a compiler failure

@@ -26,13 +26,18 @@ BLOCK_N = 64  # keys per tile
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its parallelism
 
 
-def available(device: torch.device) -> bool:
-    """Can ``decode_attention`` run on ``device``? (CUDA with Triton, or Triton's interpreter for tests)"""
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Should decode attention in ``dtype`` on ``device`` use the kernel? On CUDA: 16-bit caches on GPUs with
+    bf16 tensor cores (fp32 stays on SDPA: Triton's fp32 dot products round through TF32). Under Triton's CPU
+    interpreter (tests): always."""
     if triton is None:
         return False
     import os
 
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 if triton is not None:
@@ -117,7 +122,8 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, start: Tensor, len
     b, kv, group, hd = q.shape
     L = keys.shape[2]
     g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(hd))
-    chunk = -(-(-(-L // splits)) // BLOCK_N) * BLOCK_N  # keys per split, whole tiles
+    chunk = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N  # keys per split, whole tiles
+    assert keys.stride(-1) == 1 and values.stride(-1) == 1, "the cache's head dimension must be contiguous"
     part = torch.empty(b, kv, splits, g_pad, d_pad, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, kv, splits, g_pad, dtype=torch.float32, device=q.device)
     if q.stride(-1) != 1:

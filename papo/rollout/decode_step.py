@@ -146,7 +146,7 @@ class DecodeStep:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.vocab = model.lm_head.weight.shape[0]
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.kernel = kernel_available(self.device) if kernel is None else kernel  # decode attention: Triton or SDPA
+        self.kernel = kernel_available(self.device, self.dtype) if kernel is None else kernel  # Triton or SDPA
         self.pad_id = int(pad_id)
         self.suppress = suppress_mask(suppress_ids, self.vocab, self.device)
         self.eos = torch.as_tensor(list(eos_ids) or [-1], device=self.device)

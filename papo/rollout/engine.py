@@ -124,7 +124,8 @@ class RolloutEngine:
                       "continuing with eager decode steps (rollout.compile=false skips the attempt)", RuntimeWarning, stacklevel=3)
         self.release()
         self.compile, self._vision_blocks = False, {}
-        self.step = DecodeStep(self.model, self.suppress_ids, self.eos_ids, self.pad_id, compile=False)
+        # SDPA too: the failure may be the attention kernel's own compilation
+        self.step = DecodeStep(self.model, self.suppress_ids, self.eos_ids, self.pad_id, compile=False, kernel=False)
 
     def release(self) -> None:
         """Free the KV cache and the captured graphs (training needs the memory between rollouts)."""
@@ -192,6 +193,7 @@ class RolloutEngine:
         ``max_new_tokens``: optional per-output-row limits (N,), each at most ``params.max_new_tokens``.
         ``keys``: (N,) sampling-noise keys per output row (``papo.rollout.keyed_noise``; default: random)."""
         keys = random_keys(batch.size * n) if keys is None else keys
+        _check_left_padded(batch.inputs["attention_mask"])  # a bad batch, not a compiler failure
         was_training = self.model.training
         self.model.eval()
         try:
@@ -215,7 +217,6 @@ class RolloutEngine:
         if self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
             self._graphs = {}  # captured graphs bake in the sampling settings
         self._graph_key = (params.greedy, params.temperature, params.top_p, params.top_k)
-        _check_left_padded(batch.inputs["attention_mask"])
         buf.done.zero_()
         buf.out.fill_(self.pad_id)
         buf.out_logp.zero_()
@@ -237,9 +238,6 @@ class RolloutEngine:
         self._captures = [0, 0.0]
         while steps < T:
             if steps % CHECK_EVERY == 1 or CHECK_EVERY == 1:
-                if self.record_windows and self.device.type == "cuda":
-                    windows.append((steps, active, torch.cuda.Event(enable_timing=True)))
-                    windows[-1][2].record()
                 running = int((~buf.done[:active]).sum())
                 if running == 0:
                     break
@@ -247,13 +245,16 @@ class RolloutEngine:
                 if bucket <= active // 2:
                     self._compact(active, bucket)
                     active = bucket
+                if self.record_windows and self.device.type == "cuda":
+                    windows.append((steps, active, torch.cuda.Event(enable_timing=True)))
+                    windows[-1][2].record()
             buf.step.fill_(steps - 1)
             cache_len = buf.keys[0].shape[2]  # the kernel reads each row's own length: one graph per bucket
             span = cache_len if self.step.kernel else min(cache_len, -(-(P + steps) // SPAN_BLOCK) * SPAN_BLOCK)
             self._run(active, params, span)
             steps += 1
         completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)  # .cpu() waits for the GPU
-        self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1,
+        self.last_timing = {"rows": N, "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1,
                             "captures": self._captures[0], "capture_s": self._captures[1]}
         if windows:
             end = torch.cuda.Event(enable_timing=True)
@@ -261,7 +262,8 @@ class RolloutEngine:
             end.synchronize()
             marks = [*windows, (steps, 0, end)]
             # (first step, steps, active rows, milliseconds): graph captures fall inside the windows they happen in
-            self.last_timing["windows"] = [(s, e - s, rows, ev.elapsed_time(nxt)) for (s, rows, ev), (e, _, nxt) in zip(marks, marks[1:])]
+            self.last_timing["windows"] = [(s, e - s, rows, ev.elapsed_time(nxt))
+                                           for (s, rows, ev), (e, _, nxt) in zip(marks, marks[1:]) if e > s]
         within = torch.arange(steps)[None] < lim[:, None]  # per-row limits end rows without an EOS
         completions.finished &= (completions.mask.bool() & within).sum(-1) == completions.lengths
         completions.mask &= within.long()

@@ -70,7 +70,7 @@ class SFTConfig:
                 raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"sft lr must be > 0, got {self.lr}")
-        if min(self.masked_share, self.blank_share) < 0 or self.masked_share + self.blank_share > 1:
+        if not (self.masked_share >= 0 and self.blank_share >= 0 and self.masked_share + self.blank_share <= 1):  # NaN too
             raise UserError(f"sft masked_share and blank_share must be >= 0 with a sum <= 1, got "
                             f"{self.masked_share} and {self.blank_share}")
         if not 0 < self.mask_ratio <= 1:
