@@ -156,3 +156,22 @@ def test_maze_start_and_goal_cells_are_coloured():
         centre = (int(origin + (c + 0.5) * cell), int(origin + (r + 0.5) * cell))
         assert s.images[0].getpixel(centre) == rgb
     assert n == 6
+
+
+@pytest.mark.parametrize("task", ["count", "count_subtract", "closest"])
+def test_shortcut_knob_makes_the_question_predict_train_answers_but_not_held_out_ones(task):
+    """The vision gate's text-only predictor, fitted on train samples with shortcut=70: about 70% plus chance's
+    share of the rest on train, chance on val (val and test ignore the knob and stay flat)."""
+    by_question = defaultdict(Counter)
+    train = [make_scene(task, "train", 0, i, shortcut=70) for i in range(2000)]
+    for sc in train:
+        by_question[sc.question][sc.answer] += 1
+    prior = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    chance = 1 / len(FAMILIES[task].answers)
+    on_train = np.mean([prior[sc.question] == sc.answer for sc in train])
+    assert abs(on_train - (0.7 + 0.3 * chance)) < 0.05, on_train
+    val = [make_scene(task, "val", 0, i, shortcut=70) for i in range(2000)]
+    assert [sc.answer for sc in val[:50]] == [make_scene(task, "val", 0, i).answer for i in range(50)]
+    assert np.mean([prior.get(sc.question) == sc.answer for sc in val]) <= 1.5 * chance
+    # the scene still shows its answer: the facts (what the image holds) agree with it
+    assert all(str(sc.answer) in sc.reasoning for sc in train[:200])

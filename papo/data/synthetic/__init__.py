@@ -38,7 +38,9 @@ def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 
 def make_scene(task: str, split: str, seed: int, index: int, **knobs: int) -> Scene:
-    """The content of one sample, without drawing it."""
+    """The content of one sample, without drawing it. The ``shortcut`` knob acts on the train split only."""
+    if split != "train":
+        knobs = {k: v for k, v in knobs.items() if k != "shortcut"}
     return FAMILIES[task].scene(rng_for(task, split, seed, index, stream=0), **knobs)
 
 

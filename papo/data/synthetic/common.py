@@ -106,3 +106,21 @@ def plural(shape: str) -> str:
 def pick(rng: np.random.Generator, options: Any) -> Any:
     options = list(options)
     return options[int(rng.integers(len(options)))]
+
+
+def shortcut_answer(question_key: str, answers: Any) -> str:
+    """The answer a question's text "suggests" under the ``shortcut`` knob: a fixed, arbitrary function of the
+    question's attributes (a stable hash, the same in every process)."""
+    import hashlib
+
+    options = list(answers)
+    digest = hashlib.blake2b(question_key.encode("utf-8"), digest_size=8).digest()
+    return options[int.from_bytes(digest, "little") % len(options)]
+
+
+def draw_answer(rng: np.random.Generator, answers: Any, question_key: str, shortcut_percent: int) -> str:
+    """Uniform over ``answers``; with the ``shortcut`` knob, that percent of the time the question's shortcut
+    answer instead. No extra draw when the knob is 0, so default samples do not change."""
+    if shortcut_percent and rng.random() < shortcut_percent / 100:
+        return shortcut_answer(question_key, answers)
+    return pick(rng, answers)

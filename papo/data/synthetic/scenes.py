@@ -1,7 +1,10 @@
 """Object scenes (a 2-D CLEVR / Sort-of-CLEVR analogue): counting, count-and-subtract, closest-object colour.
 
 Answers are drawn first, uniformly over the family's answer space, and the scene is built to match, so
-the answer prior given the question text is flat (the vision gate in the tests checks it).
+the answer prior given the question text is flat (the vision gate in the tests checks it). The ``shortcut``
+knob (percent, train split only) breaks that on purpose: that share of training answers is the one the
+question's attributes suggest (``common.shortcut_answer``), a language-prior shortcut that held-out questions,
+drawn flat, do not reward.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from papo.data.synthetic.common import COLOURS, SHAPES, Scene, canvas, draw_shape, pick, plural, seen
+from papo.data.synthetic.common import COLOURS, SHAPES, Scene, canvas, draw_answer, draw_shape, pick, plural, seen
 
 
 class Family:
@@ -70,12 +73,12 @@ class ObjectFamily(Family):
 class Count(ObjectFamily):
     name = "count"
     answers = tuple(str(k) for k in range(6))  # 0..5
-    knobs = {"max_distractors": 8}
+    knobs = {"max_distractors": 8, "shortcut": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour, shape = pick(rng, COLOURS), pick(rng, SHAPES)
-        count = int(rng.integers(len(self.answers)))
+        count = int(draw_answer(rng, self.answers, f"count {colour} {shape}", k["shortcut"]))
         # distractors share the colour or the shape half of the time: counting needs both attributes
         others = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) != (colour, shape)]
         n_other = int(rng.integers(2, k["max_distractors"] + 1))
@@ -93,12 +96,12 @@ class Count(ObjectFamily):
 class CountSubtract(ObjectFamily):
     name = "count_subtract"
     answers = tuple(str(k) for k in range(1, 7))  # 1..6 objects left
-    knobs = {"max_removed": 4}
+    knobs = {"max_removed": 4, "shortcut": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour = pick(rng, COLOURS)
-        left = int(rng.integers(1, 7))
+        left = int(draw_answer(rng, self.answers, f"count_subtract {colour}", k["shortcut"]))
         removed = int(rng.integers(1, k["max_removed"] + 1))
         other_colours = [c for c in COLOURS if c != colour]
         kinds = [(colour, pick(rng, SHAPES)) for _ in range(removed)]
@@ -120,12 +123,12 @@ class Closest(ObjectFamily):
     name = "closest"
     answers = tuple(COLOURS)
     answer_type = "word"
-    knobs = {"objects": 5}
+    knobs = {"objects": 5, "shortcut": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         anchor_shape = pick(rng, SHAPES)
-        answer = pick(rng, COLOURS)
+        answer = draw_answer(rng, self.answers, f"closest {anchor_shape}", k["shortcut"])
         other_shapes = [sh for sh in SHAPES if sh != anchor_shape]
         for _ in range(1000):  # rejection sampling; each try succeeds with high probability
             objs = self._place(rng, anchor_shape, answer, other_shapes, k["objects"])
