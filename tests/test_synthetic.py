@@ -175,3 +175,16 @@ def test_shortcut_knob_makes_the_question_predict_train_answers_but_not_held_out
     assert np.mean([prior.get(sc.question) == sc.answer for sc in val]) <= 1.5 * chance
     # the scene still shows its answer: the facts (what the image holds) agree with it
     assert all(str(sc.answer) in sc.reasoning for sc in train[:200])
+
+
+@pytest.mark.parametrize("task", ["count", "count_subtract", "closest"])
+def test_explain_knob_writes_the_reasoning_out_after_the_same_facts(task):
+    from papo.evaluation.analysis import stated_facts
+
+    for i in range(20):
+        terse, long = make_scene(task, "train", 0, i), make_scene(task, "train", 0, i, explain=1)
+        assert (terse.question, terse.answer, terse.facts) == (long.question, long.answer, long.facts)
+        facts = terse.reasoning.split(".")[0]
+        assert long.reasoning.startswith(facts + ".") and long.reasoning.endswith(f"The answer is {terse.answer}.")
+        assert len(long.reasoning) > 2 * len(terse.reasoning)  # most of the trace is now reasoning
+        assert stated_facts(long.solution) == stated_facts(terse.solution)  # error analysis reads the same facts

@@ -4,7 +4,8 @@ Answers are drawn first, uniformly over the family's answer space, and the scene
 the answer prior given the question text is flat (the vision gate in the tests checks it). The ``shortcut``
 knob (percent, train split only) breaks that on purpose: that share of training answers is the one the
 question's attributes suggest (``common.shortcut_answer``), a language-prior shortcut that held-out questions,
-drawn flat, do not reward.
+drawn flat, do not reward. ``explain=1`` writes the reasoning trace out in words after the ``seen:`` facts, so
+that most of a response's tokens are reasoning rather than read off the image.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ObjectFamily(Family):
 class Count(ObjectFamily):
     name = "count"
     answers = tuple(str(k) for k in range(6))  # 0..5
-    knobs = {"max_distractors": 8, "shortcut": 0}
+    knobs = {"max_distractors": 8, "shortcut": 0, "explain": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
@@ -87,16 +88,21 @@ class Count(ObjectFamily):
         return Scene(
             question=f"How many {colour} {plural(shape)} are there in the image?",
             answer=str(count), answer_type="int", facts=facts,
-            reasoning=f"{seen(facts)} The answer is {count}.",
+            reasoning=f"{seen(facts)} {self._explained(colour, shape, count) if k['explain'] else ''}The answer is {count}.",
             layout={"objects": _objects(rng, kinds)},
         )
 
+    @staticmethod
+    def _explained(colour: str, shape: str, count: int) -> str:
+        tally = ", ".join(str(i) for i in range(1, count + 1)) or "none"
+        return (f"Only {colour} {plural(shape)} count: an object of another colour or another shape is a distractor. "
+                f"Counting the {colour} {plural(shape)} one by one: {tally}. ")
 
 
 class CountSubtract(ObjectFamily):
     name = "count_subtract"
     answers = tuple(str(k) for k in range(1, 7))  # 1..6 objects left
-    knobs = {"max_removed": 4, "shortcut": 0}
+    knobs = {"max_removed": 4, "shortcut": 0, "explain": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
@@ -111,7 +117,9 @@ class CountSubtract(ObjectFamily):
         return Scene(
             question=f"Remove all {colour} objects. How many objects are left?",
             answer=str(left), answer_type="int", facts=facts,
-            reasoning=f"{seen(facts)} {total}-{removed}={left}.",
+            reasoning=(f"{seen(facts)} Removing every {colour} object leaves the objects of the other colours, so the "
+                       f"count left is the total minus the {colour} ones: {total}-{removed}={left}. Check: "
+                       f"{left}+{removed}={total}. The answer is {left}." if k["explain"] else f"{seen(facts)} {total}-{removed}={left}."),
             layout={"objects": _objects(rng, kinds)},
         )
 
@@ -123,7 +131,7 @@ class Closest(ObjectFamily):
     name = "closest"
     answers = tuple(COLOURS)
     answer_type = "word"
-    knobs = {"objects": 5, "shortcut": 0}
+    knobs = {"objects": 5, "shortcut": 0, "explain": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
@@ -141,7 +149,10 @@ class Closest(ObjectFamily):
         return Scene(
             question=f"What colour is the object closest to the {anchor_shape}?",
             answer=answer, answer_type="word", facts=facts,
-            reasoning=f"{seen(facts)} The answer is {answer}.",
+            reasoning=(f"{seen(facts)} The {anchor_shape} is the anchor, and every other object is further from it than "
+                       f"the {target['colour']} {target['shape']}, so the nearest object is the {target['colour']} "
+                       f"{target['shape']}, and its colour is the answer. The answer is {answer}." if k["explain"]
+                       else f"{seen(facts)} The answer is {answer}."),
             layout={"objects": objs}, vocabulary=tuple(COLOURS),
         )
 
