@@ -17,6 +17,14 @@ tokens, as verl and EasyR1 count them (TRL's ``num_tokens``). ``--papo-before`` 
 result measured at an earlier papo commit with the same arguments.
 
 TRL is not a papo dependency: install it (and accelerate) to run this benchmark.
+
+papo-before is papo at e63abb4, the commit before the throughput work, on the same model directory:
+
+    mkdir .before && git archive e63abb4 | tar -x -C .before          # .before/ is git-ignored
+    sed -i 's/load_config("papo_g"/load_config("grpo"/' .before/benchmarks/train_step.py   # its driver ran PAPO-G only
+    python benchmarks/train_step.py --runs 3b:default --steps 1 --prompts 2 --out /tmp/x.json   # writes the model
+    touch /tmp/papo-bench-models/qwen2.5-vl-3b/.complete              # the old driver's marker: it must not rewrite it
+    (cd .before && PYTHONPATH=$PWD python benchmarks/train_step.py --runs 3b:default --prompts 32 --steps 2 --out /tmp/before.json)
 """
 
 from __future__ import annotations
