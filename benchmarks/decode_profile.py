@@ -34,7 +34,7 @@ SMOKE = ["rollout.n=2", "rollout.max_new_tokens=24", "trainer.micro_batch_size=2
 
 
 def rollouts(trainer, engine, prompts: int, count: int, bandwidth: float) -> list[dict]:
-    weights, per_token = byte_costs(engine)
+    weights, per_token = byte_costs(engine.model)
     engine.record_windows = True
     out = []
     for i in range(count):
@@ -65,7 +65,7 @@ def rollouts(trainer, engine, prompts: int, count: int, bandwidth: float) -> lis
 
 def replayed_steps(engine, params, shapes: list[tuple[int, int]], bandwidth: float, reps: int = 20) -> list[dict]:
     """One decode step at fixed (rows, span), captured and replayed ``reps`` times."""
-    weights, per_token = byte_costs(engine)
+    weights, per_token = byte_costs(engine.model)
     rows_max, span_max = max(b for b, _ in shapes), max(s for _, s in shapes)
     engine._allocate(rows_max, max(span_max, 2432), 8)  # the training cache: 2,048 new tokens after a 384-slot prompt
     buf = engine._buf

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from architectures import qwen25_vl_config
 from PIL import Image
+from train_step import byte_costs, copy_bandwidth
 
 from papo.models.attention import use_packed_vision_attention
 from papo.models.inputs import encode_prompts
@@ -46,25 +47,9 @@ def build(name: str, device: str = "cuda"):
     return model, processor, side
 
 
-def copy_bandwidth() -> float:
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # read + write bytes per second
-
-
 def decode_bytes(model, rows: int, prompt_len: int, new_tokens: int) -> float:
-    text = model.model.language_model
-    weights = sum(p.numel() * p.element_size() for p in text.layers.parameters()) + model.lm_head.weight.numel() * 2
-    cfg = model.config.get_text_config()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * rows * (prompt_len + new_tokens / 2)
-    return weights + kv
+    weights, per_token = byte_costs(model)
+    return weights + per_token * rows * (prompt_len + new_tokens / 2)
 
 
 def timed(fn):

@@ -124,12 +124,13 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) * 10 / seconds
 
 
-def byte_costs(engine) -> tuple[float, float]:
-    """(bytes of weights one decode step reads, KV-cache bytes per cached token)."""
-    model, step = engine.model, engine.step
-    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
+def byte_costs(model) -> tuple[float, float]:
+    """(bytes of weights one decode step of ``model`` reads, KV-cache bytes per cached token), in its dtype."""
+    text, cfg = model.model.language_model, model.config.get_text_config()
+    weights = sum(p.numel() * p.element_size() for p in text.layers.parameters())
     weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    per_token = 2 * len(model.model.language_model.layers) * step.kv_heads * step.head_dim * step.dtype.itemsize
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * len(text.layers) * cfg.num_key_value_heads * head_dim * model.lm_head.weight.element_size()
     return weights, per_token
 
 
@@ -230,7 +231,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         if engine is not None and engine.last_timing:  # this rank's rollout: prefill, decode, graph captures
             timing = dict(engine.last_timing)
             if bandwidth and timing["rows"] == exp.size:  # one generate call made this step's sequences (not DAPO's rounds)
-                timing["decode_bound_s"] = decode_bound_s(exp.prompt_tokens, lengths, *byte_costs(engine), bandwidth)
+                timing["decode_bound_s"] = decode_bound_s(exp.prompt_tokens, lengths, *byte_costs(engine.model), bandwidth)
                 timing["decode_of_bound"] = timing["decode_bound_s"] / timing["decode_s"]
             row["rollout_engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
         row["sequences"] = int(ctx.sum(exp.size)[0])
