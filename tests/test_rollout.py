@@ -211,6 +211,25 @@ def test_engine_in_another_dtype_keeps_its_own_weights_and_follows_updates():
     assert not same.owns_weights and same.model is tiny.model
 
 
+def test_engine_own_weights_decode_through_their_stacked_views_after_updates():
+    """The engine's own q/k/v and gate/up parameters are views into the stacked GEMM weights: loading an update
+    into them changes what the decode step reads, with no copy to refresh."""
+    tiny = tiny_policy()
+    _, prompts, images = mixed_batch(tiny)
+    batch, params = tiny.encode(prompts, images), SamplingParams(8, greedy=True)
+    owned = RolloutEngine(tiny.model, tiny.suppress_ids, tiny.eos_ids, tiny.pad_id, own_weights=True)
+    live = RolloutEngine(tiny.model, tiny.suppress_ids, tiny.eos_ids, tiny.pad_id)
+    first, _ = owned.generate(batch, params)
+    assert torch.equal(first.ids, live.generate(batch, params)[0].ids)
+    with torch.no_grad():
+        for layer in tiny.model.model.language_model.layers:
+            layer.mlp.up_proj.weight.mul_(-3.0)
+            layer.self_attn.v_proj.weight.mul_(2.0)
+    owned.load_weights(tiny.model.named_parameters())
+    got, expected = owned.generate(batch, params)[0], live.generate(batch, params)[0]
+    assert torch.equal(got.ids, expected.ids) and not torch.equal(got.ids, first.ids)
+
+
 def test_policy_with_bf16_compute_samples_from_its_current_weights():
     tiny = tiny_policy()
     tiny.precision = type(tiny.precision)(torch.float32, torch.bfloat16)

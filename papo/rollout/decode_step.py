@@ -8,7 +8,9 @@ transformers' own 3-D rope tables, and in decoding, with text-only inputs, Qwen'
 
 A graph-captured step is bound by its kernels, not by launches, so the step does less work rather than fewer
 launches (measurements: docs/rollout.md):
-* q, k and v come from one GEMM over weights stacked once per rollout;
+* q, k and v come from one GEMM, and so do the MLP's gate and up projections, over stacked weights
+  (``StackedWeights``: the engine's own weights are views into them; live training weights are copied in once
+  per rollout);
 * grouped-query attention runs without expanding the cache: the query heads that share a KV head are read
   together. On CUDA, ``papo.rollout.decode_attention`` (Triton) splits the keys across the GPU, skips finished
   rows and reads each row's length on the device, so one captured step serves a whole rollout; elsewhere, one
@@ -52,24 +54,77 @@ class DecodeBuffers:
     out: Tensor  # (N, T) sampled tokens per output row
     out_logp: Tensor  # (N, T) their log-probs under the sampling temperature (no top-k/top-p truncation)
     noise_keys: Tensor  # (N,) int64: each output row's sampling-noise key (papo.rollout.keyed_noise)
-    qkv_weight: list[Tensor]  # per layer (q + 2 kv, H): q_proj, k_proj and v_proj stacked, refreshed per rollout
-    qkv_bias: list[Tensor | None]
 
     def state(self) -> tuple[Tensor, ...]:
         """What one step changes besides the KV slot it writes (a replay rewrites that slot identically)."""
         return (self.step, self.tokens, self.positions, self.done, self.out, self.out_logp)
 
 
+class StackedWeights(NamedTuple):
+    """A decoder layer's projections that read the same input, stacked so each pair or triple is one GEMM."""
+
+    qkv: Tensor  # (q + 2 kv, H): q_proj, k_proj, v_proj
+    qkv_bias: Tensor | None
+    gate_up: Tensor  # (2 I, H): gate_proj, up_proj
+
+
 class LayerWeights(NamedTuple):
-    """A decoder layer's weights the step reads directly (q/k/v come stacked from ``DecodeBuffers``)."""
+    """A decoder layer's weights as the step reads them."""
 
     input_norm: Tensor
+    stacked: StackedWeights
     o: Tensor
     o_bias: Tensor | None
     post_norm: Tensor
-    gate: Tensor
-    up: Tensor
     down: Tensor
+
+
+_STACKS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")), ("gate_up", "mlp", ("gate_proj", "up_proj")))
+
+
+def _empty_stack(layer: Any) -> StackedWeights:
+    def empty(parent: Any, names: tuple[str, ...], part: str) -> Tensor | None:
+        tensors = [getattr(getattr(parent, n), part) for n in names]
+        if tensors[0] is None:
+            return None
+        return torch.empty(sum(t.shape[0] for t in tensors), *tensors[0].shape[1:], dtype=tensors[0].dtype,
+                           device=tensors[0].device)
+
+    attn, mlp = layer.self_attn, layer.mlp
+    return StackedWeights(empty(attn, _STACKS[0][2], "weight"), empty(attn, _STACKS[0][2], "bias"),
+                          empty(mlp, _STACKS[1][2], "weight"))
+
+
+@torch.no_grad()
+def _copy_into(stacked: StackedWeights, layer: Any) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=stacked.qkv)
+    if stacked.qkv_bias is not None:
+        torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=stacked.qkv_bias)
+    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=stacked.gate_up)
+
+
+@torch.no_grad()
+def stack_projections(model: Any) -> list[StackedWeights]:
+    """Rewire a model the engine owns so that each layer's q/k/v and gate/up parameters are views into one
+    stacked tensor each: loading weights into the parameters fills the stacks, and no second copy exists."""
+    out = []
+    for layer in model.model.language_model.layers:
+        stacked = _empty_stack(layer)
+        _copy_into(stacked, layer)
+        for field, parent_name, names in _STACKS:
+            parent = getattr(layer, parent_name)
+            for part, whole in (("weight", getattr(stacked, field)), ("bias", getattr(stacked, field + "_bias", None))):
+                if whole is None:
+                    continue
+                offset = 0
+                for name in names:
+                    module = getattr(parent, name)
+                    rows = getattr(module, part).shape[0]
+                    setattr(module, part, torch.nn.Parameter(whole[offset:offset + rows], requires_grad=False))
+                    offset += rows
+        out.append(stacked)
+    return out
 
 
 def _rms_norm(weight: Tensor, eps: float, x: Tensor) -> Tensor:
@@ -82,13 +137,13 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, torch.cat((-b, a), dim=-1), sin)
 
 
-def decode_qkv(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor | None, keys: Tensor, values: Tensor,
-               cos: Tensor, sin: Tensor, slot: Tensor, shape: tuple) -> Tensor:
+def decode_qkv(h: Tensor, w: LayerWeights, keys: Tensor, values: Tensor, cos: Tensor, sin: Tensor, slot: Tensor,
+               shape: tuple) -> Tensor:
     """A decoder layer up to attention, for one new token per row: h (b, 1, H) -> queries (b, kv_heads, group, hd);
     writes the token's key and value into cache ``slot`` of keys/values (b, kv_heads, L, hd). cos/sin (b, 1, 1, hd)."""
     heads, kv_heads, head_dim, eps, _ = shape
     b, q_size, kv_size = h.shape[0], heads * head_dim, kv_heads * head_dim
-    qkv = F.linear(_rms_norm(w.input_norm, eps, h), qkv_weight, qkv_bias)  # (b, 1, q + 2 kv)
+    qkv = F.linear(_rms_norm(w.input_norm, eps, h), w.stacked.qkv, w.stacked.qkv_bias)  # (b, 1, q + 2 kv)
     # queries and keys rotated together: one set of rope kernels per layer
     qk = _rope(qkv[..., : q_size + kv_size].view(b, heads + kv_heads, 1, head_dim), cos, sin)
     keys.index_copy_(2, slot, qk[:, heads:])
@@ -100,25 +155,28 @@ def decode_qkv(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor 
 def decode_rest(h: Tensor, o: Tensor, w: LayerWeights, eps: float) -> Tensor:
     """The layer after attention: h (b, 1, H), attention output o (b, kv_heads, group, hd) -> (b, 1, H)."""
     h = h + F.linear(o.reshape(h.shape[0], 1, -1), w.o, w.o_bias)
-    x = _rms_norm(w.post_norm, eps, h)
-    return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+    return h + _mlp(_rms_norm(w.post_norm, eps, h), w)
 
 
-def prefill_layer(h: Tensor, w: LayerWeights, qkv_weight: Tensor, qkv_bias: Tensor | None, cos: Tensor, sin: Tensor,
-                  attend: Tensor, shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
+def _mlp(x: Tensor, w: LayerWeights) -> Tensor:
+    gate, up = F.linear(x, w.stacked.gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w.down)
+
+
+def prefill_layer(h: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, attend: Tensor,
+                  shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer over whole prompts: h (m, P, H) -> (h, keys, values), keys/values (m, kv_heads, P, hd)
     after rope, for the cache. cos/sin (m, 1, P, hd): Qwen's 3-D rope tables; attend (m, 1, P, P) bool."""
     heads, kv_heads, head_dim, eps, scaling = shape
     (m, P, _), q_size, kv_size = h.shape, heads * head_dim, kv_heads * head_dim
-    qkv = F.linear(_rms_norm(w.input_norm, eps, h), qkv_weight, qkv_bias)  # (m, P, q + 2 kv)
+    qkv = F.linear(_rms_norm(w.input_norm, eps, h), w.stacked.qkv, w.stacked.qkv_bias)  # (m, P, q + 2 kv)
     qk = _rope(qkv[..., : q_size + kv_size].view(m, P, heads + kv_heads, head_dim).transpose(1, 2), cos, sin)
     q, k = qk[:, :heads], qk[:, heads:]  # (m, heads, P, hd), (m, kv_heads, P, hd)
     v = qkv[..., q_size + kv_size :].view(m, P, kv_heads, head_dim).transpose(1, 2)
     group = heads // kv_heads
     o = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=attend, scale=scaling)
     h = h + F.linear(o.transpose(1, 2).reshape(m, P, q_size), w.o, w.o_bias)
-    x = _rms_norm(w.post_norm, eps, h)
-    return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down), k, v
+    return h + _mlp(_rms_norm(w.post_norm, eps, h), w), k, v
 
 
 def logits_of(h: Tensor, norm: Tensor, eps: float, lm_head: Tensor) -> Tensor:
@@ -136,10 +194,12 @@ class DecodeStep:
     """``step(b, params, span)``: one token for cache rows [0, b); ``prefill``: whole prompts into the cache.
     ``compile``: torch.compile the decode step's parts around attention and its head once per batch-size bucket
     (static shapes: dynamic ones measured slower than no compilation), and the prefill layer with dynamic shapes.
-    ``kernel``: decode attention through ``papo.rollout.decode_attention`` (None: where it can run)."""
+    ``kernel``: decode attention through ``papo.rollout.decode_attention`` (None: where it can run).
+    ``stacked``: the model's projections already stacked (``stack_projections``, on weights the engine owns);
+    None: stacked copies of the live weights are made for each rollout (``allocate``)."""
 
     def __init__(self, model: Any, suppress_ids: list[int], eos_ids: list[int], pad_id: int, compile: bool = False,
-                 kernel: bool | None = None) -> None:
+                 kernel: bool | None = None, stacked: list[StackedWeights] | None = None) -> None:
         self.model, self.text = model, model.model.language_model
         cfg = model.config.get_text_config()
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -153,9 +213,8 @@ class DecodeStep:
         rotary = self.text.rotary_emb
         self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
         layers = self.text.layers
-        self.weights = [LayerWeights(l.input_layernorm.weight, l.self_attn.o_proj.weight, l.self_attn.o_proj.bias,
-                                     l.post_attention_layernorm.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight,
-                                     l.mlp.down_proj.weight) for l in layers]
+        self.views = stacked is not None
+        self.weights = self._layer_weights(stacked) if stacked is not None else []
         self.shape = (self.heads, self.kv_heads, self.head_dim, float(layers[0].input_layernorm.variance_epsilon),
                       float(layers[0].self_attn.scaling))
         self.final_norm = (self.text.norm.weight, float(self.text.norm.variance_epsilon))
@@ -167,17 +226,14 @@ class DecodeStep:
         self.prefill_fn = torch.compile(prefill_layer, dynamic=True) if compile else prefill_layer  # prompt shapes vary
         self.buf: DecodeBuffers | None = None
 
+    def _layer_weights(self, stacked: list[StackedWeights]) -> list[LayerWeights]:
+        return [LayerWeights(l.input_layernorm.weight, st, l.self_attn.o_proj.weight, l.self_attn.o_proj.bias,
+                             l.post_attention_layernorm.weight, l.mlp.down_proj.weight)
+                for l, st in zip(self.text.layers, stacked)]
+
     def allocate(self, rows: int, cache_len: int, new_tokens: int) -> DecodeBuffers:
         kv = (rows, self.kv_heads, cache_len, self.head_dim)
         dev, layers = self.device, self.text.layers
-
-        def stacked(attn: Any) -> tuple[Tensor, Tensor | None]:  # filled by refresh_weights
-            parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-            out = sum(p.weight.shape[0] for p in parts)
-            bias = None if attn.q_proj.bias is None else torch.empty(out, dtype=attn.q_proj.bias.dtype, device=dev)
-            return torch.empty(out, attn.q_proj.weight.shape[1], dtype=attn.q_proj.weight.dtype, device=dev), bias
-
-        qkv = [stacked(layer.self_attn) for layer in layers]
         self.buf = DecodeBuffers(
             keys=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
             values=[torch.zeros(kv, dtype=self.dtype, device=dev) for _ in layers],
@@ -189,19 +245,24 @@ class DecodeStep:
             out=torch.zeros(rows, new_tokens, dtype=torch.long, device=dev),
             out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
             noise_keys=torch.zeros(rows, dtype=torch.long, device=dev),
-            qkv_weight=[w for w, _ in qkv], qkv_bias=[b for _, b in qkv],
         )
+        if not self.views:  # copies of the live weights, for this rollout only (training needs the memory)
+            self.weights = self._layer_weights([_empty_stack(layer) for layer in layers])
         self.refresh_weights()
         return self.buf
 
+    def release(self) -> None:
+        self.buf = None
+        if not self.views:
+            self.weights = []
+
     @torch.no_grad()
     def refresh_weights(self) -> None:
-        """Copy the live q/k/v weights into the stacked ones (training changes them between rollouts)."""
-        for layer, w, b in zip(self.text.layers, self.buf.qkv_weight, self.buf.qkv_bias):
-            attn = layer.self_attn
-            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=w)
-            if b is not None:
-                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=b)
+        """Copy the live weights into the stacked copies (training changes them between rollouts); views of the
+        engine's own weights are current already."""
+        if not self.views:
+            for layer, w in zip(self.text.layers, self.weights):
+                _copy_into(w.stacked, layer)
 
     def __call__(self, b: int, params: SamplingParams, span: int) -> None:
         """One token for rows [0, b). ``span``: the SDPA path attends over cache slots [0, span), no more than its
@@ -222,7 +283,7 @@ class DecodeStep:
             bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))[:, None, None]
         for i, weights in enumerate(self.weights):
             keys, values = buf.keys[i][:b], buf.values[i][:b]
-            q = self.qkv_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], keys, values, cos, sin, slot, self.shape)
+            q = self.qkv_fn(h, weights, keys, values, cos, sin, slot, self.shape)
             if self.kernel:
                 o = decode_attention(q, keys, values, start, length, self.scaling, splits)
             else:
@@ -249,7 +310,7 @@ class DecodeStep:
         attend = (causal & (mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=embeds.device)))[:, None]
         h = embeds
         for i, weights in enumerate(self.weights):
-            h, k, v = self.prefill_fn(h, weights, buf.qkv_weight[i], buf.qkv_bias[i], cos, sin, attend, self.shape)
+            h, k, v = self.prefill_fn(h, weights, cos, sin, attend, self.shape)
             buf.keys[i][rows, :, :P] = k if n == 1 else k.repeat_interleave(n, 0)
             buf.values[i][rows, :, :P] = v if n == 1 else v.repeat_interleave(n, 0)
         return logits_of(h[:, -1:], *self.final_norm, self.model.lm_head.weight)

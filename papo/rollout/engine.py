@@ -35,7 +35,7 @@ from papo.models.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION
 from papo.models.inputs import PromptBatch
 from papo.models.loading import plain_class
 from papo.models.mrope import VisionInputs, rope_index
-from papo.rollout.decode_step import DecodeBuffers, DecodeStep
+from papo.rollout.decode_step import DecodeBuffers, DecodeStep, stack_projections
 from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
 
@@ -70,8 +70,10 @@ class RolloutEngine:
             raise ValueError(f"papo.rollout cannot decode {type(model).__name__}; use hf_generate")
         dtype = dtype or model.lm_head.weight.dtype
         self.owns_weights = dtype != model.lm_head.weight.dtype if own_weights is None else own_weights
-        if self.owns_weights:
+        self._stacked = None
+        if self.owns_weights:  # its q/k/v and gate/up parameters become views into stacked GEMM weights
             source, model = model, _empty_copy(model, dtype)
+            self._stacked = stack_projections(model)
         self.model, self.base = model, model.model
         self._params = dict(model.named_parameters()) if self.owns_weights else {}
         if self.owns_weights:
@@ -84,7 +86,7 @@ class RolloutEngine:
         on_cuda = self.device.type == "cuda"
         self.graphs_on = on_cuda if use_cuda_graphs is None else use_cuda_graphs
         self.compile = on_cuda if compile is None else compile
-        self.step = DecodeStep(model, suppress_ids, eos_ids, pad_id, compile=self.compile)
+        self.step = DecodeStep(model, suppress_ids, eos_ids, pad_id, compile=self.compile, stacked=self._stacked)
         self._vision_blocks = _compiled_vision_blocks(self.base.visual) if self.compile else {}
         self.vision_inputs = VisionInputs(self.base.visual)
         vision_attn = getattr(model.config.vision_config, "_attn_implementation", None)
@@ -125,11 +127,13 @@ class RolloutEngine:
         self.release()
         self.compile, self._vision_blocks = False, {}
         # SDPA too: the failure may be the attention kernel's own compilation
-        self.step = DecodeStep(self.model, self.suppress_ids, self.eos_ids, self.pad_id, compile=False, kernel=False)
+        self.step = DecodeStep(self.model, self.suppress_ids, self.eos_ids, self.pad_id, compile=False, kernel=False,
+                               stacked=self._stacked)
 
     def release(self) -> None:
         """Free the KV cache and the captured graphs (training needs the memory between rollouts)."""
-        self.step.buf, self._graphs, self._pool, self._shape = None, {}, None, ()
+        self.step.release()
+        self._graphs, self._pool, self._shape = {}, None, ()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
