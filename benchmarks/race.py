@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,7 +77,12 @@ def papo_reward(completions, answer, answer_type, meta, **_) -> list[float]:
     return [float(s["overall"]) for s in scores]
 
 
-def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> dict:
+def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool, deadline_s: float = 0.0,
+            on_deadline: Any = None) -> dict:
+    """TRL's steps, and each ``generate`` call it makes (rows, new tokens, seconds). ``deadline_s`` > 0: if TRL
+    has not finished by then, ``on_deadline`` gets what it has (its finished steps, its generate calls, and the
+    seconds since training started as a lower bound on the step in progress) and the process ends: a step
+    longer than a time-limited run still leaves a measured lower bound."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -107,8 +115,40 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> 
     trainer = GRPOTrainer(model=model_dir, reward_funcs=papo_reward, args=args,
                           train_dataset=Dataset.from_list(prompts_and_images(prompts * steps)), processing_class=processor,
                           callbacks=[Clock()])
+    generate_calls: list[dict] = []
+    model = trainer.model
+    plain_generate = model.generate
+
+    def timed_generate(*a, **kw):
+        t = time.perf_counter()
+        out = plain_generate(*a, **kw)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prompt_len = (kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).shape[-1]
+        generate_calls.append({"rows": int(out.shape[0]), "new_tokens": int(out.shape[-1] - prompt_len),
+                               "s": round(time.perf_counter() - t, 3)})
+        print(f"trl: generate {generate_calls[-1]}", flush=True)
+        return out
+
+    model.generate = timed_generate  # TRL calls the unwrapped model's generate
+    if deadline_s > 0:
+        def cut_short() -> None:
+            elapsed = time.perf_counter() - start
+            on_deadline({"system": "trl", "version": __import__("trl").__version__, "finished": False,
+                         "optimizer_steps_done": len(marks), "step_s_at_least": round(elapsed, 1),
+                         "generate_calls": list(generate_calls), "logs": list(records),
+                         "note": f"no step finished within the {deadline_s:.0f}-second deadline: step_s_at_least is "
+                                 "the time from the start of training to the deadline"
+                                 if len(marks) < updates else "cut at the deadline after finished steps"})
+            os._exit(0)
+
+        timer = threading.Timer(deadline_s, cut_short)
+        timer.daemon = True
+        timer.start()
     start = time.perf_counter()  # read by Clock
     trainer.train()
+    if deadline_s > 0:
+        timer.cancel()
     # a step: one generation and its `updates` optimizer steps
     ends = [start] + marks[updates - 1 :: updates]
     step_s = [round(b - a, 3) for a, b in zip(ends, ends[1:])]
@@ -119,7 +159,7 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool) -> 
     result = {"system": "trl", "version": __import__("trl").__version__, "steps_s": step_s,
               "step_s": round(sum(steady) / len(steady), 3), "tokens_per_step": per_step_tokens,
               "tokens_per_s_per_gpu": round(sum(tokens_steady) / sum(steady), 1) if steady and tokens_steady else None,
-              "logs": records}
+              "generate_calls": generate_calls, "logs": records}
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -133,7 +173,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per system; the first is left out of the averages")
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--papo-before", default="", help="a train_step.py result JSON measured at an earlier papo commit")
+    ap.add_argument("--papo-from", default="", help="a train_step.py GRPO result JSON for the papo entry, instead of "
+                    "running papo here (when TRL needs a run of its own)")
     ap.add_argument("--systems", default="papo,trl")
+    ap.add_argument("--trl-deadline", type=float, default=0.0,
+                    help="seconds: if TRL's steps are not done by then, record a lower bound and stop (0: wait)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -143,7 +187,7 @@ def main() -> None:
     runs = []
     for system in args.systems.split(","):
         try:
-            runs.append(run_system(system, args, model_dir, cap, device, ctx))
+            runs.append(run_system(system, args, model_dir, cap, device, ctx, runs))
         except Exception as err:  # one system failing must not lose the others' measurements
             traceback.print_exc()
             runs.append({"system": system, "error": f"{type(err).__name__}: {str(err)[:500]}"})
@@ -153,14 +197,20 @@ def main() -> None:
         write(args, runs, device)
 
 
-def run_system(system: str, args, model_dir: str, cap: int, device: str, ctx) -> dict:
+def run_system(system: str, args, model_dir: str, cap: int, device: str, ctx, done: list[dict]) -> dict:
+    if system == "papo" and args.papo_from:
+        measured = json.loads(Path(args.papo_from).read_text())
+        r = next(run for run in measured["runs"] if run.get("preset") == "grpo")
+        return {"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
+                "label": measured.get("label", ""), "detail": r}
     if system == "papo":
         extra = ["rollout.n=2", f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=2"] if args.smoke else []
         name = "embedded-default" if args.smoke else "qwen2.5-vl-3b"
         r = run(name, model_dir, "default", args.prompts, args.steps, device, extra, ctx, preset="grpo")
         return {"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "detail": r}
     if system == "trl":
-        return run_trl(model_dir, args.prompts, args.steps, cap, args.smoke)
+        return run_trl(model_dir, args.prompts, args.steps, cap, args.smoke, args.trl_deadline,
+                       on_deadline=lambda partial: write(args, done + [partial], device))
     raise ValueError(f"unknown system {system!r} (papo, trl)")
 
 
@@ -175,9 +225,13 @@ def write(args, runs: list[dict], device: str) -> None:
     result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "prompts_per_step": args.prompts,
               "runs": runs}
-    if "step_s" in by.get("papo", {}) and "step_s" in by.get("trl", {}):
-        result["trl_step_over_papo_step"] = round(by["trl"]["step_s"] / by["papo"]["step_s"], 2)
+    papo, trl = by.get("papo", {}), by.get("trl", {})
+    if "step_s" in papo and "step_s" in trl:
+        result["trl_step_over_papo_step"] = round(trl["step_s"] / papo["step_s"], 2)
         print(f"TRL step / papo step: {result['trl_step_over_papo_step']}", flush=True)
+    elif "step_s" in papo and "step_s_at_least" in trl:
+        result["trl_step_over_papo_step_at_least"] = round(trl["step_s_at_least"] / papo["step_s"], 2)
+        print(f"TRL step / papo step: at least {result['trl_step_over_papo_step_at_least']}", flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
 
 
