@@ -14,7 +14,10 @@ passes of 16); TRL runs ``GRPOTrainer`` with transformers ``generate`` (no vLLM)
 so that one generation feeds the same two updates. A papo step is one generation and its two updates; so is
 a TRL step, timed from TRL's own step callbacks. Tokens count prompt (image tokens included) and response
 tokens, as verl and EasyR1 count them (TRL's ``num_tokens``). ``--papo-before`` folds in a ``train_step.py``
-result measured at an earlier papo commit with the same arguments.
+result measured at an earlier papo commit with the same arguments, ``--papo-from`` one of the current commit
+(TRL's step can need a time-limited call of its own), and ``--trl-deadline`` records a lower bound if TRL's
+step outlasts the call. TRL samples only the ids papo samples (the benchmark model's output layer is wider
+than its tokenizer).
 
 TRL is not a papo dependency: install it (and accelerate) to run this benchmark.
 
@@ -48,6 +51,7 @@ from train_step import ensure_model, run  # noqa: E402
 from papo.config.schema import load_config  # noqa: E402
 from papo.data.stream import PromptStream  # noqa: E402
 from papo.models.loading import load_processor  # noqa: E402
+from papo.models.logprobs import suppressed_token_ids  # noqa: E402
 from papo.models.policy import resolve_model  # noqa: E402
 from papo.rewards import score_responses  # noqa: E402
 from papo.training.distributed import DistContext  # noqa: E402
@@ -84,9 +88,11 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool, dea
     seconds since training started as a lower bound on the step in progress) and the process ends: a step
     longer than a time-limited run still leaves a measured lower bound."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    processor = load_processor(model_dir)  # AutoProcessor, or papo's own assembly where torchvision is missing
+    config = AutoConfig.from_pretrained(model_dir)
     n, micro, updates = (2, 2, 2) if smoke else (5, 4, 2)
     sequences = prompts * n
     per_update = sequences // updates
@@ -110,8 +116,10 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool, dea
         temperature=1.0, top_p=0.99, top_k=0, learning_rate=1e-6, beta=0.01, epsilon=0.2, epsilon_high=0.3,
         bf16=torch.cuda.is_available(), gradient_checkpointing=True, max_steps=steps * updates,
         model_init_kwargs={"dtype": torch.float32}, use_vllm=False, seed=0, use_cpu=not torch.cuda.is_available(),
+        # the ids papo never samples: the benchmark model's output layer has 151,936 rows but its tokenizer far
+        # fewer, and sampling the padding rows too makes every completion run to the cap
+        generation_kwargs={"suppress_tokens": suppressed_token_ids(config, config.get_text_config().vocab_size, processor.tokenizer)},
     )
-    processor = load_processor(model_dir)  # AutoProcessor, or papo's own assembly where torchvision is missing
     trainer = GRPOTrainer(model=model_dir, reward_funcs=papo_reward, args=args,
                           train_dataset=Dataset.from_list(prompts_and_images(prompts * steps)), processing_class=processor,
                           callbacks=[Clock()])

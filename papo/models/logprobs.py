@@ -19,17 +19,15 @@ from papo.algo.kl import entropy_from_logits
 from papo.models.packing import can_pack, pack
 
 
-def suppressed_token_ids(model: Any, tokenizer: Any) -> list[int]:
+def suppressed_token_ids(cfg: Any, vocab: int, tokenizer: Any) -> list[int]:
     """Ids no policy may sample: image/video placeholders and vision delimiters (sampling ``<|image_pad|>``
     would make the re-scoring forward fail with an image-feature count mismatch) and the unused rows of a
-    vocabulary padded beyond the tokenizer."""
-    cfg = model.config
+    ``vocab``-row output layer padded beyond the tokenizer. ``cfg``: the model's config."""
     ids = set()
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value >= 0:
             ids.add(value)
-    vocab = model.get_output_embeddings().weight.shape[0]
     ids.update(range(len(tokenizer), vocab))
     return sorted(ids)
 

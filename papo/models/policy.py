@@ -77,7 +77,7 @@ class Policy:
             use_packed_text_attention(model)
         # papo resizes images with PAPO's rule before the processor; None keeps the dataset's pixels
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.suppress_ids = suppressed_token_ids(model, self.tokenizer)
+        self.suppress_ids = suppressed_token_ids(model.config, model.get_output_embeddings().weight.shape[0], self.tokenizer)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.suppress = suppress_mask(self.suppress_ids, vocab, model.device)
         eos = model.generation_config.eos_token_id
