@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -59,8 +60,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--compile-modules", action="store_true", help="also time update and scoring with the decoder's "
-                    "MLPs and norms compiled (an experiment)")
+    ap.add_argument("--compile", default="", choices=["", "mlp-norm", "layers"],
+                    help="also time update and scoring compiled (an experiment): the decoder's MLPs and RMSNorms, or its "
+                    "whole layers (norms, rope, MLP and the residual adds fused around the matmuls and attention)")
     ap.add_argument("--configs", default=",".join(f"{p}:{m}" for p, m in CONFIGS), help="pass:mode pairs to time")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     args = ap.parse_args()
@@ -122,16 +124,31 @@ def main() -> None:
 
     scoring = [score(size) for size in (16, 32)]
     compiled = {}
-    if args.compile_modules:  # an experiment: Inductor fuses the element-wise work around the matmuls
+    if args.compile:  # an experiment: Inductor fuses the element-wise work around the matmuls
         text = trainer.policy.model.model.language_model
         for layer in text.layers:
-            for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            modules = [layer] if args.compile == "layers" else [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+            for module in modules:
                 module.compile(dynamic=True)
         text.norm.compile(dynamic=True)
         fn = update_fn(16, "full")
         fn()  # compiles
         seconds = timed(fn, device, args.repeats)
-        compiled = {"modules": "decoder MLPs and RMSNorms", "update_16_full_s": round(seconds, 3),
+        what = "whole decoder layers" if args.compile == "layers" else "decoder MLPs and RMSNorms"
+        # other response lengths: a compiled layer that specialised on the packing would recompile here
+        fresh = experience(trainer, cap, seed=1)
+        fresh_mb = MicroBatches(fresh, trainer.policy, micro, SEQUENCES, 16, 16)
+        list(fresh_mb.update_passes(0))
+        list(fresh_mb.scoring())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        trainer.update(fresh, fresh_mb, logps, adv, 0.02, {})
+        if device == "cuda":
+            torch.cuda.synchronize()
+        new_lengths_s = time.perf_counter() - t
+        compiled = {"modules": what, "update_16_full_s": round(seconds, 3),
+                    "first_update_on_new_lengths_s": round(new_lengths_s, 3),
                     "update_mfu": round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None,
                     "scoring": [score(16)]}
         print(json.dumps(compiled), flush=True)

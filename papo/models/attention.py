@@ -106,6 +106,7 @@ def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
     return out
 
 
+@torch.compiler.disable  # reads sequence lengths as Python ints: a compiled decoder layer breaks its graph here
 def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
                           packed_seq_lens: tuple[Tensor, list[int]] | None = None, **kwargs: Any) -> tuple[Tensor, None]:
