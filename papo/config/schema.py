@@ -36,6 +36,8 @@ class ModelSection:
     gradient_checkpointing: bool | str = False
     lora_rank: int = 0
     padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
+    # scoring and update forwards through torch.compile'd decoder layers (papo.models.compiled); one process only
+    compile_layers: bool = False
 
 
 @dataclass

@@ -116,6 +116,7 @@ class ModelOptions:
     lora_alpha: int = 16
     lora_target: str = "all-linear"
     padding_free: bool = True  # Policy: scoring and update forwards without padding (papo.models.packing)
+    compile_layers: bool = False  # Policy: scoring and update forwards through compiled decoder layers
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_of(self.param_dtype)

@@ -18,6 +18,7 @@ from torch import Tensor
 from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
 from papo.models.attention import use_packed_text_attention, use_packed_vision_attention
+from papo.models.compiled import compiled_calls, routed
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
 from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
@@ -64,10 +65,12 @@ class Policy:
     """``compute_dtype``: what forwards and rollouts run in (None: the parameters' dtype); with float32
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
     own bfloat16 copy of the weights (``papo.models.precision``). ``padding_free``: scoring and update forwards
-    pack each batch's sequences without padding where the model allows it (``papo.models.packing``)."""
+    pack each batch's sequences without padding where the model allows it (``papo.models.packing``).
+    ``compile_layers``: scoring and update forwards run the decoder layers compiled (``papo.models.compiled``);
+    generation stays eager."""
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
-                 compute_dtype: torch.dtype | None = None, padding_free: bool = True):
+                 compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.root = RootCall(model)  # what a sharded model is wrapped in (papo.training.sharding)
         param_dtype = next(model.parameters()).dtype
@@ -85,6 +88,8 @@ class Policy:
         self.eos_ids = sorted({int(e) for e in eos} | {int(self.tokenizer.eos_token_id)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.compile_layers = compile_layers
+        self._compiled: dict[int, dict] = {}  # per scoring model (policy, reference): its layers' compiled calls
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, opts: ModelOptions = ModelOptions(), device: str = "cpu",
@@ -94,7 +99,8 @@ class Policy:
         path = resolve_model(name_or_path)
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
         _warn_if_processor_shrinks(processor, min_pixels, path)
-        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype, opts.padding_free)
+        return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype, opts.padding_free,
+                   opts.compile_layers)
 
     @property
     def device(self) -> torch.device:
@@ -132,9 +138,17 @@ class Policy:
         inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
         if images is not None:
             inputs = with_images(inputs, images)
-        with self.precision.autocast(self.device):
-            return (model or self.root)(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress,
-                                        chunk_tokens, with_entropy)
+        model = model or self.root
+        with self.precision.autocast(self.device), routed(self._compiled_layers(model)):
+            return model(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens,
+                         with_entropy)
+
+    def _compiled_layers(self, root: RootCall) -> dict:
+        if not self.compile_layers:
+            return {}
+        if id(root) not in self._compiled:
+            self._compiled[id(root)] = compiled_calls(root.model.get_decoder().layers)
+        return self._compiled[id(root)]
 
     def save(self, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template.

@@ -25,13 +25,13 @@ import copy
 import time
 import warnings
 from collections.abc import Iterable
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from papo.models.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_vision_attention
+from papo.models.compiled import compiled_calls, routed
 from papo.models.inputs import PromptBatch
 from papo.models.loading import plain_class
 from papo.models.mrope import VisionInputs, rope_index
@@ -87,7 +87,9 @@ class RolloutEngine:
         self.graphs_on = on_cuda if use_cuda_graphs is None else use_cuda_graphs
         self.compile = on_cuda if compile is None else compile
         self.step = DecodeStep(model, suppress_ids, eos_ids, pad_id, compile=self.compile, stacked=self._stacked)
-        self._vision_blocks = _compiled_vision_blocks(self.base.visual) if self.compile else {}
+        # fused norms, rope and MLP, and GEMMs padded to aligned shapes (Qwen2.5-VL's 3420-wide vision MLP
+        # otherwise runs Ampere kernels)
+        self._vision_blocks = compiled_calls(getattr(self.base.visual, "blocks", [])) if self.compile else {}
         self.vision_inputs = VisionInputs(self.base.visual)
         vision_attn = getattr(model.config.vision_config, "_attn_implementation", None)
         self._host_seqlens = vision_attn in (None, "sdpa", "eager", PACKED_VISION_ATTENTION)  # read as Python ints
@@ -182,7 +184,7 @@ class RolloutEngine:
     def _with_image_features(self, embeds: Tensor, ids: Tensor, part: dict[str, Tensor]) -> Tensor:
         grid = part["image_grid_thw"]
         kwargs = self.vision_inputs(grid, self.device, host_seqlens=self._host_seqlens)
-        with _blocks_compiled(self._vision_blocks):
+        with routed(self._vision_blocks):
             # the grid stays on the host: with every index precomputed it only sizes the per-image split
             features = self.base.get_image_features(part["pixel_values"].to(self.device), grid, **kwargs).pooler_output
         image = (ids == self.model.config.image_token_id)[..., None]
@@ -357,30 +359,10 @@ def _empty_copy(model: Any, dtype: torch.dtype) -> Any:
     return clone
 
 
-def _compiled_vision_blocks(visual: Any) -> dict[Any, Any]:
-    """torch.compile'd calls of the vision tower's blocks (used only inside ``_blocks_compiled``): fused norms,
-    rope and MLP, and GEMMs padded to aligned shapes (Qwen2.5-VL's 3420-wide MLP otherwise runs Ampere kernels)."""
-    blocks = getattr(visual, "blocks", [])
-    return {blk: torch.compile(blk._call_impl, dynamic=True) for blk in blocks}
-
-
 def _compile_cache(entries: int):
     """Room for one compiled decode step per batch-size bucket (and sampling setting): dynamo's default keeps 8
     versions of a function, then runs it uncompiled. Only capture consults it: replays skip dynamo."""
     return torch._dynamo.config.patch(cache_size_limit=entries)
-
-
-@contextmanager
-def _blocks_compiled(compiled: dict[Any, Any]):
-    """Route the blocks' calls through their compiled versions for the duration (training keeps eager calls)."""
-    before = {blk: blk._compiled_call_impl for blk in compiled}
-    for blk, fn in compiled.items():
-        blk._compiled_call_impl = fn
-    try:
-        yield
-    finally:
-        for blk, fn in before.items():
-            blk._compiled_call_impl = fn
 
 
 def _slice_rows(inputs: dict[str, Tensor], start: int, end: int) -> dict[str, Tensor]:

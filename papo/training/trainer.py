@@ -83,7 +83,7 @@ class Trainer:
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank,
-                            padding_free=m.padding_free)
+                            padding_free=m.padding_free, compile_layers=m.compile_layers)
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
         # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters

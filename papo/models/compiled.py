@@ -1,0 +1,47 @@
+"""Compiled calls of transformer blocks, taken only inside a ``routed`` region.
+
+Each block gets ``torch.compile(block._call_impl, dynamic=True)``: Inductor fuses the element-wise work between
+the block's matrix multiplies and attention (norms, rope, activations, residual adds, casts), and dynamic shapes
+serve every token count with one compilation. Routing, rather than ``Module.compile``, keeps every other caller
+eager: the rollout engine compiles the vision tower only for its prefill, and the policy compiles its decoder
+layers only for scoring and update passes (``model.compile_layers``), never for transformers ``generate``.
+
+Attention that reads sequence lengths as Python ints is a graph break (``torch.compiler.disable`` in
+``papo.models.attention``), so new packings of the same tokens do not recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+# compiled versions dynamo keeps per function before running it uncompiled; every block's call is
+# nn.Module._call_impl, so train and eval modes, grad and no-grad, vision blocks and decoder layers share it
+CACHE_ENTRIES = 64
+
+
+BACKEND = "inductor"  # tests swap in "aot_eager": the same tracing and autograd, without code generation
+
+
+def compiled_calls(blocks: Iterable[torch.nn.Module]) -> dict[torch.nn.Module, Any]:
+    return {blk: torch.compile(blk._call_impl, dynamic=True, backend=BACKEND) for blk in blocks}
+
+
+@contextmanager
+def routed(compiled: dict[torch.nn.Module, Any]) -> Iterator[None]:
+    """Route the blocks' calls through their compiled versions for the duration."""
+    if not compiled:
+        yield
+        return
+    before = {blk: blk._compiled_call_impl for blk in compiled}
+    for blk, fn in compiled.items():
+        blk._compiled_call_impl = fn
+    try:
+        with torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES):
+            yield
+    finally:
+        for blk, fn in before.items():
+            blk._compiled_call_impl = fn
