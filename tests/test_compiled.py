@@ -3,7 +3,7 @@ and gradients as eager layers, generation left eager, and refused under torchrun
 
 import pytest
 import torch
-from model_fixtures import mixed_batch, tiny_policy
+from model_fixtures import mixed_batch, small_cfg, tiny_policy
 
 import papo.models.compiled as compiled
 from papo.config.schema import load_config
@@ -11,6 +11,9 @@ from papo.errors import ConfigError
 from papo.rollout import Sampler
 from papo.rollout.sampling import SamplingParams
 from papo.training.sharding import check_world_size
+from papo.training.trainer import Trainer
+
+GROUPS_WITH_DIFFERENT_REWARDS = "trainer.seed=1"  # as in test_trainer.py: advantages not all zero
 
 
 def _pass(policy, batch, comp):
@@ -32,11 +35,12 @@ def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
     policy.compile_layers = True
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    got = _pass(policy, batch, comp)
+    with policy.compiled_passes():
+        got = _pass(policy, batch, comp)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled
     layers = policy.model.get_decoder().layers
     assert id(policy.root) in policy._compiled and set(policy._compiled[id(policy.root)]) == set(layers)
-    assert all(layer._compiled_call_impl is None for layer in layers)  # routed only for the pass: generate stays eager
+    assert all(layer._compiled_call_impl is None for layer in layers)  # routed only for the region: generate stays eager
     m = comp.mask.bool()
     assert (got[0][m] - eager[0][m]).abs().max() < 1e-5 and (got[1][m] - eager[1][m]).abs().max() < 1e-4
     assert got[2].keys() == eager[2].keys() and len(got[2]) > 0
@@ -48,3 +52,33 @@ def test_compiled_layers_are_refused_under_several_processes():
     cfg = load_config("grpo", overrides=["model.compile_layers=true"])
     with pytest.raises(ConfigError, match="model.compile_layers"):
         check_world_size(cfg, 2)
+
+
+def test_a_step_with_compiled_layers_and_checkpointing_matches_eager(tmp_path, monkeypatch):
+    """Full activation checkpointing recomputes each layer in the backward: the recomputation must run the same
+    compiled layer as the forward, so the routed region spans backward too. Same metrics and gradient."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "model.gradient_checkpointing=true",
+                                   f"model.compile_layers={str(on).lower()}"])
+        trainer = Trainer(cfg, tmp_path / str(on), "cpu")
+        grads = []
+        real_step = trainer.optim.step
+
+        def step(*args, real_step=real_step, grads=grads, model=trainer.policy.model, **kwargs):
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            return real_step(*args, **kwargs)
+
+        trainer.optim.step = step
+        runs.append((trainer.step(), grads))
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == on
+    (base, g_base), (row, grads) = runs
+    assert base["grad_norm"] > 0
+    for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "ref_kl"):
+        assert row[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), key
+    for g, b in zip(grads[0], g_base[0]):
+        assert torch.allclose(g, b, rtol=1e-4, atol=1e-8)

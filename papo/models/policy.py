@@ -4,6 +4,7 @@ trainer, SFT and evaluation use (encode prompts, decode responses, score log-pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -66,8 +67,8 @@ class Policy:
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
     own bfloat16 copy of the weights (``papo.models.precision``). ``padding_free``: scoring and update forwards
     pack each batch's sequences without padding where the model allows it (``papo.models.packing``).
-    ``compile_layers``: scoring and update forwards run the decoder layers compiled (``papo.models.compiled``);
-    generation stays eager."""
+    ``compile_layers``: inside ``compiled_passes`` (the trainer's scoring and update) the decoder layers run
+    compiled (``papo.models.compiled``); generation stays eager."""
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
                  compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False):
@@ -138,17 +139,22 @@ class Policy:
         inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
         if images is not None:
             inputs = with_images(inputs, images)
-        model = model or self.root
-        with self.precision.autocast(self.device), routed(self._compiled_layers(model)):
-            return model(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress, chunk_tokens,
-                         with_entropy)
+        with self.precision.autocast(self.device):
+            return (model or self.root)(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress,
+                                        chunk_tokens, with_entropy)
 
-    def _compiled_layers(self, root: RootCall) -> dict:
+    def compiled_passes(self, *others: RootCall | None) -> Any:
+        """The region where this policy's decoder layers (and those of ``others``, e.g. the reference model) run
+        compiled, with ``compile_layers``. It must hold the backward too: activation checkpointing recomputes
+        each layer there, and the recomputation must run the same code as the forward."""
         if not self.compile_layers:
-            return {}
-        if id(root) not in self._compiled:
-            self._compiled[id(root)] = compiled_calls(root.model.get_decoder().layers)
-        return self._compiled[id(root)]
+            return contextlib.nullcontext()
+        calls: dict = {}
+        for root in {id(r): r for r in (self.root, *others) if r is not None}.values():
+            if id(root) not in self._compiled:
+                self._compiled[id(root)] = compiled_calls(root.model.get_decoder().layers)
+            calls.update(self._compiled[id(root)])
+        return routed(calls)
 
     def save(self, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template.

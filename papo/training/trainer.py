@@ -208,6 +208,14 @@ class Trainer:
         out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
         first = set(batches.rows(0)) if self.old_from_update and batches.plan else set()
         self.policy.model.eval()
+        with self.policy.compiled_passes(self.ref):
+            self._score(batches, out, first, T, timing)
+        self.policy.model.train()
+        logps = self.poison.logprobs(out)
+        return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"))
+
+    def _score(self, batches: MicroBatches, out: dict[str, torch.Tensor], first: set[int], T: float,
+               timing: dict[str, float]) -> None:
         for mb in batches.scoring():
             for name in out:
                 if name == "old" and set(mb.rows) <= first:  # the first mini-batch's come from its update
@@ -218,9 +226,6 @@ class Trainer:
                                                 model=self.ref if name == "ref" else None)[0]
                 out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
                 timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
-        self.policy.model.train()
-        logps = self.poison.logprobs(out)
-        return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"))
 
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
@@ -233,52 +238,53 @@ class Trainer:
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
-        for index in range(len(batches.plan)):
-            micro_batches = batches.micro_batch_count(index)
-            total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
-            if c.algorithm.token_mean_scope == "mini_batch":
-                total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
-            self.optim.zero_grad(set_to_none=True)
-            for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
-                failpoint("update")
-                rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
-                logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
-                # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
-                on_policy = logps.old is None or (index == 0 and self.old_from_update)
-                old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
-                masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
-                masked_ent = None
-                if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
-                    masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
-                ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
-                mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
-                loss = 0.0
-                for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
-                    part, metrics = papo_loss(
-                        self.loss_cfg, logp[g], old[g], adv_rows[g], mask[g], masked_log_probs=_rows(masked_logp, g),
-                        ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
-                        entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
-                    )
-                    loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
-                                                            float(mask[g].sum()), total_tokens, self.ctx.world_size)
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    count += 1
-                loss.backward()
-            self.poison.gradients(self.policy.model.parameters())
-            params = [p for p in self.policy.model.parameters() if p.grad is not None]
-            total = torch.nn.utils.get_total_norm([p.grad for p in params])
-            norm = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: the norm over all ranks
-            if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
-                torch.nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip, total)
-                self.optim.step()
-            else:  # a non-finite gradient never reaches the weights; the gradients are still unclipped, so say where
-                skipped += 1
-                where = "; ".join(f"rank {r}: {w}" if self.ctx.world_size > 1 else w
-                                  for r, w in enumerate(self.ctx.gather(nonfinite_gradients(self.policy.model))) if w)
-                causes.append(f"non-finite gradient norm in mini-batch {index}" + (f" ({where})" if where else ""))
+        with self.policy.compiled_passes():  # the backward's recomputation runs the forward's compiled layers
+            for index in range(len(batches.plan)):
+                micro_batches = batches.micro_batch_count(index)
+                total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
+                if c.algorithm.token_mean_scope == "mini_batch":
+                    total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
                 self.optim.zero_grad(set_to_none=True)
-            norms.append(float(norm))
+                for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
+                    failpoint("update")
+                    rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
+                    logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
+                    # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
+                    on_policy = logps.old is None or (index == 0 and self.old_from_update)
+                    old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
+                    masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
+                    masked_ent = None
+                    if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
+                        masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
+                    ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
+                    mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
+                    loss = 0.0
+                    for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
+                        part, metrics = papo_loss(
+                            self.loss_cfg, logp[g], old[g], adv_rows[g], mask[g], masked_log_probs=_rows(masked_logp, g),
+                            ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
+                            entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
+                        )
+                        loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
+                                                                float(mask[g].sum()), total_tokens, self.ctx.world_size)
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                        count += 1
+                    loss.backward()
+                self.poison.gradients(self.policy.model.parameters())
+                params = [p for p in self.policy.model.parameters() if p.grad is not None]
+                total = torch.nn.utils.get_total_norm([p.grad for p in params])
+                norm = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: the norm over all ranks
+                if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
+                    torch.nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip, total)
+                    self.optim.step()
+                else:  # a non-finite gradient never reaches the weights; the gradients are still unclipped, so say where
+                    skipped += 1
+                    where = "; ".join(f"rank {r}: {w}" if self.ctx.world_size > 1 else w
+                                      for r, w in enumerate(self.ctx.gather(nonfinite_gradients(self.policy.model))) if w)
+                    causes.append(f"non-finite gradient norm in mini-batch {index}" + (f" ({where})" if where else ""))
+                    self.optim.zero_grad(set_to_none=True)
+                norms.append(float(norm))
         self.sched.step()
         timing["update_s"] = time.time() - t0
         metrics = {k: v / max(1, count) for k, v in sums.items()}
