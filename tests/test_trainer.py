@@ -41,10 +41,13 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     assert row["tokens"] == exp.tokens == int(exp.prompt_tokens.sum() + exp.mask.sum())
     assert row["skipped_updates"] == 0 and row["skipped"] == ""
     assert abs(row["ppo_kl"]) < 1e-5  # one on-policy mini-batch: ratio 1
-    assert row["entropy"] > 0 and "old_logp_s" not in row  # on-policy: no separate old-log-prob forward
+    vppo = cfg.algorithm.vppo_token_ratio > 0  # visual dependency needs pi_old's and the masked log-probs first
+    assert row["entropy"] > 0 and ("old_logp_s" in row) == vppo  # on-policy: no separate old-log-prob forward
     if cfg.algorithm.kl_prcp_coef > 0:
         assert row["kl_prcp_coef"] == pytest.approx(cfg.algorithm.kl_prcp_coef)
         assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0
+    elif vppo:
+        assert row["visual_dependency"] > 0 and "masked_logp_s" in row
     else:  # GRPO / DAPO: no masked-image forward unless trainer.log_kl_prcp asks for the metric
         assert "kl_prcp" not in row and "masked_logp_s" not in row
     if cfg.algorithm.kl_ref_coef > 0:
@@ -88,6 +91,39 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
     assert torch.allclose(adv, group_advantages(rewards, exp.uids)[: adv.shape[0]])
     assert masked.shape == logp.shape and torch.isfinite(masked[m]).all()
     assert not torch.allclose(masked[m], old[m])  # the masked branch really saw other images
+
+
+def test_vppo_gives_the_loss_token_advantages_on_visually_dependent_tokens(tmp_path, monkeypatch):
+    """VPPO: each response keeps its advantage on ceil(0.4 T) tokens, scaled by alpha in [0.9, 0.9 + 0.1 / mu],
+    with the scales of each loss group averaging 1; everywhere else the advantage is 0."""
+    import papo.training.trainer as trainer_module
+
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("vppo", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.online_filter=false",
+                                         "trainer.micro_batch_size=8"]), tmp_path, "cpu")
+    assert trainer.needs["old"] and trainer.needs["masked"] and not trainer.old_from_update
+    recorded, real = [], trainer_module.papo_loss
+
+    def spy(cfg, logp, old, adv, mask, **kw):
+        recorded.append((adv.clone(), mask.clone()))
+        return real(cfg, logp, old, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    row = trainer.step()
+    exp = trainer.last_experience
+    base = group_advantages(torch.tensor([s["overall"] for s in exp.scores]), exp.uids)
+    start = 0
+    for adv, mask in recorded:
+        assert adv.shape == mask.shape  # per token
+        rows = base[start:start + adv.shape[0]]
+        start += adv.shape[0]
+        kept = (adv != 0).sum(-1)
+        limit = torch.ceil(mask.sum(-1) * 0.4).long()
+        assert (kept[rows != 0] == limit[rows != 0]).all() and (kept[rows == 0] == 0).all()
+        assert (adv[~mask.bool()] == 0).all()
+        alpha = adv.sum(-1)[rows != 0] / (rows[rows != 0] * kept[rows != 0])
+        assert (alpha >= 0.9 - 1e-5).all()
+    assert start == exp.size and row["visual_dependency"] > 0
 
 
 def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path):

@@ -24,6 +24,14 @@ from papo.algo.perception import (
     token_top_p_mask,
 )
 from papo.algo.surrogate import PolicyLossOutput, ppo_clip_loss
+from papo.algo.visual_dependency import (
+    dependency_range,
+    mean_dependency,
+    token_dependency,
+    top_dependent_tokens,
+    trajectory_scales,
+    vppo_advantages,
+)
 
 __all__ = [
     "ADV_ESTIMATORS", "AGG_MODES", "APPLY_MODES", "GAMMA_SCHEDULES", "KL_ESTIMATORS", "TOKEN_MEAN_SCOPES",
@@ -31,5 +39,6 @@ __all__ = [
     "aggregate", "dapo_group_filter", "double_entropy_loss", "entropy_band_loss", "entropy_from_logits", "group_advantages",
     "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean", "micro_batch_weight",
     "papo_loss", "perception_loss", "perception_reward", "ppo_clip_loss", "relative_kl_prcp_coef", "sampled_entropy",
-    "token_top_p_mask",
+    "token_top_p_mask", "dependency_range", "mean_dependency", "token_dependency", "top_dependent_tokens",
+    "trajectory_scales", "vppo_advantages",
 ]

@@ -21,7 +21,7 @@ from papo.models.precision import Precision
 from papo.rewards import REWARDS
 from papo.rollout.sampler import ENGINES
 
-PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d")
+PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo")
 
 
 @dataclass
@@ -91,6 +91,10 @@ class AlgorithmSection(LossConfig):
     keep_all_if_empty: bool = False
     # reward: papo_math (0.9 accuracy + 0.1 format), math_only, or path/to/file.py:function (runs that file)
     reward: str = "papo_math"
+    # VPPO (papo.algo.visual_dependency): the share of each response's tokens, by visual dependency, that keep
+    # their advantage (0: off; the authors' 0.4), and the lowest trajectory advantage scale (the authors' 0.9)
+    vppo_token_ratio: float = 0.0
+    vppo_scale_min: float = 0.9
 
     def __post_init__(self) -> None:  # overrides arrive after construction: checked in TrainConfig.validate
         pass
@@ -185,6 +189,8 @@ class TrainConfig:
             (r.engine in ENGINES, f"rollout.engine must be one of {', '.join(ENGINES)}"),
             (a.kl_prcp_reward_coef >= 0, "algorithm.kl_prcp_reward_coef must be >= 0"),
             (a.mask_patch_size >= 0, "algorithm.mask_patch_size must be >= 0 (0: the encoder's patch size)"),
+            (0.0 <= a.vppo_token_ratio <= 1.0, "algorithm.vppo_token_ratio must be in [0, 1] (0: VPPO off)"),
+            (0.0 <= a.vppo_scale_min <= 1.0, "algorithm.vppo_scale_min must be in [0, 1]"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),

@@ -35,12 +35,17 @@ from torch.distributed.tensor import DTensor
 
 from papo.algo import (
     dapo_group_filter,
+    dependency_range,
     group_advantages,
     kl_prcp_coef_at,
     kl_prcp_weights,
+    masked_mean,
+    mean_dependency,
     micro_batch_weight,
     papo_loss,
     perception_reward,
+    token_dependency,
+    vppo_advantages,
 )
 from papo.config.schema import TrainConfig
 from papo.data.masking import image_pair
@@ -103,10 +108,11 @@ class Trainer:
         self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile, own_weights=self.sharded or None,
                                synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
+        self.vppo = cfg.algorithm.vppo_token_ratio > 0  # token advantages by visual dependency, from pi_old
         self.needs = self.scoring_passes()
         # before the first optimizer step of a step the weights that sampled are the weights being updated: the
         # first mini-batch takes pi_old from the update's own forward (detached), unless a reward reads it first
-        self.old_from_update = cfg.algorithm.kl_prcp_reward_coef == 0
+        self.old_from_update = cfg.algorithm.kl_prcp_reward_coef == 0 and not self.vppo
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -124,14 +130,16 @@ class Trainer:
     def scoring_passes(self) -> dict[str, bool]:
         """Which of step 5's no-grad forwards a step needs. Old log-probs: unless the step makes one update
         (then the weights that sampled are the weights being updated, and the ratio is exactly 1); when it makes
-        several, the pass covers the mini-batches after the first only (``old_from_update``). Masked: for
-        a KL_prcp or masked-entropy term, a KL_prcp reward, or the KL_prcp metric when asked
+        several, the pass covers the mini-batches after the first only (``old_from_update``). Old and masked,
+        for every mini-batch: for a KL_prcp reward or VPPO's visual dependency. Masked: for
+        a KL_prcp or masked-entropy term, or the KL_prcp metric when asked
         (``trainer.log_kl_prcp``), unless the update recomputes it with gradient. Reference: when beta > 0."""
         a, t = self.cfg.algorithm, self.cfg.trainer
-        reward_bonus = a.kl_prcp_reward_coef > 0  # built from the old and masked log-probs before any update
-        masked = self.loss_cfg.uses_masked_branch or reward_bonus or t.log_kl_prcp
-        return {"old": t.mini_batch_size < t.rollout_batch_size or reward_bonus,
-                "masked": masked and (reward_bonus or not self.loss_cfg.masked_forward_in_update),
+        # built from the old and masked log-probs of a whole mini-batch before its update
+        before_update = a.kl_prcp_reward_coef > 0 or self.vppo
+        masked = self.loss_cfg.uses_masked_branch or before_update or t.log_kl_prcp
+        return {"old": t.mini_batch_size < t.rollout_batch_size or before_update,
+                "masked": masked and (before_update or not self.loss_cfg.masked_forward_in_update),
                 "ref": self.ref is not None}
 
     def prompt_tokens(self, sample: Sample) -> int:
@@ -245,6 +253,7 @@ class Trainer:
                 if c.algorithm.token_mean_scope == "mini_batch":
                     total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
                 self.optim.zero_grad(set_to_none=True)
+                dep_range = self._dependency_range(exp, batches.rows(index), logps) if self.vppo else None
                 for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
                     failpoint("update")
                     rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
@@ -258,10 +267,16 @@ class Trainer:
                         masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
                     ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
                     mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
+                    dependency = token_dependency(logps.old[rows, :w], logps.masked[rows, :w]).to(dev) if self.vppo else None
                     loss = 0.0
                     for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
+                        group_adv = adv_rows[g]
+                        if self.vppo:  # the visually dependent tokens keep the advantage, scaled per response
+                            group_adv = vppo_advantages(group_adv, dependency[g], mask[g], *dep_range,
+                                                        c.algorithm.vppo_token_ratio, c.algorithm.vppo_scale_min)
+                            sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + float(masked_mean(dependency[g], mask[g]))
                         part, metrics = papo_loss(
-                            self.loss_cfg, logp[g], old[g], adv_rows[g], mask[g], masked_log_probs=_rows(masked_logp, g),
+                            self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
                             ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
                             entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
                         )
@@ -293,6 +308,15 @@ class Trainer:
         metrics["skipped"] = "; ".join(causes)
         metrics["updates"] = len(norms)
         return metrics
+
+    def _dependency_range(self, exp: Experience, rows: list[int], logps: LogProbs) -> tuple[float, float]:
+        """VPPO's lo and hi: the lowest and highest mean visual dependency of a mini-batch's responses, over
+        every rank's share."""
+        mask = exp.mask[rows]
+        dep = token_dependency(logps.old[rows], logps.masked[rows])
+        lo, hi = dependency_range(mean_dependency(dep, mask), mask.bool().any(-1))
+        neg_lo, hi = self.ctx.max(-lo, hi)
+        return -neg_lo, hi
 
     def step(self) -> dict[str, Any]:
         """One step of the paper's algorithm; returns its metrics row."""
