@@ -16,6 +16,8 @@ from papo.data.masking import (
     corrupt_images,
     draw_cell_mask,
     gaussian_noise,
+    image_pair,
+    image_views,
     is_patch_aligned,
     mask_rng,
     random_mask_pixel_values,
@@ -89,6 +91,25 @@ def test_multi_image_prompt_gets_independent_masks():
     assert not np.array_equal(_black(m1), _black(m2))
     again = corrupt_images([img, img], MaskingConfig(), seed=0, sample_id="x")
     np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(m2))
+
+
+def test_per_response_masks_differ_within_a_group_and_repeat_across_runs():
+    """VPPO's masks: each rollout of a prompt its own, keyed by its index; PAPO's one mask per prompt keeps the
+    keys it always had."""
+    from papo.data.synthetic import make_sample
+
+    sample = make_sample("count", "train", 0, 0, size=112)
+    full, views = image_views(sample, MaskingConfig(ratio=0.5), seed=3, draw=7, responses=3)
+    assert len(views) == 3 and all(len(v) == len(full) for v in views)
+    blacks = [_black(v[0]) for v in views]
+    assert not np.array_equal(blacks[0], blacks[1]) and not np.array_equal(blacks[1], blacks[2])
+    _, again = image_views(sample, MaskingConfig(ratio=0.5), seed=3, draw=7, responses=3)
+    for a, b in zip(views, again):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    _, (shared,) = image_views(sample, MaskingConfig(ratio=0.5), seed=3, draw=7)
+    before = corrupt_images(sample.load_images(None, None), MaskingConfig(ratio=0.5), 3, sample.id, 7)
+    np.testing.assert_array_equal(np.asarray(shared[0]), np.asarray(before[0]))
+    assert image_pair(sample, MaskingConfig(ratio=0.5), 3, 7)[1][0].tobytes() == shared[0].tobytes()
 
 
 @pytest.mark.parametrize("mode", ["P", "RGBA", "L", "LA", "CMYK", "I;16"])

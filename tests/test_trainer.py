@@ -124,6 +124,7 @@ def test_vppo_gives_the_loss_token_advantages_on_visually_dependent_tokens(tmp_p
         alpha = adv.sum(-1)[rows != 0] / (rows[rows != 0] * kept[rows != 0])
         assert (alpha >= 0.9 - 1e-5).all()
     assert start == exp.size and row["visual_dependency"] > 0
+    assert exp.uids[0] == exp.uids[1] and exp.masked_images[0][0].tobytes() != exp.masked_images[1][0].tobytes()
 
 
 def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path):

@@ -15,8 +15,7 @@ VPPO (Huang et al., ICLR 2026, arXiv 2510.09285; the authors' code, VPPO-RL at a
   The response's advantage is multiplied by alpha_i.
 
 Where papo differs from the authors' code (docs/algorithm.md): lo and hi span the whole mini-batch on every
-rank, where the authors take each GPU's share; the mask is papo's, one per prompt and shared by its rollouts,
-with an exact share of cells, where the authors draw each response its own mask cell by cell.
+rank, where the authors take each GPU's share, so papo's scales do not depend on the GPU count.
 """
 
 from __future__ import annotations

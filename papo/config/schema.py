@@ -82,6 +82,7 @@ class AlgorithmSection(LossConfig):
     masking_strategy: str = "random"
     mask_ratio: float = 0.6
     mask_patch_size: int = 14  # 0: follow the vision encoder's patch size (14 Qwen2.5-VL, 16 Qwen3-VL / ViT-16)
+    mask_per_response: bool = False  # each rollout its own masked image (VPPO) instead of one per prompt (PAPO)
     # DAPO online filtering
     online_filter: bool = False
     filter_key: str = "accuracy"

@@ -38,11 +38,13 @@ STRATEGIES = ("random", "full", "noise")
 # ---------------------------------------------------------------- RNG
 
 
-def mask_rng(seed: int, sample_id: Any, draw: int = 0, image_index: int = 0) -> np.random.Generator:
-    """A generator that depends only on (seed, sample id, draw index, image index)."""
+def mask_rng(seed: int, sample_id: Any, draw: int = 0, image_index: int = 0, response: int | None = None) -> np.random.Generator:
+    """A generator that depends only on (seed, sample id, draw index, image index), and on the rollout's index
+    within its group when each rollout gets its own mask (``response``)."""
     digest = hashlib.blake2b(str(sample_id).encode("utf-8"), digest_size=16).digest()
     key = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
-    return np.random.default_rng(np.random.SeedSequence([int(seed), *key, int(draw), int(image_index)]))
+    extra = [] if response is None else [int(response)]
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *key, int(draw), int(image_index), *extra]))
 
 
 # ---------------------------------------------------------------- pixel-space corruption
@@ -149,9 +151,10 @@ def corrupt_image(image: Any, cfg: MaskingConfig, rng: np.random.Generator) -> I
     return out
 
 
-def corrupt_images(images: Sequence[Any], cfg: MaskingConfig, seed: int, sample_id: Any, draw: int = 0) -> list[Image.Image]:
+def corrupt_images(images: Sequence[Any], cfg: MaskingConfig, seed: int, sample_id: Any, draw: int = 0,
+                   response: int | None = None) -> list[Image.Image]:
     """Masked copies of one prompt's images; each image gets its own independent, reproducible mask."""
-    return [corrupt_image(im, cfg, mask_rng(seed, sample_id, draw, i)) for i, im in enumerate(images)]
+    return [corrupt_image(im, cfg, mask_rng(seed, sample_id, draw, i, response)) for i, im in enumerate(images)]
 
 
 # ---------------------------------------------------------------- patch-aligned fast path
@@ -247,9 +250,19 @@ def image_pair(sample: Any, masking: MaskingConfig, seed: int, draw: int = 0, mi
     """(full, masked) images of a ``Sample``. As in the official code, the mask is drawn on the decoded image at
     its original resolution and both copies then go through the same resize (PAPO's pixel bounds, None: keep
     the dataset's pixels), so their token grids match."""
+    full, (masked,) = image_views(sample, masking, seed, draw, min_pixels, max_pixels)
+    return full, masked
+
+
+def image_views(sample: Any, masking: MaskingConfig, seed: int, draw: int = 0, min_pixels: int | None = None,
+                max_pixels: int | None = None, responses: int = 0) -> tuple[list[Image.Image], list[list[Image.Image]]]:
+    """The full images of a ``Sample`` and its masked copies: one set (``responses`` = 0, PAPO's one mask per
+    prompt), or one set per rollout of its group, each with its own mask (VPPO)."""
     raw = sample.load_images(None, None)
-    masked = corrupt_images(raw, masking, seed, sample.id, draw)
+    keys = [None] if responses == 0 else list(range(responses))
+    masked = [corrupt_images(raw, masking, seed, sample.id, draw, response) for response in keys]
     if min_pixels is None and max_pixels is None:
         return raw, masked
     lo, hi = min_pixels or 1, max_pixels or 1 << 62
-    return [resize_to_pixel_bounds(im, lo, hi) for im in raw], [resize_to_pixel_bounds(im, lo, hi) for im in masked]
+    return ([resize_to_pixel_bounds(im, lo, hi) for im in raw],
+            [[resize_to_pixel_bounds(im, lo, hi) for im in view] for view in masked])

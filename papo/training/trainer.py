@@ -48,7 +48,7 @@ from papo.algo import (
     vppo_advantages,
 )
 from papo.config.schema import TrainConfig
-from papo.data.masking import image_pair
+from papo.data.masking import image_views
 from papo.data.sample import Sample
 from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
@@ -153,13 +153,15 @@ class Trainer:
         sampling noise is keyed by (seed, draw, sample index), so its tokens do not depend on the world size."""
         draws = self.ctx.share(draws)
         g, samples, uids, images, masked = self.cfg.rollout.n, [], [], [], []
+        per_response = self.cfg.algorithm.mask_per_response
         for pos, sample in draws:
-            ims, mims = image_pair(sample, self.masking, self.cfg.trainer.seed, pos, self.policy.min_pixels, self.policy.max_pixels)
-            for _ in range(g):
+            ims, views = image_views(sample, self.masking, self.cfg.trainer.seed, pos, self.policy.min_pixels,
+                                     self.policy.max_pixels, responses=g if per_response else 0)
+            for j in range(g):
                 samples.append(sample)
                 uids.append(f"{pos}:{sample.id}")
                 images.append(ims)
-                masked.append(mims)
+                masked.append(views[j if per_response else 0])
         # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
         batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
         keys = rollout_keys(self.cfg.trainer.seed, torch.tensor([pos for pos, _ in draws]), g)
