@@ -234,3 +234,20 @@ def test_fast_path_detects_resized_images_and_bad_shapes():
         blacken_pixel_patches(batch["pixel_values"], batch["image_grid_thw"], [np.zeros((3, 3), bool)], layout)
     with pytest.raises(ValueError, match="layout expects"):
         blacken_pixel_patches(batch["pixel_values"][:, :10], batch["image_grid_thw"], [np.zeros((4, 4), bool)], layout)
+
+
+def test_noisy_rollout_schedule_and_noise_hand_computed():
+    from papo.data.noising import diffusion_noise, noise_step_at
+
+    # the authors' Geometry3K schedule over 60 steps: alpha_0 = 500, lambda = 30, gamma = 40
+    # step 30: x = 30 * (30 - 40) / 60 = -5, keep = 1 - sigmoid(-5) = 0.99331 -> floor(496.65) = 496
+    assert noise_step_at(30, 60) == 496
+    assert noise_step_at(40, 60) == 250  # x = 0: keep 0.5
+    assert noise_step_at(50, 60) == 3  # keep = 1 - sigmoid(5) = 0.00669
+    flat = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
+    noisy = np.asarray(diffusion_noise(flat, 200, np.random.default_rng(0)), dtype=np.float64) / 255
+    # step 200: sqrt(abar) = 0.99388, sqrt(1 - abar) = 0.11048; grey 128/255 = 0.50196 -> mean 0.49889, std 0.11048,
+    # minus half a grey level on average from truncating to 8 bits; clipping at 0 and 1 is 4.5 std away
+    assert abs(noisy.mean() - (0.49889 - 0.5 / 255)) < 0.005 and abs(noisy.std() - 0.11048) < 0.005
+    small = np.asarray(diffusion_noise(flat, 0, np.random.default_rng(0)), dtype=np.float64)
+    assert abs((small - 128).std() - 0.00473 * 255) < 0.3  # step 0: std 0.0047, about one grey level

@@ -572,3 +572,39 @@ def test_exact_entropies_with_a_logged_masked_branch_train(tmp_path):
     cfg = small_cfg("grpo", ["algorithm.entropy_estimator=exact", "trainer.log_kl_prcp=true"])
     row = Trainer(cfg, tmp_path, "cpu").step()
     assert row["kl_prcp"] > 0 and row["entropy"] > 0 and "masked_entropy" not in row
+
+
+def test_noisy_rollout_samples_half_of_each_group_from_a_noised_image_and_trains_on_the_clean_one(tmp_path, monkeypatch):
+    """NoisyRollout: two generate calls per step, the second with noised images (same size, other pixels) and
+    the second half of each group's noise keys; the experience keeps only the clean images, and its groups are
+    the clean half then the noised half of each prompt."""
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("noisy_rollout", [GROUPS_WITH_DIFFERENT_REWARDS, "rollout.n=4"]), tmp_path, "cpu")
+    calls, real = [], trainer.sampler.generate
+
+    def spy(batch, params, n=1, keys=None):
+        out = real(batch, params, n=n, keys=keys)
+        calls.append((batch, n, keys.clone(), out))
+        return out
+
+    trainer.sampler.generate = spy
+    row = trainer.step()
+    exp = trainer.last_experience
+    (clean, n1, k1, c1), (noised, n2, k2, c2) = calls
+    assert n1 == n2 == 2 and torch.equal(clean.inputs["input_ids"], noised.inputs["input_ids"])
+    assert clean.inputs["pixel_values"].shape == noised.inputs["pixel_values"].shape
+    assert not torch.equal(clean.inputs["pixel_values"], noised.inputs["pixel_values"])
+    assert torch.equal(torch.stack([k1.view(-1, 2), k2.view(-1, 2)], 1).view(-1), trainer_keys(trainer, exp))
+    # group of prompt 0: its two clean completions, then its two noised ones
+    width = exp.ids.shape[1]
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=trainer.policy.pad_id)  # noqa: E731
+    assert torch.equal(exp.ids[:4], torch.cat([pad(c1.ids)[:2], pad(c2.ids)[:2]]))
+    assert len(set(exp.uids[:4])) == 1 and exp.images[0] is exp.images[3]  # the update sees the clean image
+    assert row["skipped_updates"] == 0
+
+
+def trainer_keys(trainer, exp):
+    from papo.rollout.keyed_noise import rollout_keys
+
+    draws = sorted({int(u.split(":")[0]) for u in exp.uids})
+    return rollout_keys(trainer.cfg.trainer.seed, torch.tensor(draws), trainer.cfg.rollout.n)

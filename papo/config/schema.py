@@ -21,7 +21,7 @@ from papo.models.precision import Precision
 from papo.rewards import REWARDS
 from papo.rollout.sampler import ENGINES
 
-PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo")
+PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo", "noisy_rollout")
 
 
 @dataclass
@@ -96,6 +96,13 @@ class AlgorithmSection(LossConfig):
     # their advantage (0: off; the authors' 0.4), and the lowest trajectory advantage scale (the authors' 0.9)
     vppo_token_ratio: float = 0.0
     vppo_scale_min: float = 0.9
+    # NoisyRollout (papo.data.noising): half of each group's rollouts sample from a noised image (scored and
+    # updated with the clean one); the diffusion step anneals from noise_step with a sigmoid of slope
+    # noise_decay that halves it at training step noise_mid_step (the authors' 500, 30, 40)
+    noisy_rollout: bool = False
+    noise_step: int = 500
+    noise_decay: float = 30.0
+    noise_mid_step: float = 40.0
 
     def __post_init__(self) -> None:  # overrides arrive after construction: checked in TrainConfig.validate
         pass
@@ -192,6 +199,9 @@ class TrainConfig:
             (a.mask_patch_size >= 0, "algorithm.mask_patch_size must be >= 0 (0: the encoder's patch size)"),
             (0.0 <= a.vppo_token_ratio <= 1.0, "algorithm.vppo_token_ratio must be in [0, 1] (0: VPPO off)"),
             (0.0 <= a.vppo_scale_min <= 1.0, "algorithm.vppo_scale_min must be in [0, 1]"),
+            (not a.noisy_rollout or (self.rollout.n >= 2 and self.rollout.n % 2 == 0),
+             f"algorithm.noisy_rollout samples half of each group from the noised image: rollout.n must be even, got {self.rollout.n}"),
+            (0 <= a.noise_step < 1000, "algorithm.noise_step must be in [0, 1000)"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),

@@ -41,6 +41,20 @@ class Completions:
         return [row[: int(n)].tolist() for row, n in zip(self.ids, self.lengths)]
 
 
+def interleave_groups(parts: list[Completions], per_group: list[int], pad_id: int) -> Completions:
+    """Completions of the same prompts from several generate calls, prompt by prompt: part k gives
+    ``per_group[k]`` consecutive rows to each prompt's group, in part order."""
+    groups = parts[0].ids.shape[0] // per_group[0]
+    width = max(p.ids.shape[1] for p in parts)
+    rows = [(k, b * n + j) for b in range(groups) for k, n in enumerate(per_group) for j in range(n)]
+
+    def take(field: str, fill: int) -> Tensor:
+        padded = [torch.nn.functional.pad(getattr(p, field), (0, width - p.ids.shape[1]), value=fill) for p in parts]
+        return torch.stack([padded[k][r] for k, r in rows])
+
+    return Completions(take("ids", pad_id), take("mask", 0), torch.stack([parts[k].finished[r] for k, r in rows]))
+
+
 def trim_after_eos(tokens: Tensor, eos_ids: list[int], pad_id: int) -> Completions:
     """Cut (B, L) generated tokens after their first EOS (kept), padding the rest."""
     is_eos = torch.zeros_like(tokens, dtype=torch.bool)

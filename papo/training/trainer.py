@@ -48,18 +48,20 @@ from papo.algo import (
     vppo_advantages,
 )
 from papo.config.schema import TrainConfig
-from papo.data.masking import image_views
+from papo.data.masking import image_views, mask_rng
+from papo.data.noising import diffusion_noise, noise_step_at
 from papo.data.sample import Sample
 from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
 from papo.models.checkpointing import checkpoint_mode
+from papo.models.inputs import PromptBatch
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy, RootCall
 from papo.models.precision import Precision
 from papo.rewards import RewardFunction, get_reward, score_responses
 from papo.rollout.keyed_noise import rollout_keys
 from papo.rollout.sampler import Sampler
-from papo.rollout.sampling import SamplingParams
+from papo.rollout.sampling import Completions, SamplingParams, interleave_groups
 from papo.training.checkpoint import (
     is_sharded_checkpoint,
     latest_checkpoint,
@@ -163,9 +165,13 @@ class Trainer:
                 images.append(ims)
                 masked.append(views[j if per_response else 0])
         # one prompt per draw; its G rollouts share the prompt (and, with papo.rollout, one prefill)
-        batch = self.policy.encode([s.formatted_prompt() for _, s in draws], images[::g])
+        prompts = [s.formatted_prompt() for _, s in draws]
+        batch = self.policy.encode(prompts, images[::g])
         keys = rollout_keys(self.cfg.trainer.seed, torch.tensor([pos for pos, _ in draws]), g)
-        comp = self.sampler.generate(batch, self.params, n=g, keys=keys)
+        if self.cfg.algorithm.noisy_rollout:
+            comp = self._noisy_rollout(draws, prompts, batch, images[::g], keys)
+        else:
+            comp = self.sampler.generate(batch, self.params, n=g, keys=keys)
         self.sampler.release()  # the update needs that memory more than the next rollout does
         failpoint("rollout")
         texts = self.policy.decode(comp)
@@ -175,6 +181,21 @@ class Trainer:
             score.setdefault("accuracy", score["overall"])
         prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
         return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens)
+
+    def _noisy_rollout(self, draws: list[tuple[int, Sample]], prompts: list[str], batch: PromptBatch,
+                       images: list[list[Any]], keys: torch.Tensor) -> Completions:
+        """NoisyRollout: each group's first half sampled with the clean image, its second half with a noised one
+        (one per prompt, its diffusion step annealed over training). Everything after sampling sees the clean
+        image: the experience keeps it, so scoring and the update never see the noise."""
+        a, g = self.cfg.algorithm, self.cfg.rollout.n
+        half = g // 2
+        k = noise_step_at(self.step_no + 1, self.cfg.trainer.max_steps, a.noise_step, a.noise_decay, a.noise_mid_step)
+        noised = [[diffusion_noise(im, k, mask_rng(self.cfg.trainer.seed, f"noise:{sample.id}", pos, i))
+                   for i, im in enumerate(ims)] for (pos, sample), ims in zip(draws, images)]
+        keys = keys.view(len(draws), g)
+        parts = [self.sampler.generate(part, self.params, n=half, keys=k_part.reshape(-1))
+                 for part, k_part in ((batch, keys[:, :half]), (self.policy.encode(prompts, noised), keys[:, half:]))]
+        return interleave_groups(parts, [half, half], self.policy.pad_id)
 
     @property
     def round_size(self) -> int:
