@@ -83,7 +83,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, limit=args.limit, mask_ratios=args.mask_ratio,
                      batch_size=args.batch_size, reward=args.reward, seed=args.seed, device=args.device, split=args.split,
                      columns={"prompt": args.prompt_key, "answer": args.answer_key, "images": args.image_key},
-                     suite=args.suite, suite_dir=args.suite_dir, baseline=args.baseline)
+                     suite=args.suite, suite_dir=args.suite_dir, baseline=args.baseline, dependency=args.dependency,
+                     dependency_threshold=args.dependency_threshold, dependency_pictures=args.dependency_pictures)
     run_eval(cfg)
     return 0
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer with masked images (repeatable; 1.0 = blank images)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--reward", default="papo_math", help="papo_math | math_only | path/to/file.py:function")
+    p.add_argument("--dependency", action="store_true",
+                   help="per-token visual dependency of the responses (KL between the full and the masked image)")
+    p.add_argument("--dependency-threshold", type=float, default=0.1, help="nats: a token at or above it is highly dependent")
+    p.add_argument("--dependency-pictures", type=int, default=4, help="responses drawn with tokens shaded, per benchmark")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)

@@ -131,3 +131,34 @@ def test_paired_change_hand_computed():
     assert change == {"before": 0.25, "after": 0.75, "change": 0.5, "se": pytest.approx((1 / 6) ** 0.5 / 2), "n": 4}
     assert paired_change({"avg_at_k": 0.2}, after) is None  # a summary written before per-sample accuracies were kept
     assert paired_change(before, {"avg_at_k": 0.5, "accuracies": [1.0]}) is None
+
+
+def test_papo_eval_reports_visual_dependency_and_draws_shaded_responses(eval_data, tmp_path):
+    out = tmp_path / "dep"
+    assert main(["eval", "--data", str(eval_data), "--k", "1", "--max-new-tokens", "24", "--dependency",
+                 "--dependency-pictures", "2", "--out", str(out)]) == 0
+    dep = json.loads((out / "summary.json").read_text())["benchmarks"]["bench"]["visual_dependency"]
+    assert dep["mean"] > 0 and 0 <= dep["share_high"] <= 1 and dep["threshold"] == 0.1 and dep["tokens"] > 0
+    assert len(dep["pictures"]) == 2
+    from PIL import Image
+
+    with Image.open(dep["pictures"][0]) as im:
+        assert im.width > 224 and im.height >= 224
+
+
+def test_visual_dependency_is_zero_without_a_mask_and_summarised_by_hand():
+    from model_fixtures import tiny_policy
+
+    from papo.data.masking import MaskingConfig
+    from papo.data.synthetic import make_sample
+    from papo.evaluation.dependency import dependency_summary, response_dependencies
+
+    policy = tiny_policy()
+    samples = [make_sample("count", "test", 0, i, size=112) for i in range(2)]
+    texts = ["seen: 3 circles. answer: 3", ""]
+    same = response_dependencies(policy, samples, texts, MaskingConfig(ratio=0.0))
+    assert same[1] == ([], []) and len(same[0][0]) > 0 and max(same[0][1]) < 1e-6  # the masked image is the image
+    blank = response_dependencies(policy, samples, texts, MaskingConfig(strategy="full"))
+    assert len(blank[0][1]) == len(same[0][1]) and sum(blank[0][1]) > 0 and "".join(blank[0][0]) == texts[0]
+    # tokens 0.05, 0.2, 0.1 and 0.0: mean 0.0875; at or above 0.1: two of four
+    assert dependency_summary([[0.05, 0.2], [0.1, 0.0]], 0.1) == {"mean": 0.0875, "share_high": 0.5, "threshold": 0.1, "tokens": 4}

@@ -57,6 +57,10 @@ class EvalConfig:
     suite: str | None = None  # papo.evaluation.suites name: its splits become the data, its table is printed
     suite_dir: str | None = None  # a local copy of the suite's hub dataset (default: download it)
     baseline: str | None = None  # a papo eval output dir to compute Δ%rel against
+    # per-token visual dependency of the first response to each question (papo.evaluation.dependency)
+    dependency: bool = False
+    dependency_threshold: float = 0.1  # nats: tokens at or above it count as highly dependent
+    dependency_pictures: int = 4  # responses drawn with their tokens shaded, per benchmark
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -140,6 +144,17 @@ def _summary(records: list[dict], k: int) -> dict[str, Any]:
     return out
 
 
+def _dependency(policy: Policy, samples, records: list[dict], cfg: EvalConfig, out: Path, name: str) -> dict[str, Any]:
+    from papo.evaluation.dependency import dependency_summary, response_dependencies, write_pictures
+
+    results = response_dependencies(policy, samples, [r["responses"][0] for r in records], MaskingConfig(), cfg.seed)
+    summary = dependency_summary([d for _, d in results], cfg.dependency_threshold)
+    if cfg.dependency_pictures:
+        paths = write_pictures(policy, samples, results, out, name, cfg.dependency_pictures)
+        summary["pictures"] = [str(p) for p in paths]
+    return summary
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import (
@@ -179,6 +194,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 m = _summary(masked, cfg.k)
                 result.setdefault("masked", {})[f"{ratio:g}"] = {
                     "avg_at_k": m["avg_at_k"], "pass_at_k": m["pass_at_k"], "perception_gap": result["avg_at_k"] - m["avg_at_k"]}
+            if cfg.dependency:
+                result["visual_dependency"] = _dependency(sampler.policy, samples, records, cfg, out / "dependency", name)
             benchmarks[name] = result
     summary = {"benchmarks": benchmarks, "average": sum(b["avg_at_k"] for b in benchmarks.values()) / len(benchmarks),
                "config": {k: v for k, v in cfg.__dict__.items()}}
@@ -200,9 +217,12 @@ def summary_table(summary: dict[str, Any]):
     ratios = sorted({r for b in benchmarks.values() for r in b.get("masked", {})}, key=float)
     k = next(iter(benchmarks.values()))["k"]
     errors = any("errors" in b for b in benchmarks.values())
+    dependency = any("visual_dependency" in b for b in benchmarks.values())
     table = Table(title="papo eval")
     cols = ["benchmark", "n", f"avg@{k}", f"pass@{k}", "format"] + [f"masked {r} / gap" for r in ratios]
-    for col in cols + (["perception / reasoning errors (% of wrong)"] if errors else []):
+    cols += ["perception / reasoning errors (% of wrong)"] if errors else []
+    cols += ["visual dependency: mean / share high"] if dependency else []
+    for col in cols:
         table.add_column(col, justify="right")
     for name, b in benchmarks.items():
         cells = [name, str(b["n"]), f"{100 * b['avg_at_k']:.2f}", f"{100 * b['pass_at_k']:.2f}", f"{100 * b['format_rate']:.1f}"]
@@ -211,8 +231,11 @@ def summary_table(summary: dict[str, Any]):
             cells.append(f"{100 * m['avg_at_k']:.2f} / {100 * m['perception_gap']:+.2f}" if m else "-")
         if errors:
             cells.append(_error_cell(b.get("errors")))
+        if dependency:
+            d = b.get("visual_dependency")
+            cells.append(f"{d['mean']:.3f} / {100 * d['share_high']:.1f}%" if d else "-")
         table.add_row(*cells)
-    table.add_row("average", "", f"{100 * summary['average']:.2f}", "", "", *([""] * (len(ratios) + errors)))
+    table.add_row("average", "", f"{100 * summary['average']:.2f}", "", "", *([""] * (len(ratios) + errors + dependency)))
     return table
 
 
