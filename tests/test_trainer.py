@@ -46,7 +46,7 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     if cfg.algorithm.kl_prcp_coef > 0:
         assert row["kl_prcp_coef"] == pytest.approx(cfg.algorithm.kl_prcp_coef)
         assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0
-    elif vppo:
+    elif vppo or cfg.algorithm.pgpo_threshold > 0:
         assert row["visual_dependency"] > 0 and "masked_logp_s" in row
     else:  # GRPO / DAPO: no masked-image forward unless trainer.log_kl_prcp asks for the metric
         assert "kl_prcp" not in row and "masked_logp_s" not in row
@@ -125,6 +125,33 @@ def test_vppo_gives_the_loss_token_advantages_on_visually_dependent_tokens(tmp_p
         assert (alpha >= 0.9 - 1e-5).all()
     assert start == exp.size and row["visual_dependency"] > 0
     assert exp.uids[0] == exp.uids[1] and exp.masked_images[0][0].tobytes() != exp.masked_images[1][0].tobytes()
+
+
+def test_pgpo_reshapes_token_advantages_keeping_each_response_sum(tmp_path, monkeypatch):
+    """PGPO: per-token advantages whose sum over each response equals T_i * A_i (mass conserved), with pi_old
+    from the update's own forward (no separate old pass) and the masked pass from scoring."""
+    import papo.training.trainer as trainer_module
+
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("pgpo", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.online_filter=false"]), tmp_path, "cpu")
+    assert trainer.needs == {"old": False, "masked": True, "ref": False}
+    recorded, real = [], trainer_module.papo_loss
+
+    def spy(cfg, logp, old, adv, mask, **kw):
+        recorded.append((adv.clone(), mask.clone()))
+        return real(cfg, logp, old, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    row = trainer.step()
+    exp = trainer.last_experience
+    base = group_advantages(torch.tensor([s["overall"] for s in exp.scores]), exp.uids)
+    adv = torch.cat([a for a, _ in recorded])
+    mask = torch.cat([m for _, m in recorded])
+    assert adv.shape == mask.shape and (adv[~mask.bool()] == 0).all()
+    assert torch.allclose(adv.sum(-1), base * mask.sum(-1), atol=1e-4)
+    spread = [(a[m.bool()] / b).std() for a, m, b in zip(adv, mask, base) if b != 0 and m.sum() > 1]
+    assert spread and max(spread) > 0  # the weights really vary within responses
+    assert row["visual_dependency"] > 0
 
 
 def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path):

@@ -65,3 +65,22 @@ def test_dependency_range_ignores_empty_responses():
     assert dependency_range(torch.tensor([5.0]), torch.tensor([False])) == (float("inf"), float("-inf"))
     # such a range counts as flat
     assert trajectory_scales(torch.tensor([1.0, 2.0]), torch.tensor([True, True]), float("inf"), float("-inf"), 0.9).tolist() == [1.0, 1.0]
+
+
+def test_pgpo_weights_hand_computed():
+    from papo.algo.visual_dependency import pgpo_advantages, pgpo_weights
+
+    e = math.e
+    dep = torch.tensor([[0.0, e - 1, e * e - 1, 5.0], [0.3, 0.3, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # response 0: s = log1p(S) = 0, 1, 2 -> I = 0, 0.5, 1; tau 0.4, beta 2: w~ = 0, 1 + 2 * 0.1 / 0.6, 1 + 2 = 3
+    # sum 4.3333 over 3 tokens: w = 3 * w~ / 4.3333 = 0, 0.92308, 2.07692. Response 1: flat scores, all I = 0,
+    # so the weights sum to 0 and fall back to 1
+    w = pgpo_weights(dep, mask, 0.4, 2.0)
+    expected = torch.tensor([[0.0, 3 * (4 / 3) / (13 / 3), 3 * 3 / (13 / 3), 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert torch.allclose(w, expected, atol=1e-5)
+    assert torch.allclose((w * mask).sum(-1), mask.sum(-1).float())  # mass conserved
+    adv = pgpo_advantages(torch.tensor([2.0, -1.0]), dep, mask)
+    assert torch.allclose(adv, torch.tensor([[2.0], [-1.0]]) * expected, atol=1e-5)
+    with pytest.raises(ValueError, match="threshold"):
+        pgpo_weights(dep, mask, 1.0)

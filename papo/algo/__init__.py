@@ -27,6 +27,8 @@ from papo.algo.surrogate import PolicyLossOutput, ppo_clip_loss
 from papo.algo.visual_dependency import (
     dependency_range,
     mean_dependency,
+    pgpo_advantages,
+    pgpo_weights,
     token_dependency,
     top_dependent_tokens,
     trajectory_scales,
@@ -40,5 +42,5 @@ __all__ = [
     "group_index", "kl_estimate", "kl_prcp_coef_at", "kl_prcp_tokens", "kl_prcp_weights", "masked_mean", "micro_batch_weight",
     "papo_loss", "perception_loss", "perception_reward", "ppo_clip_loss", "relative_kl_prcp_coef", "sampled_entropy",
     "token_top_p_mask", "dependency_range", "mean_dependency", "token_dependency", "top_dependent_tokens",
-    "trajectory_scales", "vppo_advantages",
+    "trajectory_scales", "vppo_advantages", "pgpo_advantages", "pgpo_weights",
 ]

@@ -1,4 +1,4 @@
-"""Token visual dependency, and VPPO's use of it to choose and weigh policy-gradient tokens.
+"""Token visual dependency, and how VPPO and PGPO use it to choose and weigh policy-gradient tokens.
 
 A token's visual dependency is how much the image it was sampled with mattered for it: the k3 estimate of
 KL(pi_old(.|q, I) || pi_old(.|q, I')) on the sampled token, with I' the image with patches blackened. It comes
@@ -16,6 +16,18 @@ VPPO (Huang et al., ICLR 2026, arXiv 2510.09285; the authors' code, VPPO-RL at a
 
 Where papo differs from the authors' code (docs/algorithm.md): lo and hi span the whole mini-batch on every
 rank, where the authors take each GPU's share, so papo's scales do not depend on the GPU count.
+
+PGPO (arXiv 2604.01840; no official code is public: the formulas follow the re-implementation in the
+perception-aware RLVR collection and its reading of the paper's Eqs. 6-7) reshapes each response's token
+advantages without changing their sum:
+
+* s_t = log(1 + S_t), scaled per response to I_t = (s_t - min s) / (max s - min s);
+* w~_t = I_t / tau below the threshold tau, 1 + beta (I_t - tau) / (1 - tau) at or above it;
+* w_t = w~_t * T_i / sum w~ (mass-conserving: the weights average 1 over the response; all 1 if they sum to 0);
+* A_{i,t} = w_t A_i.
+
+PGPO's paper scores dependency against a text-only pass (attention to the image tokens masked); papo uses its
+masked-image pass, the one forward every method here shares.
 """
 
 from __future__ import annotations
@@ -97,3 +109,36 @@ def dependency_range(mean_dep: Tensor, valid: Tensor) -> tuple[float, float]:
     if values.numel() == 0:
         return float("inf"), float("-inf")
     return float(values.min()), float(values.max())
+
+
+def pgpo_weights(
+    dependency: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T)
+    threshold: float = 0.4,  # tau
+    boost: float = 2.0,  # beta
+) -> Tensor:  # (B, T) token weights averaging 1 over each response's tokens, 0 on padding
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"the PGPO threshold must be in (0, 1), got {threshold}")
+    if boost < 0:
+        raise ValueError(f"the PGPO boost must be >= 0, got {boost}")
+    valid = mask.bool()
+    m = valid.float()
+    s = torch.log1p(dependency.float().clamp(min=0.0))
+    inf = torch.full((), float("inf"), device=s.device)
+    lo = torch.where(valid, s, inf).amin(-1, keepdim=True)
+    hi = torch.where(valid, s, -inf).amax(-1, keepdim=True)
+    scaled = ((s - lo) / (hi - lo).clamp(min=1e-8)).clamp(0.0, 1.0)
+    raw = torch.where(scaled < threshold, scaled / threshold, 1.0 + boost * (scaled - threshold) / (1.0 - threshold)) * m
+    total = raw.sum(-1, keepdim=True)
+    weights = raw * m.sum(-1, keepdim=True) / total.clamp(min=1e-8)
+    return torch.where(total > 1e-8, weights, m)
+
+
+def pgpo_advantages(
+    advantages: Tensor,  # (B,)
+    dependency: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T)
+    threshold: float = 0.4,
+    boost: float = 2.0,
+) -> Tensor:  # (B, T)
+    return advantages.float()[:, None] * pgpo_weights(dependency, mask, threshold, boost)

@@ -21,7 +21,7 @@ from papo.models.precision import Precision
 from papo.rewards import REWARDS
 from papo.rollout.sampler import ENGINES
 
-PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo", "noisy_rollout")
+PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo", "pgpo", "noisy_rollout")
 
 
 @dataclass
@@ -96,6 +96,10 @@ class AlgorithmSection(LossConfig):
     # their advantage (0: off; the authors' 0.4), and the lowest trajectory advantage scale (the authors' 0.9)
     vppo_token_ratio: float = 0.0
     vppo_scale_min: float = 0.9
+    # PGPO (papo.algo.visual_dependency): token advantages reshaped by visual dependency, below the threshold
+    # scaled down, above it boosted up to 1 + boost, with each response's sum kept (0: off; 0.4 and 2.0)
+    pgpo_threshold: float = 0.0
+    pgpo_boost: float = 2.0
     # NoisyRollout (papo.data.noising): half of each group's rollouts sample from a noised image (scored and
     # updated with the clean one); the diffusion step anneals from noise_step with a sigmoid of slope
     # noise_decay that halves it at training step noise_mid_step (the authors' 500, 30, 40)
@@ -199,6 +203,10 @@ class TrainConfig:
             (a.mask_patch_size >= 0, "algorithm.mask_patch_size must be >= 0 (0: the encoder's patch size)"),
             (0.0 <= a.vppo_token_ratio <= 1.0, "algorithm.vppo_token_ratio must be in [0, 1] (0: VPPO off)"),
             (0.0 <= a.vppo_scale_min <= 1.0, "algorithm.vppo_scale_min must be in [0, 1]"),
+            (0.0 <= a.pgpo_threshold < 1.0 and a.pgpo_boost >= 0, "algorithm.pgpo_threshold must be in [0, 1) (0: PGPO off) "
+             "and algorithm.pgpo_boost >= 0"),
+            (a.vppo_token_ratio == 0 or a.pgpo_threshold == 0,
+             "algorithm.vppo_token_ratio and algorithm.pgpo_threshold both shape token advantages: choose one"),
             (not a.noisy_rollout or (self.rollout.n >= 2 and self.rollout.n % 2 == 0),
              f"algorithm.noisy_rollout samples half of each group from the noised image: rollout.n must be even, got {self.rollout.n}"),
             (0 <= a.noise_step < 1000, "algorithm.noise_step must be in [0, 1000)"),

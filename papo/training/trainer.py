@@ -44,6 +44,7 @@ from papo.algo import (
     micro_batch_weight,
     papo_loss,
     perception_reward,
+    pgpo_advantages,
     token_dependency,
     vppo_advantages,
 )
@@ -110,7 +111,10 @@ class Trainer:
         self.sampler = Sampler(self.policy, cfg.rollout.engine, cfg.rollout.compile, own_weights=self.sharded or None,
                                synced=self.sharded)
         self.loss_cfg = cfg.algorithm.loss_config()
-        self.vppo = cfg.algorithm.vppo_token_ratio > 0  # token advantages by visual dependency, from pi_old
+        # token advantages shaped by visual dependency (pi_old against the masked image): VPPO needs it for a
+        # whole mini-batch before its update, PGPO only per response
+        self.vppo = cfg.algorithm.vppo_token_ratio > 0
+        self.pgpo = cfg.algorithm.pgpo_threshold > 0
         self.needs = self.scoring_passes()
         # before the first optimizer step of a step the weights that sampled are the weights being updated: the
         # first mini-batch takes pi_old from the update's own forward (detached), unless a reward reads it first
@@ -139,9 +143,9 @@ class Trainer:
         a, t = self.cfg.algorithm, self.cfg.trainer
         # built from the old and masked log-probs of a whole mini-batch before its update
         before_update = a.kl_prcp_reward_coef > 0 or self.vppo
-        masked = self.loss_cfg.uses_masked_branch or before_update or t.log_kl_prcp
+        masked = self.loss_cfg.uses_masked_branch or before_update or self.pgpo or t.log_kl_prcp
         return {"old": t.mini_batch_size < t.rollout_batch_size or before_update,
-                "masked": masked and (before_update or not self.loss_cfg.masked_forward_in_update),
+                "masked": masked and (before_update or self.pgpo or not self.loss_cfg.masked_forward_in_update),
                 "ref": self.ref is not None}
 
     def prompt_tokens(self, sample: Sample) -> int:
@@ -290,13 +294,18 @@ class Trainer:
                         masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
                     ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
                     mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
-                    dependency = token_dependency(logps.old[rows, :w], logps.masked[rows, :w]).to(dev) if self.vppo else None
+                    shaped = self.vppo or self.pgpo  # old is pi_old here either way: scored, or this forward's own
+                    dependency = token_dependency(old, logps.masked[rows, :w].to(dev)) if shaped else None
                     loss = 0.0
                     for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
                         group_adv = adv_rows[g]
                         if self.vppo:  # the visually dependent tokens keep the advantage, scaled per response
                             group_adv = vppo_advantages(group_adv, dependency[g], mask[g], *dep_range,
                                                         c.algorithm.vppo_token_ratio, c.algorithm.vppo_scale_min)
+                        elif self.pgpo:  # advantage moved towards the visually dependent tokens, sum kept
+                            group_adv = pgpo_advantages(group_adv, dependency[g], mask[g], c.algorithm.pgpo_threshold,
+                                                        c.algorithm.pgpo_boost)
+                        if shaped:
                             sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + float(masked_mean(dependency[g], mask[g]))
                         part, metrics = papo_loss(
                             self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
