@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_mask)
 
     p = sub.add_parser("train", help="RL training: GRPO, DAPO, PAPO-G, PAPO-D (default: PAPO-G on the embedded model)")
-    p.add_argument("--preset", default="papo_g", help="grpo | papo_g | papo_g_7b | papo_g_no_ref | dapo | papo_d | vppo | pgpo | noisy_rollout")
+    p.add_argument("--preset", default="papo_g", help="grpo | papo_g | papo_g_7b | papo_g_no_ref | dapo | papo_d | vppo | pgpo | noisy_rollout | dvrp")
     p.add_argument("--model", default=None, help="model dir or hub id (default: the embedded default)")
     p.add_argument("--data", default=None, help="training data: file, dir, hub id or synthetic:SPEC")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. algorithm.kl_prcp_coef=0.01")

@@ -244,6 +244,8 @@ def test_noisy_rollout_schedule_and_noise_hand_computed():
     assert noise_step_at(30, 60) == 496
     assert noise_step_at(40, 60) == 250  # x = 0: keep 0.5
     assert noise_step_at(50, 60) == 3  # keep = 1 - sigmoid(5) = 0.00669
+    # DVRP's schedule 500 * sigmoid(10 * (0.5 - t / T)): a mid step below 1 is a fraction of the run
+    assert (noise_step_at(0, 100, 500, 10.0, 0.5), noise_step_at(50, 100, 500, 10.0, 0.5)) == (496, 250)
     flat = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
     noisy = np.asarray(diffusion_noise(flat, 200, np.random.default_rng(0)), dtype=np.float64) / 255
     # step 200: sqrt(abar) = 0.99388, sqrt(1 - abar) = 0.11048; grey 128/255 = 0.50196 -> mean 0.49889, std 0.11048,

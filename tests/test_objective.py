@@ -72,6 +72,21 @@ def test_grpo_is_pg_plus_ref_kl_exactly():
     assert "kl_prcp" not in metrics and "masked_entropy" not in metrics
 
 
+def test_dvrp_adds_the_noised_view_kl_minimised_and_keeps_the_view_detached():
+    new, old, masked, noised, adv, mask = _batch(4)
+    noised = noised.clone().requires_grad_()
+    cfg = LossConfig(kl_prcp_coef=0.01, kl_noise_coef=0.01)
+    loss, metrics = papo_loss(cfg, new, old, adv, mask, masked_log_probs=masked, noised_log_probs=noised)
+    pg = ppo_clip_loss(new, old, adv, mask).loss
+    expected = pg - 0.01 * aggregate(kl_estimate(new, masked, "k3"), mask) + 0.01 * aggregate(kl_estimate(new, noised, "k3"), mask)
+    close(loss, expected, tol=1e-6)
+    close(metrics["kl_noise"], aggregate(kl_estimate(new, noised, "k3"), mask), tol=1e-6)
+    loss.backward()
+    assert noised.grad is None and new.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="noised_log_probs"):
+        papo_loss(cfg, new.detach(), old, adv, mask, masked_log_probs=masked)
+
+
 def test_metrics_dict():
     new, old, masked, ref, adv, mask = _batch(2)
     _, metrics = papo_loss(PRESETS["papo_g_7b"], new, old, adv, mask, masked_log_probs=masked, ref_log_probs=ref)

@@ -61,7 +61,7 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
     log-probs equal an independent masked forward, advantages equal group_advantages of the recorded rewards."""
     torch.manual_seed(1)
     trainer = Trainer(small_cfg("papo_g", ["trainer.mini_batch_size=1"]), tmp_path, "cpu")
-    assert trainer.needs == {"old": True, "masked": True, "ref": True}
+    assert trainer.needs == {"noised": False, "old": True, "masked": True, "ref": True}
     trainer.old_from_update = False  # score the first mini-batch's old log-probs too, to compare them
     recorded = []
     import papo.training.trainer as trainer_module
@@ -134,7 +134,7 @@ def test_pgpo_reshapes_token_advantages_keeping_each_response_sum(tmp_path, monk
 
     torch.manual_seed(0)
     trainer = Trainer(small_cfg("pgpo", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.online_filter=false"]), tmp_path, "cpu")
-    assert trainer.needs == {"old": False, "masked": True, "ref": False}
+    assert trainer.needs == {"noised": False, "old": False, "masked": True, "ref": False}
     recorded, real = [], trainer_module.papo_loss
 
     def spy(cfg, logp, old, adv, mask, **kw):
@@ -152,6 +152,32 @@ def test_pgpo_reshapes_token_advantages_keeping_each_response_sum(tmp_path, monk
     spread = [(a[m.bool()] / b).std() for a, m, b in zip(adv, mask, base) if b != 0 and m.sum() > 1]
     assert spread and max(spread) > 0  # the weights really vary within responses
     assert row["visual_dependency"] > 0
+
+
+def test_dvrp_scores_a_noised_view_and_minimises_its_kl(tmp_path, monkeypatch):
+    """DVRP: the experience carries one noised copy of each prompt's images (same size, other pixels); a no-grad
+    pass scores the completions with it, and the loss gets those log-probs."""
+    import papo.training.trainer as trainer_module
+
+    torch.manual_seed(0)
+    trainer = Trainer(small_cfg("dvrp", [GROUPS_WITH_DIFFERENT_REWARDS]), tmp_path, "cpu")
+    assert trainer.needs["noised"] and trainer.needs["masked"]
+    recorded, real = [], trainer_module.papo_loss
+
+    def spy(cfg, logp, old, adv, mask, **kw):
+        recorded.append((logp.detach().clone(), kw["noised_log_probs"].clone(), mask.clone()))
+        return real(cfg, logp, old, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    row = trainer.step()
+    exp = trainer.last_experience
+    clean, noised = exp.images[0][0], exp.noised_images[0][0]
+    assert clean.size == noised.size and clean.tobytes() != noised.tobytes()
+    assert exp.noised_images[0] is exp.noised_images[1]  # one noised copy per prompt
+    logp, noised_logp, mask = recorded[0]
+    m = mask.bool()
+    assert torch.isfinite(noised_logp[m]).all() and not torch.allclose(noised_logp[m], logp[m])
+    assert row["kl_noise"] > 0 and row["kl_prcp"] > 0 and "noised_logp_s" in row
 
 
 def test_skipping_the_on_policy_old_forward_leaves_the_update_unchanged(tmp_path):

@@ -4,6 +4,7 @@
       + beta  * agg(k3(ref - logp))              (reference KL, GRPO presets only)
       - gamma * agg(w * k3(masked - logp))       (implicit perception loss, maximised)
       + eta_1 * d * H(full) + eta_2 * d * H(masked)   (double entropy, a penalty)
+      + lambda * agg(k3(noised - logp))            (DVRP's robustness to a noised image, off by default)
 
 Variants (off by default): ``kl_prcp_relative`` sizes gamma per micro-batch as a fraction of |PG|;
 ``entropy_band`` replaces the always-down entropy push by hinges outside [h_min, h_max].
@@ -59,12 +60,14 @@ class LossConfig:
     kl_prcp_relative: bool = False  # kl_prcp_coef is then the perception term's size as a fraction of |pg_loss|
     entropy_band: tuple[float, float] | None = None  # (h_min, h_max): band-limited double entropy
     entropy_band_coef: float = 0.0
+    # DVRP: + coef * agg(k3(noised - logp)), the KL to a lightly noised view, minimised (0: off)
+    kl_noise_coef: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("clip_low", "clip_high"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("kl_ref_coef", "kl_prcp_coef", "entropy_coef", "masked_entropy_coef"):
+        for name in ("kl_ref_coef", "kl_prcp_coef", "entropy_coef", "masked_entropy_coef", "kl_noise_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (KL_prcp is maximised by a positive gamma)")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
@@ -111,6 +114,7 @@ def papo_loss(
     kl_prcp_weights: Tensor | None = None,  # (B,) per-response w_i; None = 1 ("all", official)
     entropies: Tensor | None = None,  # (B, T) exact per-token entropy, full image (entropy_estimator="exact")
     masked_entropies: Tensor | None = None,  # (B, T) exact per-token entropy, masked image
+    noised_log_probs: Tensor | None = None,  # (B, T) log pi_old(o_t | q, I_noise), no grad; needed when kl_noise_coef > 0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (scalar, with grad) and detached scalar metrics."""
     if log_probs.shape != mask.shape or old_log_probs.shape != mask.shape:
@@ -161,6 +165,15 @@ def papo_loss(
             loss = loss + prcp_term
         metrics["kl_prcp"] = kl_prcp.detach()
         metrics["kl_prcp_coef"] = torch.as_tensor(gamma, dtype=torch.float32).detach()
+
+    if noised_log_probs is not None:  # DVRP's robustness: stay close to the policy on a lightly noised image
+        kl_noise = aggregate(kl_estimate(log_probs, noised_log_probs.detach(), cfg.kl_prcp_estimator), mask,
+                             cfg.loss_agg, cfg.norm_length)
+        if cfg.kl_noise_coef > 0:
+            loss = loss + cfg.kl_noise_coef * kl_noise
+        metrics["kl_noise"] = kl_noise.detach()
+    elif cfg.kl_noise_coef > 0:
+        raise ValueError("kl_noise_coef > 0 needs noised_log_probs")
 
     entropy = _entropy(cfg, log_probs, entropies, mask)
     # exact masked entropies exist only when the masked branch's forward returned them (a loss term needs them);

@@ -21,7 +21,7 @@ from papo.models.precision import Precision
 from papo.rewards import REWARDS
 from papo.rollout.sampler import ENGINES
 
-PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo", "pgpo", "noisy_rollout")
+PRESETS = ("grpo", "papo_g", "papo_g_7b", "papo_g_no_ref", "dapo", "papo_d", "vppo", "pgpo", "noisy_rollout", "dvrp")
 
 
 @dataclass
@@ -106,7 +106,7 @@ class AlgorithmSection(LossConfig):
     noisy_rollout: bool = False
     noise_step: int = 500
     noise_decay: float = 30.0
-    noise_mid_step: float = 40.0
+    noise_mid_step: float = 40.0  # below 1: a fraction of trainer.max_steps (DVRP: 0.5, with noise_decay 10)
 
     def __post_init__(self) -> None:  # overrides arrive after construction: checked in TrainConfig.validate
         pass

@@ -33,7 +33,11 @@ ALPHA_BARS = _alpha_bars()
 
 
 def noise_step_at(step: int, total_steps: int, start: int = 500, decay: float = 30.0, mid_step: float = 40.0) -> int:
-    """k_t: the diffusion step of training step ``step`` (counted from 1) of ``total_steps``."""
+    """k_t: the diffusion step of training step ``step`` (counted from 1) of ``total_steps``. A ``mid_step``
+    below 1 is a fraction of ``total_steps``: DVRP's schedule, k = alpha_0 sigmoid(gamma (0.5 - t / T)), is this
+    one with mid_step 0.5 and decay gamma = 10."""
+    if mid_step < 1:
+        mid_step *= total_steps
     x = decay * (step / max(total_steps, 1) - mid_step / max(total_steps, 1))
     keep = 1.0 - 1.0 / (1.0 + math.exp(-x)) if x > -700 else 1.0
     return min(int(start * keep), DIFFUSION_STEPS - 1)

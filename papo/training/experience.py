@@ -31,6 +31,7 @@ class Experience:
     texts: list[str]
     scores: list[dict[str, Any]]
     prompt_tokens: torch.Tensor  # (N,) prompt tokens of each sequence, image tokens included, padding not
+    noised_images: list[list[Any]] | None = None  # a lightly noised view, for a loss that scores one (DVRP)
 
     @property
     def size(self) -> int:
@@ -49,9 +50,11 @@ class LogProbs:
     old: torch.Tensor | None  # full image, the weights that sampled (None on-policy: the update's own, detached)
     masked: torch.Tensor | None  # masked image, same tokens and positions (None: no KL_prcp term or metric)
     ref: torch.Tensor | None = None  # the reference model, when the loss has a KL_ref term
+    noised: torch.Tensor | None = None  # the noised image (DVRP's robustness term)
 
     def named(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("old", self.old), ("masked", self.masked), ("ref", self.ref)) if v is not None}
+        named = (("old", self.old), ("masked", self.masked), ("ref", self.ref), ("noised", self.noised))
+        return {k: v for k, v in named if v is not None}
 
 
 @dataclass
@@ -63,6 +66,7 @@ class MicroBatch:
     masked: PromptBatch  # the same prompts with the masked images
     ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
     mask: torch.Tensor  # (b, R')
+    noised: PromptBatch | None = None  # the same prompts with the noised images, when the step has them
 
 
 class MicroBatches:
@@ -138,8 +142,9 @@ class MicroBatches:
         sub = select(self.exp, idx)
         width = max(1, int(sub.mask.sum(-1).max()))
         prompts = [s.formatted_prompt() for s in sub.samples]
+        noised = None if sub.noised_images is None else self.policy.encode(prompts, sub.noised_images)
         mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
-                        sub.ids[:, :width], sub.mask[:, :width])
+                        sub.ids[:, :width], sub.mask[:, :width], noised)
         self.seconds += time.time() - t0
         return mb
 
@@ -149,15 +154,17 @@ def merge_micro_batches(group: list[MicroBatch], pad_id: int) -> MicroBatch:
     width = max(mb.ids.shape[1] for mb in group)
     ids = torch.cat([torch.nn.functional.pad(mb.ids, (0, width - mb.ids.shape[1]), value=pad_id) for mb in group])
     mask = torch.cat([torch.nn.functional.pad(mb.mask, (0, width - mb.mask.shape[1])) for mb in group])
+    noised = None if group[0].noised is None else concat_prompt_batches([mb.noised for mb in group], pad_id)
     return MicroBatch([r for mb in group for r in mb.rows], concat_prompt_batches([mb.full for mb in group], pad_id),
-                      concat_prompt_batches([mb.masked for mb in group], pad_id), ids, mask)
+                      concat_prompt_batches([mb.masked for mb in group], pad_id), ids, mask, noised)
 
 
 def select(exp: Experience, idx: list[int]) -> Experience:
     t = torch.as_tensor(idx, dtype=torch.long)
     return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
                       [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
-                      [exp.scores[i] for i in idx], exp.prompt_tokens[t])
+                      [exp.scores[i] for i in idx], exp.prompt_tokens[t],
+                      None if exp.noised_images is None else [exp.noised_images[i] for i in idx])
 
 
 def pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -171,6 +178,7 @@ def concat(parts: list[Experience]) -> Experience:
         [x for p in parts for x in p.masked_images], pad_cat([p.ids for p in parts], width),
         pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
         torch.cat([p.prompt_tokens for p in parts]),
+        None if parts[0].noised_images is None else [x for p in parts for x in p.noised_images],
     )
 
 

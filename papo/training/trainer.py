@@ -144,7 +144,8 @@ class Trainer:
         # built from the old and masked log-probs of a whole mini-batch before its update
         before_update = a.kl_prcp_reward_coef > 0 or self.vppo
         masked = self.loss_cfg.uses_masked_branch or before_update or self.pgpo or t.log_kl_prcp
-        return {"old": t.mini_batch_size < t.rollout_batch_size or before_update,
+        return {"noised": self.loss_cfg.kl_noise_coef > 0,
+                "old": t.mini_batch_size < t.rollout_batch_size or before_update,
                 "masked": masked and (before_update or self.pgpo or not self.loss_cfg.masked_forward_in_update),
                 "ref": self.ref is not None}
 
@@ -184,22 +185,31 @@ class Trainer:
         for score in scores:  # a reward need only return "overall": it then stands for correctness too
             score.setdefault("accuracy", score["overall"])
         prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
-        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens)
+        noised = None
+        if self.needs["noised"]:  # DVRP's third view, one per prompt like the masked one
+            noised = [view for view in self._noised(draws, images[::g]) for _ in range(g)]
+        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens, noised)
 
     def _noisy_rollout(self, draws: list[tuple[int, Sample]], prompts: list[str], batch: PromptBatch,
                        images: list[list[Any]], keys: torch.Tensor) -> Completions:
         """NoisyRollout: each group's first half sampled with the clean image, its second half with a noised one
         (one per prompt, its diffusion step annealed over training). Everything after sampling sees the clean
         image: the experience keeps it, so scoring and the update never see the noise."""
-        a, g = self.cfg.algorithm, self.cfg.rollout.n
+        g = self.cfg.rollout.n
         half = g // 2
-        k = noise_step_at(self.step_no + 1, self.cfg.trainer.max_steps, a.noise_step, a.noise_decay, a.noise_mid_step)
-        noised = [[diffusion_noise(im, k, mask_rng(self.cfg.trainer.seed, f"noise:{sample.id}", pos, i))
-                   for i, im in enumerate(ims)] for (pos, sample), ims in zip(draws, images)]
+        noised = self._noised(draws, images)
         keys = keys.view(len(draws), g)
         parts = [self.sampler.generate(part, self.params, n=half, keys=k_part.reshape(-1))
                  for part, k_part in ((batch, keys[:, :half]), (self.policy.encode(prompts, noised), keys[:, half:]))]
         return interleave_groups(parts, [half, half], self.policy.pad_id)
+
+    def _noised(self, draws: list[tuple[int, Sample]], images: list[list[Any]]) -> list[list[Any]]:
+        """Each prompt's images after the diffusion noise of this step (``papo.data.noising``), keyed by (seed,
+        sample, draw, image)."""
+        a = self.cfg.algorithm
+        k = noise_step_at(self.step_no + 1, self.cfg.trainer.max_steps, a.noise_step, a.noise_decay, a.noise_mid_step)
+        return [[diffusion_noise(im, k, mask_rng(self.cfg.trainer.seed, f"noise:{sample.id}", pos, i))
+                 for i, im in enumerate(ims)] for (pos, sample), ims in zip(draws, images)]
 
     @property
     def round_size(self) -> int:
@@ -240,14 +250,14 @@ class Trainer:
         """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights,
         each only when something reads it (``needs``)."""
         T = self.cfg.rollout.temperature
-        out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref") if self.needs[name]}
+        out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref", "noised") if self.needs[name]}
         first = set(batches.rows(0)) if self.old_from_update and batches.plan else set()
         self.policy.model.eval()
         with self.policy.compiled_passes(self.ref):
             self._score(batches, out, first, T, timing)
         self.policy.model.train()
         logps = self.poison.logprobs(out)
-        return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"))
+        return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"), noised=logps.get("noised"))
 
     def _score(self, batches: MicroBatches, out: dict[str, torch.Tensor], first: set[int], T: float,
                timing: dict[str, float]) -> None:
@@ -257,7 +267,8 @@ class Trainer:
                     continue
                 t = time.time()
                 with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
-                    logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked if name == "masked" else None,
+                    images = {"masked": mb.masked, "noised": mb.noised}.get(name)
+                    logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=images,
                                                 model=self.ref if name == "ref" else None)[0]
                 out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
                 timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
@@ -293,6 +304,7 @@ class Trainer:
                     if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
                         masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
                     ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
+                    noised_logp = None if logps.noised is None else logps.noised[rows, :w].to(dev)
                     mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
                     shaped = self.vppo or self.pgpo  # old is pi_old here either way: scored, or this forward's own
                     dependency = token_dependency(old, logps.masked[rows, :w].to(dev)) if shaped else None
@@ -311,6 +323,7 @@ class Trainer:
                             self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
                             ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
                             entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
+                            noised_log_probs=_rows(noised_logp, g),
                         )
                         loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
                                                                 float(mask[g].sum()), total_tokens, self.ctx.world_size)
