@@ -15,8 +15,8 @@ so that one generation feeds the same two updates. A papo step is one generation
 a TRL step, timed from TRL's own step callbacks. Tokens count prompt (image tokens included) and response
 tokens, as verl and EasyR1 count them (TRL's ``num_tokens``). ``--papo-before`` folds in a ``train_step.py``
 result measured at an earlier papo commit with the same arguments, ``--papo-from`` one of the current commit
-(TRL's step can need a time-limited call of its own), and ``--trl-deadline`` records a lower bound if TRL's
-step outlasts the call. TRL samples only the ids papo samples (the benchmark model's output layer is wider
+(when TRL's step needs a run of its own), and ``--trl-deadline`` records a lower bound if TRL's step outlasts
+the time the run has (the process then exits with status 3; list TRL last in ``--systems``). TRL samples only the ids papo samples (the benchmark model's output layer is wider
 than its tokenizer).
 
 TRL is not a papo dependency: install it (and accelerate) to run this benchmark.
@@ -139,21 +139,23 @@ def run_trl(model_dir: str, prompts: int, steps: int, cap: int, smoke: bool, dea
         return out
 
     model.generate = timed_generate  # TRL calls the unwrapped model's generate
+    start = time.perf_counter()  # read by Clock and cut_short
     if deadline_s > 0:
         def cut_short() -> None:
-            elapsed = time.perf_counter() - start
+            done = len(marks) // updates  # whole steps finished; the one in progress began at the last of them
+            began = marks[done * updates - 1] if done else start
+            steps = [round(b - a, 3) for a, b in zip([start] + marks[updates - 1::updates], marks[updates - 1::updates])]
             on_deadline({"system": "trl", "version": __import__("trl").__version__, "finished": False,
-                         "optimizer_steps_done": len(marks), "step_s_at_least": round(elapsed, 1),
-                         "generate_calls": list(generate_calls), "logs": list(records),
-                         "note": f"no step finished within the {deadline_s:.0f}-second deadline: step_s_at_least is "
-                                 "the time from the start of training to the deadline"
-                                 if len(marks) < updates else "cut at the deadline after finished steps"})
-            os._exit(0)
+                         "steps_s": steps, "step_s_at_least": round(time.perf_counter() - began, 1),
+                         "optimizer_updates_done": len(marks), "generate_calls": list(generate_calls),
+                         "logs": list(records),
+                         "note": f"cut at the {deadline_s:.0f}-second deadline: step_s_at_least is the time the step in "
+                                 "progress had run, a lower bound on it"})
+            os._exit(3)  # systems after TRL in --systems do not run
 
         timer = threading.Timer(deadline_s, cut_short)
         timer.daemon = True
         timer.start()
-    start = time.perf_counter()  # read by Clock
     trainer.train()
     if deadline_s > 0:
         timer.cancel()

@@ -69,7 +69,8 @@ class LossConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         for name in ("kl_ref_coef", "kl_prcp_coef", "entropy_coef", "masked_entropy_coef", "kl_noise_coef"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (KL_prcp is maximised by a positive gamma)")
+                why = " (KL_prcp is maximised by a positive gamma)" if name == "kl_prcp_coef" else ""
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}{why}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
         if self.loss_agg not in AGG_MODES:
@@ -167,7 +168,7 @@ def papo_loss(
         metrics["kl_prcp_coef"] = torch.as_tensor(gamma, dtype=torch.float32).detach()
 
     if noised_log_probs is not None:  # DVRP's robustness: stay close to the policy on a lightly noised image
-        kl_noise = aggregate(kl_estimate(log_probs, noised_log_probs.detach(), cfg.kl_prcp_estimator), mask,
+        kl_noise = aggregate(kl_estimate(log_probs, noised_log_probs.detach(), "low_var_kl"), mask,
                              cfg.loss_agg, cfg.norm_length)
         if cfg.kl_noise_coef > 0:
             loss = loss + cfg.kl_noise_coef * kl_noise

@@ -210,6 +210,8 @@ class TrainConfig:
             (not a.noisy_rollout or (self.rollout.n >= 2 and self.rollout.n % 2 == 0),
              f"algorithm.noisy_rollout samples half of each group from the noised image: rollout.n must be even, got {self.rollout.n}"),
             (0 <= a.noise_step < 1000, "algorithm.noise_step must be in [0, 1000)"),
+            (a.noise_decay > 0 and a.noise_mid_step > 0,
+             "algorithm.noise_decay and algorithm.noise_mid_step must be > 0 (a mid step below 1 is a fraction of the run)"),
             (r.n >= 2 or a.adv_estimator == "dr_grpo", "rollout.n must be >= 2 for group advantages"),
             (r.temperature > 0 and 0 < r.top_p <= 1 and r.max_new_tokens >= 1, "rollout: temperature > 0, top_p in (0, 1], max_new_tokens >= 1"),
             (t.max_steps >= 1 and t.rollout_batch_size >= 1 and t.micro_batch_size >= 1, "trainer sizes must be >= 1"),

@@ -5,8 +5,8 @@ The noise is a diffusion model's forward process at step k: with intensities x i
 x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps, eps ~ N(0, 1), clipped to [0, 1] and truncated back to 8 bits.
 Here abar_k = prod_{i <= k} (1 - beta_i) and beta = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5.
 The step anneals over training: k_t = floor(alpha_0 * (1 - sigmoid(lambda * (t / T - gamma / T)))). The
-authors' Geometry3K setting has alpha_0 = 500, lambda = 30 and gamma = 40, so the noise's standard deviation
-falls from 0.505 to about 0 around step 40. The noise is drawn from a generator keyed by (seed, sample, draw,
+authors' Geometry3K setting has alpha_0 = 500, lambda = 30, gamma = 40 and T = 60: the diffusion step falls
+from 500 (noise standard deviation 0.505) to 250 at training step 40 (0.147) and to 3 by step 50. The noise is drawn from a generator keyed by (seed, sample, draw,
 image), where the authors' is unseeded.
 """
 

@@ -8,9 +8,9 @@ transformers' own 3-D rope tables, and in decoding, with text-only inputs, Qwen'
 
 A graph-captured step is bound by its kernels, not by launches, so the step does less work rather than fewer
 launches (measurements: docs/rollout.md):
-* q, k and v come from one GEMM, and so do the MLP's gate and up projections, over stacked weights
-  (``StackedWeights``: the engine's own weights are views into them; live training weights are copied in once
-  per rollout);
+* q, k and v come from one GEMM over stacked weights (``StackedWeights``), and so do the MLP's gate and up
+  projections when the engine owns its weights: those are views into the stacks. Reading the live training
+  weights, q/k/v are copied in once per rollout and gate and up stay two GEMMs;
 * grouped-query attention runs without expanding the cache: the query heads that share a KV head are read
   together. On CUDA, ``papo.rollout.decode_attention`` (Triton) splits the keys across the GPU, skips finished
   rows and reads each row's length on the device, so one captured step serves a whole rollout; elsewhere, one
@@ -65,7 +65,7 @@ class StackedWeights(NamedTuple):
 
     qkv: Tensor  # (q + 2 kv, H): q_proj, k_proj, v_proj
     qkv_bias: Tensor | None
-    gate_up: Tensor  # (2 I, H): gate_proj, up_proj
+    gate_up: Tensor | None  # (2 I, H): gate_proj, up_proj; None: two GEMMs over the layer's own (live) weights
 
 
 class LayerWeights(NamedTuple):
@@ -76,13 +76,15 @@ class LayerWeights(NamedTuple):
     o: Tensor
     o_bias: Tensor | None
     post_norm: Tensor
+    gate: Tensor
+    up: Tensor
     down: Tensor
 
 
 _STACKS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")), ("gate_up", "mlp", ("gate_proj", "up_proj")))
 
 
-def _empty_stack(layer: Any) -> StackedWeights:
+def _empty_stack(layer: Any, gate_up: bool) -> StackedWeights:
     def empty(parent: Any, names: tuple[str, ...], part: str) -> Tensor | None:
         tensors = [getattr(getattr(parent, n), part) for n in names]
         if tensors[0] is None:
@@ -92,7 +94,7 @@ def _empty_stack(layer: Any) -> StackedWeights:
 
     attn, mlp = layer.self_attn, layer.mlp
     return StackedWeights(empty(attn, _STACKS[0][2], "weight"), empty(attn, _STACKS[0][2], "bias"),
-                          empty(mlp, _STACKS[1][2], "weight"))
+                          empty(mlp, _STACKS[1][2], "weight") if gate_up else None)
 
 
 @torch.no_grad()
@@ -101,7 +103,8 @@ def _copy_into(stacked: StackedWeights, layer: Any) -> None:
     torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=stacked.qkv)
     if stacked.qkv_bias is not None:
         torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=stacked.qkv_bias)
-    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=stacked.gate_up)
+    if stacked.gate_up is not None:
+        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=stacked.gate_up)
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def stack_projections(model: Any) -> list[StackedWeights]:
     stacked tensor each: loading weights into the parameters fills the stacks, and no second copy exists."""
     out = []
     for layer in model.model.language_model.layers:
-        stacked = _empty_stack(layer)
+        stacked = _empty_stack(layer, gate_up=True)
         _copy_into(stacked, layer)
         for field, parent_name, names in _STACKS:
             parent = getattr(layer, parent_name)
@@ -159,7 +162,10 @@ def decode_rest(h: Tensor, o: Tensor, w: LayerWeights, eps: float) -> Tensor:
 
 
 def _mlp(x: Tensor, w: LayerWeights) -> Tensor:
-    gate, up = F.linear(x, w.stacked.gate_up).chunk(2, dim=-1)
+    if w.stacked.gate_up is None:
+        gate, up = F.linear(x, w.gate), F.linear(x, w.up)
+    else:
+        gate, up = F.linear(x, w.stacked.gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w.down)
 
 
@@ -228,7 +234,8 @@ class DecodeStep:
 
     def _layer_weights(self, stacked: list[StackedWeights]) -> list[LayerWeights]:
         return [LayerWeights(l.input_layernorm.weight, st, l.self_attn.o_proj.weight, l.self_attn.o_proj.bias,
-                             l.post_attention_layernorm.weight, l.mlp.down_proj.weight)
+                             l.post_attention_layernorm.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight,
+                             l.mlp.down_proj.weight)
                 for l, st in zip(self.text.layers, stacked)]
 
     def allocate(self, rows: int, cache_len: int, new_tokens: int) -> DecodeBuffers:
@@ -246,8 +253,9 @@ class DecodeStep:
             out_logp=torch.zeros(rows, new_tokens, dtype=torch.float32, device=dev),
             noise_keys=torch.zeros(rows, dtype=torch.long, device=dev),
         )
-        if not self.views:  # copies of the live weights, for this rollout only (training needs the memory)
-            self.weights = self._layer_weights([_empty_stack(layer) for layer in layers])
+        if not self.views:  # q/k/v copies of the live weights, for this rollout only (training needs the memory);
+            # gate and up stay two GEMMs there: stacking them would copy a third of the model per rollout
+            self.weights = self._layer_weights([_empty_stack(layer, gate_up=False) for layer in layers])
         self.refresh_weights()
         return self.buf
 

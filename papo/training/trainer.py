@@ -1,13 +1,15 @@
-"""``papo train``: GRPO, DAPO, PAPO-G and PAPO-D in one loop.
+"""``papo train``: GRPO, DAPO, PAPO-G and PAPO-D in one loop, and the methods after PAPO (VPPO, PGPO,
+NoisyRollout, DVRP) as options of the same step.
 
 One training step, as in the paper's algorithm (``Trainer.step``):
-  1. draw prompts; make one masked image per prompt, shared by its G rollouts and fresh for every draw
-  2. sample G responses per prompt from the full image
+  1. draw prompts; make one masked image per prompt, shared by its G rollouts and fresh for every draw (VPPO:
+     one per rollout; DVRP: also one noised image per prompt)
+  2. sample G responses per prompt from the full image (NoisyRollout: half of them from a noised one)
   3. rewards (0.9 accuracy + 0.1 format)
   4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
   5. old log-probs (full image; not for the first mini-batch, whose update sees the sampling weights), masked log-probs (masked image; PAPO, or
      trainer.log_kl_prcp), reference log-probs (when beta > 0): each no-grad pass only when something reads it
-  6. group advantages
+  6. group advantages (VPPO, PGPO: per token, by visual dependency)
   7. mini-batch updates, micro-batch gradient accumulation, grad-norm clip
 A step with a non-finite reward or log-prob is skipped whole, a mini-batch with a non-finite gradient is not
 applied: non-finite values never reach the weights, and each skip is logged with its cause.
@@ -199,8 +201,10 @@ class Trainer:
         half = g // 2
         noised = self._noised(draws, images)
         keys = keys.view(len(draws), g)
-        parts = [self.sampler.generate(part, self.params, n=half, keys=k_part.reshape(-1))
-                 for part, k_part in ((batch, keys[:, :half]), (self.policy.encode(prompts, noised), keys[:, half:]))]
+        clean = self.sampler.generate(batch, self.params, n=half, keys=keys[:, :half].reshape(-1))
+        # the engine has this step's weights already: a sharded policy need not gather them twice
+        parts = [clean, self.sampler.generate(self.policy.encode(prompts, noised), self.params, n=half,
+                                              keys=keys[:, half:].reshape(-1), weights=())]
         return interleave_groups(parts, [half, half], self.policy.pad_id)
 
     def _noised(self, draws: list[tuple[int, Sample]], images: list[list[Any]]) -> list[list[Any]]:
