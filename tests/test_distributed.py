@@ -67,18 +67,18 @@ EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_ever
 HELDOUT = ["trainer.eval_before_after=true", "data.test=synthetic:all?split=test&size=224&n=5", "trainer.eval_k=2"]
 
 
-def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool) -> None:
+def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool, preset: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        run_train(small_cfg("papo_g", EXTRA + extra), out, resume=resume)
+        run_train(small_cfg(preset, EXTRA + extra), out, resume=resume)
     finally:
         dist.destroy_process_group()
 
 
-def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False) -> Path:
+def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g") -> Path:
     out = tmp / name
     rendezvous = tmp / f"rendezvous-{name}-{int(resume)}"
-    mp.spawn(_train_worker, args=(f"file://{rendezvous}", str(out), list(extra), resume), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(f"file://{rendezvous}", str(out), list(extra), resume, preset), nprocs=2, join=True)
     return out
 
 
@@ -147,6 +147,17 @@ def test_two_processes_resume_exactly_and_at_another_world_size(one_and_two):
     _assert_same_rows(_rows(two), _rows(resumed), tol=0.0)
     run_train(small_cfg("papo_g", EXTRA), str(tmp / "single"), resume=True)
     _assert_same_rows(_rows(two), _rows(tmp / "single"))
+
+
+def test_vppo_trains_in_two_processes_like_one(tmp_path):
+    """VPPO's dependency range spans the whole mini-batch (a min and max over both ranks) and its loss takes the
+    mini-batch token mean: the same metrics at world size 1 and 2."""
+    # seed 1: groups with different rewards, whose advantages the scales change (each rank's own range fails)
+    extra = ["trainer.max_steps=2", "algorithm.online_filter=false", "trainer.save_every=2", "trainer.seed=1"]
+    run_train(small_cfg("vppo", EXTRA + extra), str(tmp_path / "one"))
+    rows = _rows(_train_two(tmp_path, "two", extra, preset="vppo"))
+    _assert_same_rows(_rows(tmp_path / "one"), rows)
+    assert all(r["visual_dependency"] > 0 for r in rows) and any(r["grad_norm"] > 0 for r in rows)
 
 
 def test_lora_trains_sharded_like_one_process_and_exports_merged(tmp_path):
