@@ -26,7 +26,8 @@ def train(preset: str = "papo_g", overrides: Mapping[str, Any] | Sequence[str] =
     """Train as ``papo train`` does; returns ``{"before", "after", "steps", "warnings", "out"}``.
 
     ``preset``: one of ``papo.config.schema.PRESETS`` (grpo, papo_g, ..., vppo, pgpo, noisy_rollout, dvrp), or
-    ``config``: a ``TrainConfig`` (e.g. a loaded ``config.yaml``) used instead. ``overrides``: ``{"rollout.n": 4}`` or ``["rollout.n=4"]``.
+    ``config``: a ``TrainConfig`` (e.g. a loaded ``config.yaml``) used instead. ``overrides``:
+    ``{"rollout.n": 4}`` or ``["rollout.n=4"]``.
     ``dataset``: a data spec (file, directory, hub id, ``synthetic:...``), a ``datasets.Dataset``, or a list of
     row dicts with the columns papo's loaders read (prompt / answer / images; ``papo.data.load_samples``).
     ``reward``: a registered name, ``"file.py:function"``, or a callable
