@@ -664,3 +664,23 @@ def trainer_keys(trainer, exp):
 
     draws = sorted({int(u.split(":")[0]) for u in exp.uids})
     return rollout_keys(trainer.cfg.trainer.seed, torch.tensor(draws), trainer.cfg.rollout.n)
+
+
+def test_noisy_rollout_and_dvrp_share_one_noised_copy(tmp_path, monkeypatch):
+    """Both on: the noised images NoisyRollout samples from are the view DVRP scores, made once per prompt."""
+    import papo.training.trainer as trainer_module
+
+    made = []
+    real = trainer_module.diffusion_noise
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "diffusion_noise", counted)
+    trainer = Trainer(small_cfg("noisy_rollout", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.kl_noise_coef=0.01"]),
+                      tmp_path, "cpu")
+    row = trainer.step()
+    exp = trainer.last_experience
+    assert len(made) == trainer.cfg.trainer.rollout_batch_size  # one image per prompt, noised once
+    assert row["kl_noise"] > 0 and exp.noised_images[0] is exp.noised_images[1]

@@ -175,8 +175,10 @@ class Trainer:
         prompts = [s.formatted_prompt() for _, s in draws]
         batch = self.policy.encode(prompts, images[::g])
         keys = rollout_keys(self.cfg.trainer.seed, torch.tensor([pos for pos, _ in draws]), g)
+        # one noised copy per prompt, for NoisyRollout's sampling and DVRP's third view alike
+        noised = self._noised(draws, images[::g]) if self.cfg.algorithm.noisy_rollout or self.needs["noised"] else None
         if self.cfg.algorithm.noisy_rollout:
-            comp = self._noisy_rollout(draws, prompts, batch, images[::g], keys)
+            comp = self._noisy_rollout(prompts, batch, noised, keys)
         else:
             comp = self.sampler.generate(batch, self.params, n=g, keys=keys)
         self.sampler.release()  # the update needs that memory more than the next rollout does
@@ -187,20 +189,17 @@ class Trainer:
         for score in scores:  # a reward need only return "overall": it then stands for correctness too
             score.setdefault("accuracy", score["overall"])
         prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
-        noised = None
-        if self.needs["noised"]:  # DVRP's third view, one per prompt like the masked one
-            noised = [view for view in self._noised(draws, images[::g]) for _ in range(g)]
-        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens, noised)
+        third_view = [view for view in noised for _ in range(g)] if self.needs["noised"] else None  # DVRP
+        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens, third_view)
 
-    def _noisy_rollout(self, draws: list[tuple[int, Sample]], prompts: list[str], batch: PromptBatch,
-                       images: list[list[Any]], keys: torch.Tensor) -> Completions:
+    def _noisy_rollout(self, prompts: list[str], batch: PromptBatch, noised: list[list[Any]],
+                       keys: torch.Tensor) -> Completions:
         """NoisyRollout: each group's first half sampled with the clean image, its second half with a noised one
         (one per prompt, its diffusion step annealed over training). Everything after sampling sees the clean
         image: the experience keeps it, so scoring and the update never see the noise."""
         g = self.cfg.rollout.n
         half = g // 2
-        noised = self._noised(draws, images)
-        keys = keys.view(len(draws), g)
+        keys = keys.view(len(prompts), g)
         clean = self.sampler.generate(batch, self.params, n=half, keys=keys[:, :half].reshape(-1))
         # the engine has this step's weights already: a sharded policy need not gather them twice
         parts = [clean, self.sampler.generate(self.policy.encode(prompts, noised), self.params, n=half,
