@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from papo.data.images import to_rgb
+from papo.data.masking import mask_rng
 
 DIFFUSION_STEPS = 1000
 
@@ -41,6 +42,12 @@ def noise_step_at(step: int, total_steps: int, start: int = 500, decay: float = 
     x = decay * (step / max(total_steps, 1) - mid_step / max(total_steps, 1))
     keep = 1.0 - 1.0 / (1.0 + math.exp(-x)) if x > -700 else 1.0
     return min(int(start * keep), DIFFUSION_STEPS - 1)
+
+
+def noise_rng(seed: int, sample_id: Any, draw: int, image_index: int) -> np.random.Generator:
+    """The noise's generator: keyed like the masks, in a stream of its own (a masked and a noised copy of the
+    same image draw unrelated numbers)."""
+    return mask_rng(seed, f"noise:{sample_id}", draw, image_index)
 
 
 def diffusion_noise(image: Any, step: int, rng: np.random.Generator) -> Image.Image:

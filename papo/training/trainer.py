@@ -51,8 +51,8 @@ from papo.algo import (
     vppo_advantages,
 )
 from papo.config.schema import TrainConfig
-from papo.data.masking import image_views, mask_rng
-from papo.data.noising import diffusion_noise, noise_step_at
+from papo.data.masking import image_views
+from papo.data.noising import diffusion_noise, noise_rng, noise_step_at
 from papo.data.sample import Sample
 from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
@@ -211,7 +211,7 @@ class Trainer:
         sample, draw, image)."""
         a = self.cfg.algorithm
         k = noise_step_at(self.step_no + 1, self.cfg.trainer.max_steps, a.noise_step, a.noise_decay, a.noise_mid_step)
-        return [[diffusion_noise(im, k, mask_rng(self.cfg.trainer.seed, f"noise:{sample.id}", pos, i))
+        return [[diffusion_noise(im, k, noise_rng(self.cfg.trainer.seed, sample.id, pos, i))
                  for i, im in enumerate(ims)] for (pos, sample), ims in zip(draws, images)]
 
     @property
