@@ -110,3 +110,30 @@ SMALL = [
 
 def small_cfg(preset="papo_g", extra=()):
     return load_config(preset, overrides=SMALL + list(extra))
+
+
+def record_gradients(trainer) -> list[list[torch.Tensor]]:
+    """Filled with each optimizer step's gradients (parameters in order), taken just before the step."""
+    grads: list[list[torch.Tensor]] = []
+    real = trainer.optim.step
+
+    def step(*args, **kwargs):
+        grads.append([p.grad.clone() for p in trainer.policy.model.parameters() if p.grad is not None])
+        return real(*args, **kwargs)
+
+    trainer.optim.step = step
+    return grads
+
+
+def record_loss_advantages(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Filled with the (advantages, mask) of every papo_loss call the trainer makes."""
+    import papo.training.trainer as trainer_module
+
+    recorded, real = [], trainer_module.papo_loss
+
+    def spy(cfg, logp, old, adv, mask, **kw):
+        recorded.append((adv.clone(), mask.clone()))
+        return real(cfg, logp, old, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    return recorded

@@ -3,7 +3,7 @@ and gradients as eager layers, generation left eager, and refused under torchrun
 
 import pytest
 import torch
-from model_fixtures import mixed_batch, small_cfg, tiny_policy
+from model_fixtures import mixed_batch, record_gradients, small_cfg, tiny_policy
 
 import papo.models.compiled as compiled
 from papo.config.schema import load_config
@@ -66,14 +66,7 @@ def test_a_step_with_compiled_layers_and_checkpointing_matches_eager(tmp_path, m
         cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "model.gradient_checkpointing=true",
                                    f"model.compile_layers={str(on).lower()}"])
         trainer = Trainer(cfg, tmp_path / str(on), "cpu")
-        grads = []
-        real_step = trainer.optim.step
-
-        def step(*args, real_step=real_step, grads=grads, model=trainer.policy.model, **kwargs):
-            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-            return real_step(*args, **kwargs)
-
-        trainer.optim.step = step
+        grads = record_gradients(trainer)
         runs.append((trainer.step(), grads))
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == on
     (base, g_base), (row, grads) = runs

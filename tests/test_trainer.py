@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from model_fixtures import small_cfg
+from model_fixtures import record_gradients, record_loss_advantages, small_cfg
 from PIL import Image
 
 from papo.algo import group_advantages
@@ -96,19 +96,11 @@ def test_loss_inputs_are_what_papo_algo_expects(tmp_path, monkeypatch):
 def test_vppo_gives_the_loss_token_advantages_on_visually_dependent_tokens(tmp_path, monkeypatch):
     """VPPO: each response keeps its advantage on ceil(0.4 T) tokens, scaled by alpha >= 0.9 (the unit tests
     check the scales' mean); everywhere else the advantage is 0."""
-    import papo.training.trainer as trainer_module
-
     torch.manual_seed(0)
     trainer = Trainer(small_cfg("vppo", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.online_filter=false",
                                          "trainer.micro_batch_size=8"]), tmp_path, "cpu")
     assert trainer.needs["old"] and trainer.needs["masked"] and not trainer.old_from_update
-    recorded, real = [], trainer_module.papo_loss
-
-    def spy(cfg, logp, old, adv, mask, **kw):
-        recorded.append((adv.clone(), mask.clone()))
-        return real(cfg, logp, old, adv, mask, **kw)
-
-    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    recorded = record_loss_advantages(monkeypatch)
     row = trainer.step()
     exp = trainer.last_experience
     base = group_advantages(torch.tensor([s["overall"] for s in exp.scores]), exp.uids)
@@ -130,18 +122,10 @@ def test_vppo_gives_the_loss_token_advantages_on_visually_dependent_tokens(tmp_p
 def test_pgpo_reshapes_token_advantages_keeping_each_response_sum(tmp_path, monkeypatch):
     """PGPO: per-token advantages whose sum over each response equals T_i * A_i (mass conserved), with pi_old
     from the update's own forward (no separate old pass) and the masked pass from scoring."""
-    import papo.training.trainer as trainer_module
-
     torch.manual_seed(0)
     trainer = Trainer(small_cfg("pgpo", [GROUPS_WITH_DIFFERENT_REWARDS, "algorithm.online_filter=false"]), tmp_path, "cpu")
     assert trainer.needs == {"noised": False, "old": False, "masked": True, "ref": False}
-    recorded, real = [], trainer_module.papo_loss
-
-    def spy(cfg, logp, old, adv, mask, **kw):
-        recorded.append((adv.clone(), mask.clone()))
-        return real(cfg, logp, old, adv, mask, **kw)
-
-    monkeypatch.setattr(trainer_module, "papo_loss", spy)
+    recorded = record_loss_advantages(monkeypatch)
     row = trainer.step()
     exp = trainer.last_experience
     base = group_advantages(torch.tensor([s["overall"] for s in exp.scores]), exp.uids)
@@ -268,14 +252,7 @@ def test_update_passes_of_several_micro_batches_leave_the_gradient_unchanged(ext
         cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.micro_batch_size=2",
                                    f"trainer.update_micro_batch_size={update_size}", *extra])
         trainer = Trainer(cfg, tmp_path / str(update_size), "cpu")
-        grads = []
-        real_step = trainer.optim.step
-
-        def step(*args, real_step=real_step, grads=grads, model=trainer.policy.model, **kwargs):
-            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-            return real_step(*args, **kwargs)
-
-        trainer.optim.step = step
+        grads = record_gradients(trainer)
         row = trainer.step()
         runs.append((row, grads, _params(trainer.policy.model)))
     tokens = trainer.last_experience.mask.sum(-1).view(-1, 2).sum(-1)  # valid tokens of each micro-batch
