@@ -6,6 +6,7 @@ import torch
 from model_fixtures import mixed_batch, record_gradients, small_cfg, tiny_policy
 
 import papo.models.compiled as compiled
+import papo.models.logprobs as logprobs
 from papo.config.schema import load_config
 from papo.errors import ConfigError
 from papo.rollout import Sampler
@@ -41,11 +42,39 @@ def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
     layers = policy.model.get_decoder().layers
     assert id(policy.root) in policy._compiled and set(policy._compiled[id(policy.root)]) == set(layers)
     assert all(layer._compiled_call_impl is None for layer in layers)  # routed only for the region: generate stays eager
+    assert "aot_eager" in logprobs._compiled_chunks and not logprobs._head_compiled  # the head ran compiled too
     m = comp.mask.bool()
     assert (got[0][m] - eager[0][m]).abs().max() < 1e-5 and (got[1][m] - eager[1][m]).abs().max() < 1e-4
     assert got[2].keys() == eager[2].keys() and len(got[2]) > 0
     for name, g in eager[2].items():
         assert torch.allclose(got[2][name], g, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_compiled_head_scores_and_differentiates_like_the_eager_one(monkeypatch, backend):
+    """Temperature, suppressed ids, exact entropy, a short last chunk and the backward through checkpointing,
+    as the update runs them; with Inductor, its generated reductions against eager float32."""
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h = torch.randn(7, 16, requires_grad=True)
+    targets = torch.randint(0, 45, (7,))
+    suppress = torch.arange(50) >= 45
+
+    def run():
+        h.grad = head.weight.grad = None
+        logp, ent = logprobs.token_logprobs(head, h, targets, 0.7, suppress, chunk_tokens=4, with_entropy=True)
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        return logp.detach(), ent.detach(), h.grad.clone(), head.weight.grad.clone()
+
+    eager = run()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with logprobs.compiled_head():
+        got = run()
+    assert not logprobs._head_compiled and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for a, b in zip(got, eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_layers_are_refused_under_several_processes():

@@ -30,6 +30,14 @@ def compiled_calls(blocks: Iterable[torch.nn.Module]) -> dict[torch.nn.Module, A
     return {blk: torch.compile(blk._call_impl, dynamic=True, backend=BACKEND) for blk in blocks}
 
 
+def compiled_function(fn: Any) -> Any:
+    return torch.compile(fn, dynamic=True, backend=BACKEND)
+
+
+def more_cache_entries() -> Any:
+    return torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES)
+
+
 @contextmanager
 def routed(compiled: dict[torch.nn.Module, Any]) -> Iterator[None]:
     """Route the blocks' calls through their compiled versions for the duration."""
@@ -40,7 +48,7 @@ def routed(compiled: dict[torch.nn.Module, Any]) -> Iterator[None]:
     for blk, fn in compiled.items():
         blk._compiled_call_impl = fn
     try:
-        with torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES):
+        with more_cache_entries():
             yield
     finally:
         for blk, fn in before.items():

@@ -5,10 +5,17 @@ when gradients are on, so (tokens x vocabulary) logits for the whole batch never
 forward or the backward pass. Logits are divided by the sampling temperature and the suppressed ids (vision
 placeholders, padded vocabulary rows) are set to -inf, exactly as the sampler's logits processors do, so a
 log-prob here equals the sampler's.
+
+Inside ``compiled_head()`` (the trainer's scoring and update regions, with ``model.compile_layers``) each chunk
+runs through ``torch.compile``: eager code writes the (tokens x vocabulary) logits out in float32 about five
+times (cast, temperature, suppression, log-softmax and their backward), Inductor reads the bf16 logits once or
+twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,6 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from papo.algo.kl import entropy_from_logits
+from papo.models import compiled
 from papo.models.packing import can_pack, pack
 
 
@@ -57,6 +65,25 @@ def _chunk_logprobs(head: Any, h: Tensor, targets: Tensor, temperature: float, s
     return logp, entropy
 
 
+_compiled_chunks: dict[str, Any] = {}  # per compiler backend: _chunk_logprobs through torch.compile
+_head_compiled = False
+
+
+@contextmanager
+def compiled_head() -> Iterator[None]:
+    """The region where the head's chunks run compiled. Like compiled layers, it must hold the backward:
+    checkpointing recomputes each chunk there."""
+    global _head_compiled
+    if compiled.BACKEND not in _compiled_chunks:
+        _compiled_chunks[compiled.BACKEND] = compiled.compiled_function(_chunk_logprobs)
+    before, _head_compiled = _head_compiled, True
+    try:
+        with compiled.more_cache_entries():
+            yield
+    finally:
+        _head_compiled = before
+
+
 def response_logprobs(
     model: Any,
     inputs: dict[str, Tensor],  # prompt + completion inputs (append_completions)
@@ -85,18 +112,27 @@ def response_logprobs(
     else:
         hidden = _backbone(model, inputs)[rows, before]
     targets = ids[rows, p + cols]
-    head = model.get_output_embeddings()
+    logps, entropies = token_logprobs(model.get_output_embeddings(), hidden, targets, temperature, suppress,
+                                      chunk_tokens, with_entropy)
+
+    def scatter(values: Tensor) -> Tensor:  # (N,) -> (B, R), zero at padded positions
+        return values.new_zeros(b, r).index_put((rows, cols), values)
+
+    return scatter(logps), scatter(entropies) if with_entropy else None
+
+
+def token_logprobs(head: Any, hidden: Tensor, targets: Tensor, temperature: float, suppress: Tensor | None,
+                   chunk_tokens: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """(N, H) hidden states and (N,) next tokens -> (N,) log-probs and (N,) entropies (zeros without
+    ``with_entropy``), ``chunk_tokens`` rows of logits at a time."""
+    chunk_logprobs = _compiled_chunks[compiled.BACKEND] if _head_compiled else _chunk_logprobs
     logps, entropies = [], []
     for start in range(0, max(1, hidden.shape[0]), chunk_tokens):
         args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature, suppress, with_entropy)
         if torch.is_grad_enabled() and hidden.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            lp, ent = checkpoint(chunk_logprobs, *args, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(*args)
+            lp, ent = chunk_logprobs(*args)
         logps.append(lp)
         entropies.append(ent)
-    def scatter(values: list[Tensor]) -> Tensor:  # (N,) chunks -> (B, R), zero at padded positions
-        flat = torch.cat(values)
-        return flat.new_zeros(b, r).index_put((rows, cols), flat)
-
-    return scatter(logps), scatter(entropies) if with_entropy else None
+    return torch.cat(logps), torch.cat(entropies)

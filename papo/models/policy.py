@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from papo.models.attention import use_packed_text_attention, use_packed_vision_a
 from papo.models.compiled import compiled_calls, routed
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
 from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
-from papo.models.logprobs import response_logprobs, suppress_mask, suppressed_token_ids
+from papo.models.logprobs import compiled_head, response_logprobs, suppress_mask, suppressed_token_ids
 from papo.models.lora import lora_scalings, merge_lora
 from papo.models.precision import Precision
 
@@ -143,18 +143,21 @@ class Policy:
             return (model or self.root)(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress,
                                         chunk_tokens, with_entropy)
 
-    def compiled_passes(self, *others: RootCall | None) -> Any:
-        """The region where this policy's decoder layers (and those of ``others``, e.g. the reference model) run
-        compiled, with ``compile_layers``. It must hold the backward too: activation checkpointing recomputes
-        each layer there, and the recomputation must run the same code as the forward."""
+    @contextlib.contextmanager
+    def compiled_passes(self, *others: RootCall | None) -> Iterator[None]:
+        """The region where this policy's decoder layers and log-prob head (and those of ``others``, e.g. the
+        reference model) run compiled, with ``compile_layers``. It must hold the backward too: activation
+        checkpointing recomputes each layer there, and the recomputation must run the same code as the forward."""
         if not self.compile_layers:
-            return contextlib.nullcontext()
+            yield
+            return
         calls: dict = {}
         for root in {id(r): r for r in (self.root, *others) if r is not None}.values():
             if id(root) not in self._compiled:
                 self._compiled[id(root)] = compiled_calls(root.model.get_decoder().layers)
             calls.update(self._compiled[id(root)])
-        return routed(calls)
+        with routed(calls), compiled_head():
+            yield
 
     def save(self, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """A Hugging Face directory: safetensors, config, generation config, processor, tokenizer, chat template.
