@@ -64,6 +64,8 @@ def main() -> None:
                     help="also time update and scoring compiled: the decoder's MLPs and RMSNorms (an experiment), or "
                     "its whole layers (model.compile_layers)")
     ap.add_argument("--configs", default=",".join(f"{p}:{m}" for p, m in CONFIGS), help="pass:mode pairs to time")
+    ap.add_argument("--uncheckpointed", default="", help="with --compile: also time the compiled update with these "
+                    "numbers of last decoder layers left out of full checkpointing (e.g. 12,24)")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     args = ap.parse_args()
     cap = 48 if args.smoke else 2048
@@ -87,8 +89,8 @@ def main() -> None:
             list(encoded[key].scoring())
         return encoded[key]
 
-    def update_fn(pass_size: int, mode: str):
-        set_checkpointing(trainer.policy.model, mode)
+    def update_fn(pass_size: int, mode: str, uncheckpointed: int = 0):
+        set_checkpointing(trainer.policy.model, mode, uncheckpointed)
         mb = batches(pass_size, pass_size)  # as a step with scoring passes of the same size: no merging
         return lambda: trainer.update(exp, mb, logps, adv, 0.02, {})
 
@@ -136,7 +138,8 @@ def main() -> None:
         fn = update_fn(16, "full")
         fn()  # compiles
         seconds = timed(fn, device, args.repeats)
-        what = "whole decoder layers" if args.compile == "layers" else "decoder MLPs and RMSNorms"
+        what = ("transformer blocks (decoder layers, vision blocks) and the log-prob head" if args.compile == "layers"
+                else "decoder MLPs and RMSNorms")
         # other response lengths: a compiled layer that specialised on the packing would recompile here
         fresh = experience(trainer, cap, seed=1)
         fresh_mb = MicroBatches(fresh, trainer.policy, micro, SEQUENCES, 16, 16)
@@ -152,7 +155,25 @@ def main() -> None:
         compiled = {"modules": what, "update_16_full_s": round(seconds, 3),
                     "first_update_on_new_lengths_s": round(new_lengths_s, 3),
                     "update_mfu": round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None,
-                    "scoring": [score(16)]}
+                    "scoring": [score(16), score(32)], "uncheckpointed": []}
+        for kept in (int(k) for k in args.uncheckpointed.split(",") if k):
+            row = {"uncheckpointed_layers": kept}
+            fn = update_fn(16, "full", kept)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                fn()  # a layer that keeps its activations is a new graph for the compiler
+                seconds = timed(fn, device, args.repeats)
+                row.update(update_s=round(seconds, 3), update_mfu=round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None)
+            except torch.OutOfMemoryError:
+                trainer.optim.zero_grad(set_to_none=True)
+                row["update_s"] = "out of memory"
+            if device == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            compiled["uncheckpointed"].append(row)
+            print(json.dumps(row), flush=True)
+        set_checkpointing(trainer.policy.model, "full")
         print(json.dumps(compiled), flush=True)
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sequences": SEQUENCES,

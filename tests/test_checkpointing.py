@@ -18,11 +18,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _backward(mode):
+def _backward(mode, uncheckpointed=0):
     """Gradients of one packed forward and backward under ``mode``, and the ops the backward ran."""
     torch.manual_seed(0)
     policy = tiny_policy()
-    set_checkpointing(policy.model, mode)
+    set_checkpointing(policy.model, mode, uncheckpointed)
     policy.model.train()
     _, prompts, images = mixed_batch(policy)
     batch = policy.encode(prompts, images)
@@ -49,6 +49,27 @@ def test_checkpointing_modes_give_the_same_gradients_and_selective_recomputes_no
     assert mm["full"] > mm["none"] == mm["selective"]  # the recomputed forward's matmuls
     rsqrt = {mode: counts.get("rsqrt", 0) for mode, (_, counts) in runs.items()}
     assert rsqrt["none"] < rsqrt["selective"] == rsqrt["full"]  # RMSNorm: recomputed, not kept
+
+
+def test_uncheckpointed_layers_keep_their_activations():
+    """The last decoder layers stay out of checkpointing: the backward recomputes only the others' matmuls."""
+    layers = len(tiny_policy().model.get_decoder().layers)
+    mm = {}
+    for kept in (0, 1, layers):
+        grads, counts = _backward("full", kept)
+        mm[kept] = counts.get("mm", 0) + counts.get("addmm", 0)
+        if kept == 0:
+            base = grads
+        for name, g in grads.items():
+            assert torch.allclose(g, base[name], atol=1e-6, rtol=1e-5), (kept, name)
+    per_layer = (mm[0] - mm[layers]) / layers  # a decoder layer's recomputed matmuls
+    assert per_layer > 0 and mm[1] == mm[0] - per_layer
+    none = _backward("none")[1]
+    assert mm[layers] > none.get("mm", 0) + none.get("addmm", 0)  # vision blocks still recompute
+    with pytest.raises(ValueError, match="between 0 and the model's"):
+        set_checkpointing(tiny_policy().model, "full", layers + 1)
+    with pytest.raises(ConfigError, match="model.uncheckpointed_layers"):
+        small_cfg("papo_g", ["model.uncheckpointed_layers=-1"])
 
 
 def test_checkpoint_mode_values():

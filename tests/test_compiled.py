@@ -39,7 +39,7 @@ def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
     with policy.compiled_passes():
         got = _pass(policy, batch, comp)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled
-    layers = policy.model.get_decoder().layers
+    layers = [*policy.model.get_decoder().layers, *policy.model.model.visual.blocks]
     assert id(policy.root) in policy._compiled and set(policy._compiled[id(policy.root)]) == set(layers)
     assert all(layer._compiled_call_impl is None for layer in layers)  # routed only for the region: generate stays eager
     assert "aot_eager" in logprobs._compiled_chunks and not logprobs._head_compiled  # the head ran compiled too
@@ -81,6 +81,18 @@ def test_compiled_layers_are_refused_under_several_processes():
     cfg = load_config("grpo", overrides=["model.compile_layers=true"])
     with pytest.raises(ConfigError, match="model.compile_layers"):
         check_world_size(cfg, 2)
+    check_world_size(load_config("grpo"), 2)  # auto, the default: off there
+
+
+def test_auto_compiles_only_for_one_cuda_process_training_every_weight():
+    assert load_config("grpo").model.compile_layers == "auto"
+    assert compiled.use_compiled_layers("auto", "cuda:0", 1, 0)
+    assert not compiled.use_compiled_layers("auto", "cpu", 1, 0)
+    assert not compiled.use_compiled_layers("auto", "cuda", 2, 0)
+    assert not compiled.use_compiled_layers("auto", "cuda", 1, 8)
+    assert compiled.use_compiled_layers(True, "cpu", 1, 0) and not compiled.use_compiled_layers(False, "cuda", 1, 0)
+    with pytest.raises(ConfigError, match="model.compile_layers must be true, false or auto"):
+        load_config("grpo", overrides=["model.compile_layers=sometimes"])
 
 
 def test_a_step_with_compiled_layers_and_checkpointing_matches_eager(tmp_path, monkeypatch):

@@ -34,10 +34,12 @@ class ModelSection:
     freeze_vision: bool = False
     # false, true (full: recompute each block in the backward) or selective (keep matmul and attention outputs)
     gradient_checkpointing: bool | str = False
+    uncheckpointed_layers: int = 0  # with checkpointing: the last decoder layers keep their activations (memory for speed)
     lora_rank: int = 0
     padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
-    # scoring and update forwards through torch.compile'd decoder layers (papo.models.compiled); one process only
-    compile_layers: bool = False
+    # scoring and update forwards through torch.compile'd decoder layers and head (papo.models.compiled); auto: on
+    # for one CUDA process training every weight, the case measured; true is refused under torchrun
+    compile_layers: bool | str = "auto"
 
 
 @dataclass
@@ -223,6 +225,8 @@ class TrainConfig:
              f"trainer.micro_batch_size (now {t.micro_batch_size}): an update pass holds whole micro-batches"),
             (self.model.gradient_checkpointing in (True, False, *CHECKPOINT_MODES),
              f"model.gradient_checkpointing must be true, false or one of {', '.join(CHECKPOINT_MODES)}"),
+            (self.model.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto"),
+            (self.model.uncheckpointed_layers >= 0, "model.uncheckpointed_layers must be >= 0"),
             (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: trainer.rollout_batch_size)"),
             (t.gen_batch_size == 0 or a.online_filter,
              "trainer.gen_batch_size sizes DAPO's filter rounds; it needs algorithm.online_filter=true"),

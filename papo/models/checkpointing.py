@@ -8,6 +8,9 @@ block's forward the backward recomputes.
   rope, activations, casts), through torch's selective activation checkpointing. It trades the recomputed
   matmuls for the memory of their outputs, and adds a Python dispatch per operator: whether that beats
   ``full`` depends on the model and GPU (docs/training-at-scale.md has the measurements).
+
+``uncheckpointed`` leaves the last decoder layers out of either mode: they keep their activations, so memory
+left over by the rest buys back their recomputation (Megatron's partial recompute).
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoin
     return CheckpointPolicy.MUST_SAVE if _is_saved(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
-    """Apply ``mode`` to a transformers model's checkpointable blocks (``gradient_checkpointing_enable``)."""
+def set_checkpointing(model: torch.nn.Module, mode: bool | str, uncheckpointed: int = 0) -> None:
+    """Apply ``mode`` to a transformers model's checkpointable blocks (``gradient_checkpointing_enable``),
+    except the last ``uncheckpointed`` decoder layers."""
     mode = checkpoint_mode(mode)
+    layers = model.get_decoder().layers
+    if not 0 <= uncheckpointed <= len(layers):
+        raise ValueError(f"uncheckpointed layers must be between 0 and the model's {len(layers)} decoder layers, got {uncheckpointed}")
     if mode == "none":
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
@@ -57,3 +64,5 @@ def set_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    for layer in list(layers)[len(layers) - uncheckpointed :]:
+        layer.gradient_checkpointing = False

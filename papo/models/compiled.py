@@ -26,6 +26,14 @@ CACHE_ENTRIES = 64
 BACKEND = "inductor"  # tests swap in "aot_eager": the same tracing and autograd, without code generation
 
 
+def use_compiled_layers(setting: bool | str, device: str | torch.device, world_size: int, lora_rank: int) -> bool:
+    """``model.compile_layers``: true, false, or "auto": one CUDA process training every weight, the case
+    measured (on the CPU, compilation would outlast short runs; FSDP2 and LoRA under compilation are untimed)."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.device(device).type == "cuda" and world_size == 1 and lora_rank == 0
+
+
 def compiled_calls(blocks: Iterable[torch.nn.Module]) -> dict[torch.nn.Module, Any]:
     return {blk: torch.compile(blk._call_impl, dynamic=True, backend=BACKEND) for blk in blocks}
 

@@ -116,10 +116,18 @@ class ModelOptions:
     lora_alpha: int = 16
     lora_target: str = "all-linear"
     padding_free: bool = True  # Policy: scoring and update forwards without padding (papo.models.packing)
-    compile_layers: bool = False  # Policy: scoring and update forwards through compiled decoder layers
+    compile_layers: bool = False  # Policy: scoring and update forwards through compiled blocks and head
+    uncheckpointed_layers: int = 0  # under checkpointing, the last decoder layers that keep their activations
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_of(self.param_dtype)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Instances of the model's no-split classes (``_no_split_modules``: Qwen2.5-VL's decoder layers and vision
+    blocks), in module order: what FSDP shards and compilation wraps one by one."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -134,7 +142,7 @@ def prepare_model(model: torch.nn.Module, opts: ModelOptions) -> torch.nn.Module
     if opts.freeze_vision:
         for p in vision_parameters(model):
             p.requires_grad_(False)
-    set_checkpointing(model, opts.gradient_checkpointing)
+    set_checkpointing(model, opts.gradient_checkpointing, opts.uncheckpointed_layers)
     if opts.lora_rank > 0:
         try:
             from peft import LoraConfig, get_peft_model

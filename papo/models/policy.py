@@ -21,7 +21,7 @@ from papo.data.sample import Sample
 from papo.models.attention import use_packed_text_attention, use_packed_vision_attention
 from papo.models.compiled import compiled_calls, routed
 from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
-from papo.models.loading import ModelOptions, load_model, load_processor, plain_class
+from papo.models.loading import ModelOptions, load_model, load_processor, plain_class, transformer_blocks
 from papo.models.logprobs import compiled_head, response_logprobs, suppress_mask, suppressed_token_ids
 from papo.models.lora import lora_scalings, merge_lora
 from papo.models.precision import Precision
@@ -67,8 +67,8 @@ class Policy:
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
     own bfloat16 copy of the weights (``papo.models.precision``). ``padding_free``: scoring and update forwards
     pack each batch's sequences without padding where the model allows it (``papo.models.packing``).
-    ``compile_layers``: inside ``compiled_passes`` (the trainer's scoring and update) the decoder layers run
-    compiled (``papo.models.compiled``); generation stays eager."""
+    ``compile_layers``: inside ``compiled_passes`` (the trainer's scoring and update) the transformer blocks
+    and the log-prob head run compiled (``papo.models.compiled``); generation stays eager."""
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
                  compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False):
@@ -145,8 +145,8 @@ class Policy:
 
     @contextlib.contextmanager
     def compiled_passes(self, *others: RootCall | None) -> Iterator[None]:
-        """The region where this policy's decoder layers and log-prob head (and those of ``others``, e.g. the
-        reference model) run compiled, with ``compile_layers``. It must hold the backward too: activation
+        """The region where this policy's transformer blocks (decoder layers and vision blocks) and log-prob head
+        (and those of ``others``, e.g. the reference model) run compiled, with ``compile_layers``. It must hold the backward too: activation
         checkpointing recomputes each layer there, and the recomputation must run the same code as the forward."""
         if not self.compile_layers:
             yield
@@ -154,7 +154,7 @@ class Policy:
         calls: dict = {}
         for root in {id(r): r for r in (self.root, *others) if r is not None}.values():
             if id(root) not in self._compiled:
-                self._compiled[id(root)] = compiled_calls(root.model.get_decoder().layers)
+                self._compiled[id(root)] = compiled_calls(transformer_blocks(root.model))
             calls.update(self._compiled[id(root)])
         with routed(calls), compiled_head():
             yield

@@ -19,14 +19,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from papo.errors import ConfigError
+from papo.models.loading import transformer_blocks
 from papo.models.policy import RootCall
 from papo.models.precision import Precision
 
 
 def shard_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules FSDP shards one by one: instances of the model's no-split classes, in module order."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    """The modules FSDP shards one by one: ``transformer_blocks``, which must exist."""
+    blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no transformer blocks (_no_split_modules); cannot shard it per block")
     return blocks
@@ -54,9 +54,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_world_size(cfg: Any, world_size: int) -> None:
     """Batch sizes that split evenly over the processes, and options sharded training supports."""
-    if cfg.model.compile_layers:
-        raise ConfigError("model.compile_layers is for one process: compiled layers under FSDP2 are not measured; "
-                          "set model.compile_layers=false with torchrun")
+    if cfg.model.compile_layers is True:
+        raise ConfigError("model.compile_layers=true is for one process: compiled layers under FSDP2 are not measured; "
+                          "set model.compile_layers=auto or false with torchrun")
     t = cfg.trainer
     for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.mini_batch_size", t.mini_batch_size),
                        ("trainer.gen_batch_size", t.gen_batch_size)):

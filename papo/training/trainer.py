@@ -57,6 +57,7 @@ from papo.data.sample import Sample
 from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
 from papo.models.checkpointing import checkpoint_mode
+from papo.models.compiled import use_compiled_layers
 from papo.models.inputs import PromptBatch
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy, RootCall
@@ -93,7 +94,8 @@ class Trainer:
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank,
-                            padding_free=m.padding_free, compile_layers=m.compile_layers)
+                            padding_free=m.padding_free, uncheckpointed_layers=m.uncheckpointed_layers,
+                            compile_layers=use_compiled_layers(m.compile_layers, device, self.ctx.world_size, m.lora_rank))
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
         # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters
