@@ -71,7 +71,8 @@ def main() -> None:
     cap = 48 if args.smoke else 2048
     trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "update-passes",
                                                [f"rollout.max_new_tokens={cap}", "trainer.micro_batch_size=4"],
-                                               ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=8"])
+                                               ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=8",
+                                                "model.compile_layers=false"])  # --compile turns it on for its rows
     cfg = trainer.cfg
     exp = experience(trainer, cap)
     zeros = torch.zeros(exp.ids.shape)
