@@ -7,6 +7,8 @@
    multinomial. Reports the share of draws outside transformers' nucleus (must be 0) and the total-variation
    distance of each sampler's token frequencies to the exact nucleus distribution, beside the distance between
    two halves of the same sampler's draws (what sampling noise alone gives).
+   Also papo's top-p search (the Triton kernels) against the torch bisection at 2 and 160 rows: the share of
+   rows whose kept tokens differ (must be 0) and each one's milliseconds per call.
 2. Whole rollouts, n=5: the Qwen2.5-VL-3B architecture (random weights, bf16) through ``Policy.generate`` with
    papo.rollout (compiled, CUDA graphs) and with transformers generate: mean response length, share ended by
    EOS, and the mean log-prob of the sampled tokens under the scoring forward, each with its standard error.
@@ -75,7 +77,34 @@ def head_check(rows: int = 8, draws: int = 8192, top_p: float = 0.99, chunk: int
         out[name] = {"outside_nucleus": sum(x["outside_nucleus"] for x in rows_),
                      "mean_tv_to_exact": round(sum(x["tv_to_exact"] for x in rows_) / len(rows_), 4),
                      "mean_tv_between_halves": round(sum(x["tv_between_halves"] for x in rows_) / len(rows_), 4)}
+    out["search"] = search_check(top_p)
     return out
+
+
+def search_check(top_p: float) -> list[dict]:
+    from papo.rollout.nucleus import _kernel_cutoff, bisection_cutoff
+
+    def ms_per_call(fn, repeats: int = 20) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    rows_out = []
+    for rows in (2, 160):
+        gen = torch.Generator(device="cuda").manual_seed(rows)
+        sharpness = torch.linspace(0.05, 20.0, rows, device="cuda")[:, None]  # flat to peaked rows
+        probs = (torch.randn(rows, VOCAB, generator=gen, device="cuda") * sharpness).softmax(-1)
+        kernel, bisection = _kernel_cutoff(probs, top_p), bisection_cutoff(probs, top_p)
+        differ = ((probs > kernel[:, None]) != (probs > bisection[:, None])).any(-1)
+        rows_out.append({"rows": rows, "rows_differing": int(differ.sum()),
+                         "kernel_ms": round(ms_per_call(lambda: _kernel_cutoff(probs, top_p)), 3),
+                         "bisection_ms": round(ms_per_call(lambda: bisection_cutoff(probs, top_p)), 3)})
+    return rows_out
 
 
 def rollout_check(prompts: int = 16, n: int = 5, new_tokens: int = 256, top_p: float = 0.99) -> dict:
@@ -122,11 +151,14 @@ def rollout_check(prompts: int = 16, n: int = 5, new_tokens: int = 256, top_p: f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--head-only", action="store_true", help="the sampling head and search checks, no rollouts")
     args = ap.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     result["head"] = head_check()
-    print(json.dumps({k: result["head"][k] for k in ("papo", "transformers")}), flush=True)
+    print(json.dumps({k: result["head"][k] for k in ("papo", "transformers", "search")}), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.head_only:
+        return
     result["rollout"] = rollout_check()
     print(json.dumps({k: result["rollout"][k] for k in ("papo", "hf")}), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -169,6 +169,19 @@ def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
     assert torch.equal(probs > top_p_cutoff(probs, top_p)[:, None], expected)
 
 
+def test_the_sampling_head_compiles_as_one_graph():
+    """The top-p search is a custom operator: the compiled head keeps it in its graph, so the keyed noise and the
+    race after it are generated code too (a graph break there left them as eager int64 kernels)."""
+    from papo.rollout.decode_step import sample
+
+    logits, suppress = torch.randn(4, 300), torch.arange(300) >= 290
+    args = (logits, suppress, SamplingParams(10, top_p=0.99), torch.arange(4), torch.full((4,), 3))
+    explained = torch._dynamo.explain(sample)(*args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    targets = {str(node.target) for node in explained.graphs[0].graph.nodes}
+    assert "papo.top_p_cutoff.default" in targets, targets  # the search itself, as one opaque operator
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(policy, monkeypatch):
     """A compiler error (e.g. Inductor at a 151,936-token vocabulary) must not end a run: one warning, then eager."""
     import papo.rollout.decode_step

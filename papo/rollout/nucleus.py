@@ -6,10 +6,14 @@ run of exactly equal probabilities). Non-negative floats order like their int32 
 searching those: no sort and no cumsum, which Inductor cannot generate over a 151,936-token vocabulary, and
 nothing that needs the host, so the search lives inside the engine's captured decode step.
 
-* ``top_p_cutoff`` in torch: bisection, 31 masked sums over the vocabulary (any device);
-* on CUDA, a Triton kernel, one thread block per row, tries 15 thresholds per pass over the row, 8 passes in
-  all. With many rows the sampling head is bound by reading the (rows, vocabulary) probabilities, and the
-  kernel reads them 9 times instead of 32 (docs/rollout.md).
+* ``bisection_cutoff`` in torch: 31 masked sums over the vocabulary (any device);
+* on CUDA, Triton kernels try 15 thresholds per pass over the row, 8 passes in all, so the probabilities are
+  read 9 times instead of 32. Each row is split into segments of ``SEGMENT`` tokens, one program each, so a
+  few rows still spread over the GPU; every program of a pass replays the earlier passes' per-segment masses
+  in the same order, so the search is deterministic and needs no atomics.
+
+``top_p_cutoff`` is a custom operator (``papo::top_p_cutoff``): a compiled sampling head keeps it in its graph
+instead of breaking there.
 """
 
 from __future__ import annotations
@@ -25,14 +29,21 @@ except ImportError:
 
 BISECTION_STEPS = 31  # bit patterns of floats in [0, 1] span < 2^30: the bisection ends on the exact cutoff
 KERNEL_PASSES = 8  # 16-way splits: 16^8 > 2^30
-KERNEL_BLOCK = 1024
+SEGMENT = 8192  # tokens per program
+BLOCK = 1024
 
 
+@torch.library.custom_op("papo::top_p_cutoff", mutates_args=())
 def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
     """(b, V) probabilities -> (b,) the nucleus cutoff: tokens with p <= cutoff are dropped."""
     if triton is not None and probs.is_cuda:
         return _kernel_cutoff(probs, top_p)
     return bisection_cutoff(probs, top_p)
+
+
+@top_p_cutoff.register_fake
+def _(probs: Tensor, top_p: float) -> Tensor:
+    return probs.new_empty(probs.shape[0])
 
 
 def bisection_cutoff(probs: Tensor, top_p: float) -> Tensor:
@@ -47,39 +58,73 @@ def bisection_cutoff(probs: Tensor, top_p: float) -> Tensor:
     return lo.view(torch.float32)
 
 
-@torch.compiler.disable  # a launch of its own inside the compiled sampling head (a graph break, not a retrace)
 def _kernel_cutoff(probs: Tensor, top_p: float) -> Tensor:
     probs = probs.contiguous()
-    out = torch.empty(probs.shape[0], dtype=torch.float32, device=probs.device)
-    _search[(probs.shape[0],)](probs, out, probs.shape[1], probs.stride(0), 1.0 - top_p,
-                               BLOCK=KERNEL_BLOCK, PASSES=KERNEL_PASSES, num_warps=8)
+    rows, vocab = probs.shape
+    segments = triton.cdiv(vocab, SEGMENT)
+    maxes = torch.empty(rows, segments, dtype=torch.float32, device=probs.device)
+    masses = torch.empty(KERNEL_PASSES, rows, segments, 16, dtype=torch.float32, device=probs.device)
+    out = torch.empty(rows, dtype=torch.float32, device=probs.device)
+    common = dict(SEGMENT=SEGMENT, BLOCK=BLOCK, SBLOCK=triton.next_power_of_2(segments), num_warps=8)
+    _segment_max[(rows, segments)](probs, maxes, vocab, probs.stride(0), segments, SEGMENT=SEGMENT, BLOCK=BLOCK)
+    for done in range(KERNEL_PASSES):
+        _segment_mass[(rows, segments)](probs, maxes, masses, vocab, probs.stride(0), segments, rows, 1.0 - top_p,
+                                        done, **common)
+    _finish[(rows,)](maxes, masses, out, segments, rows, 1.0 - top_p, PASSES=KERNEL_PASSES,
+                     SBLOCK=common["SBLOCK"])
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _search(P, OUT, V, stride, budget, BLOCK: tl.constexpr, PASSES: tl.constexpr):
-        """One row: lo always fits (mass <= budget) and hi never does; each pass sums the mass below lo and 15
-        thresholds between lo and hi, and keeps the last that fits and the first that does not."""
-        base = P + tl.program_id(0) * stride
-        lanes = tl.arange(0, 16)
+    def _segment_max(P, MAXES, V, stride, S, SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
+        row, seg = tl.program_id(0), tl.program_id(1)
+        base = P + row.to(tl.int64) * stride
         top = tl.zeros([BLOCK], tl.float32)
-        for off in range(0, V, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
+        for off in range(0, SEGMENT, BLOCK):
+            idx = seg * SEGMENT + off + tl.arange(0, BLOCK)
             top = tl.maximum(top, tl.load(base + idx, mask=idx < V, other=0.0))
+        tl.store(MAXES + row * S + seg, tl.max(top, 0))
+
+    @triton.jit
+    def _bounds(MAXES, MASSES, row, S, rows, budget, done, SBLOCK: tl.constexpr):
+        """(lo, hi) after ``done`` passes of one row, replayed from the stored per-segment masses: lo always
+        fits (mass <= budget) and hi never does; each pass keeps the last probe that fits and the first that
+        does not (mass grows with the threshold, so the probes that fit are a prefix)."""
+        segs = tl.arange(0, SBLOCK)
+        lanes = tl.arange(0, 16)
+        top = tl.load(MAXES + row * S + segs, mask=segs < S, other=0.0)
         hi = tl.max(top, 0).to(tl.int32, bitcast=True).to(tl.int64)
         lo = hi * 0
-        for _ in tl.static_range(PASSES):
+        for q in range(done):
             probes = lo + (hi - lo) * lanes.to(tl.int64) // 16  # lane 0 is lo itself
-            thresholds = probes.to(tl.int32).to(tl.float32, bitcast=True)
-            mass = tl.zeros([16], tl.float32)
-            for off in range(0, V, BLOCK):
-                idx = off + tl.arange(0, BLOCK)
-                p = tl.load(base + idx, mask=idx < V, other=0.0)
-                mass += tl.sum(tl.where(p[:, None] <= thresholds[None, :], p[:, None], 0.0), 0)
-            fits = tl.sum((mass <= budget).to(tl.int32), 0)  # mass grows with the threshold: a prefix fits
+            part = tl.load(MASSES + ((q * rows + row) * S + segs[:, None]) * 16 + lanes[None, :],
+                           mask=(segs < S)[:, None], other=0.0)
+            fits = tl.sum((tl.sum(part, 0) <= budget).to(tl.int32), 0)
             new_lo = tl.sum(tl.where(lanes == fits - 1, probes, 0), 0)
             hi = tl.where(fits < 16, tl.sum(tl.where(lanes == fits, probes, 0), 0), hi)
             lo = new_lo
-        tl.store(OUT + tl.program_id(0), lo.to(tl.int32).to(tl.float32, bitcast=True))
+        return lo, hi
+
+    @triton.jit
+    def _segment_mass(P, MAXES, MASSES, V, stride, S, rows, budget, done, SEGMENT: tl.constexpr,
+                      BLOCK: tl.constexpr, SBLOCK: tl.constexpr):
+        """Pass ``done``: one segment's mass below each of the pass's 16 probes."""
+        row, seg = tl.program_id(0), tl.program_id(1)
+        lo, hi = _bounds(MAXES, MASSES, row, S, rows, budget, done, SBLOCK)
+        lanes = tl.arange(0, 16)
+        thresholds = (lo + (hi - lo) * lanes.to(tl.int64) // 16).to(tl.int32).to(tl.float32, bitcast=True)
+        base = P + row.to(tl.int64) * stride
+        mass = tl.zeros([16], tl.float32)
+        for off in range(0, SEGMENT, BLOCK):
+            idx = seg * SEGMENT + off + tl.arange(0, BLOCK)
+            p = tl.load(base + idx, mask=idx < V, other=0.0)
+            mass += tl.sum(tl.where(p[:, None] <= thresholds[None, :], p[:, None], 0.0), 0)
+        tl.store(MASSES + ((done * rows + row) * S + seg) * 16 + lanes, mass)
+
+    @triton.jit
+    def _finish(MAXES, MASSES, OUT, S, rows, budget, PASSES: tl.constexpr, SBLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        lo, _ = _bounds(MAXES, MASSES, row, S, rows, budget, PASSES, SBLOCK)
+        tl.store(OUT + row, lo.to(tl.int32).to(tl.float32, bitcast=True))
