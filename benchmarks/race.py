@@ -15,7 +15,8 @@ so that one generation feeds the same two updates. A papo step is one generation
 a TRL step, timed from TRL's own step callbacks. Tokens count prompt (image tokens included) and response
 tokens, as verl and EasyR1 count them (TRL's ``num_tokens``). ``--papo-before`` folds in a ``train_step.py``
 result measured at an earlier papo commit with the same arguments, ``--papo-from`` one of the current commit
-(when TRL's step needs a run of its own), and ``--trl-deadline`` records a lower bound if TRL's step outlasts
+(when TRL's step needs a run of its own), ``--trl-from`` the TRL entry of an earlier race.py result (when
+papo changed and TRL did not; with both ``-from`` options nothing runs), and ``--trl-deadline`` records a lower bound if TRL's step outlasts
 the time the run has (the process then exits with status 3; list TRL last in ``--systems``). TRL samples only the ids papo samples (the benchmark model's output layer is wider
 than its tokenizer).
 
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--papo-before", default="", help="a train_step.py result JSON measured at an earlier papo commit")
     ap.add_argument("--papo-from", default="", help="a train_step.py GRPO result JSON for the papo entry, instead of "
                     "running papo here (when TRL needs a run of its own)")
+    ap.add_argument("--trl-from", default="", help="an earlier race.py result JSON whose TRL entry is reused")
     ap.add_argument("--systems", default="papo,trl")
     ap.add_argument("--trl-deadline", type=float, default=0.0,
                     help="seconds: if TRL's steps are not done by then, record a lower bound and stop (0: wait)")
@@ -193,7 +195,10 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     ctx = DistContext(device=device)
     cap = 16 if args.smoke else 2048
-    model_dir = resolve_model("default") if args.smoke else str(ensure_model("3b", Path(args.models_dir) / "qwen2.5-vl-3b", ctx))
+    folded = {"papo": args.papo_from, "trl": args.trl_from}
+    model_dir = ""
+    if not all(folded.get(system) for system in args.systems.split(",")):
+        model_dir = resolve_model("default") if args.smoke else str(ensure_model("3b", Path(args.models_dir) / "qwen2.5-vl-3b", ctx))
     runs = []
     for system in args.systems.split(","):
         try:
@@ -218,6 +223,10 @@ def run_system(system: str, args, model_dir: str, cap: int, device: str, ctx, do
         name = "embedded-default" if args.smoke else "qwen2.5-vl-3b"
         r = run(name, model_dir, "default", args.prompts, args.steps, device, extra, ctx, preset="grpo")
         return {"system": "papo", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "detail": r}
+    if system == "trl" and args.trl_from:
+        earlier = json.loads(Path(args.trl_from).read_text())
+        r = next(run for run in earlier["runs"] if run["system"] == "trl")
+        return {**r, "from": f"{Path(args.trl_from).name}, device {earlier.get('device')}, torch {earlier.get('torch')}"}
     if system == "trl":
         return run_trl(model_dir, args.prompts, args.steps, cap, args.smoke, args.trl_deadline,
                        on_deadline=lambda partial: write(args, done + [partial], device))
@@ -232,9 +241,15 @@ def write(args, runs: list[dict], device: str) -> None:
         runs.append({"system": "papo-before", "step_s": r["step_s"], "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
                      "label": before.get("label", ""), "detail": r})
     by = {r["system"]: r for r in runs}
-    result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b", "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "prompts_per_step": args.prompts,
-              "runs": runs}
+    measured_on = {}
+    for path in (args.papo_from, args.trl_from):  # folded results name the machine they ran on
+        if path:
+            measured_on = {k: json.loads(Path(path).read_text()).get(k) for k in ("torch", "device")}
+    if device == "cuda" and torch.cuda.is_available():
+        measured_on = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
+    result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b",
+              "torch": measured_on.get("torch", torch.__version__), "device": measured_on.get("device", device),
+              "prompts_per_step": args.prompts, "runs": runs}
     papo, trl = by.get("papo", {}), by.get("trl", {})
     if "step_s" in papo and "step_s" in trl:
         result["trl_step_over_papo_step"] = round(trl["step_s"] / papo["step_s"], 2)
