@@ -4,7 +4,8 @@ Each block gets ``torch.compile(block._call_impl, dynamic=True)``: Inductor fuse
 the block's matrix multiplies and attention (norms, rope, activations, residual adds, casts), and dynamic shapes
 serve every token count with one compilation. Routing, rather than ``Module.compile``, keeps every other caller
 eager: the rollout engine compiles the vision tower only for its prefill, and the policy compiles its decoder
-layers only for scoring and update passes (``model.compile_layers``), never for transformers ``generate``.
+layers and vision blocks only for scoring and update passes (``model.compile_layers``), never for
+transformers ``generate``.
 
 Attention that reads sequence lengths as Python ints is a graph break (``torch.compiler.disable`` in
 ``papo.models.attention``), so new packings of the same tokens do not recompile.
