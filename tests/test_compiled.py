@@ -77,6 +77,28 @@ def test_the_compiled_head_scores_and_differentiates_like_the_eager_one(monkeypa
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
+    """Compiled passes are on by default on a GPU: a compiler failure must cost speed, not the run."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("InductorError: a lowering this model needs is missing")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    torch.manual_seed(0)
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    comp = Sampler(policy, engine="hf").generate(batch, SamplingParams(8, greedy=True))
+    eager = _pass(policy, batch, comp)
+    policy.compile_layers = True
+    torch._dynamo.reset()
+    with policy.compiled_passes():
+        got = _pass(policy, batch, comp)
+    m = comp.mask.bool()
+    assert torch.equal(got[0][m], eager[0][m]) and torch.equal(got[1][m], eager[1][m])
+    for name, g in eager[2].items():
+        assert torch.equal(got[2][name], g), name
+
+
 def test_compiled_layers_are_refused_under_several_processes():
     cfg = load_config("grpo", overrides=["model.compile_layers=true"])
     with pytest.raises(ConfigError, match="model.compile_layers"):

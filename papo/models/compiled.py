@@ -43,8 +43,10 @@ def compiled_function(fn: Any) -> Any:
     return torch.compile(fn, dynamic=True, backend=BACKEND)
 
 
-def more_cache_entries() -> Any:
-    return torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES)
+def compile_settings() -> Any:
+    """Room for every block's entries, and a block whose compilation fails runs eagerly (with dynamo's warning)
+    instead of ending the run: compiled passes are a speed option, on by default."""
+    return torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES, suppress_errors=True)
 
 
 @contextmanager
@@ -57,7 +59,7 @@ def routed(compiled: dict[torch.nn.Module, Any]) -> Iterator[None]:
     for blk, fn in compiled.items():
         blk._compiled_call_impl = fn
     try:
-        with more_cache_entries():
+        with compile_settings():
             yield
     finally:
         for blk, fn in before.items():

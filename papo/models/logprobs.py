@@ -78,7 +78,7 @@ def compiled_head() -> Iterator[None]:
         _compiled_chunks[compiled.BACKEND] = compiled.compiled_function(_chunk_logprobs)
     before, _head_compiled = _head_compiled, True
     try:
-        with compiled.more_cache_entries():
+        with compiled.compile_settings():
             yield
     finally:
         _head_compiled = before
