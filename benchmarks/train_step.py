@@ -54,7 +54,7 @@ PAPER = ["rollout.n=5", "rollout.temperature=1.0", "rollout.top_p=0.99", "rollou
          "trainer.scoring_micro_batch_size=16", "trainer.update_micro_batch_size=16",
          "model.gradient_checkpointing=true", "optim.lr=1e-6"]
 QUIET = ["trainer.eval_before_after=false", "trainer.report_to=none", "trainer.save_every=0", "trainer.log_samples_every=0"]
-PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "ref_logp_s", "update_s", "encode_s")
+PHASES = ("rollout_s", "old_logp_s", "masked_logp_s", "noised_logp_s", "ref_logp_s", "update_s", "encode_s")
 
 
 QWEN25_VL_PIXELS = (3136, 12845056)  # the released Qwen2.5-VL image processor's own min / max pixels
@@ -287,7 +287,9 @@ def main() -> None:
     meta = {"torch": torch.__version__, **({"label": args.label} if args.label else {})}
     if args.smoke:
         extra = ["rollout.n=2", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4", *args.set]
-        results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device, extra, ctx))
+        for preset in args.presets.split(","):
+            results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device, extra, ctx,
+                               preset=preset))
     else:
         import transformers
 
