@@ -35,6 +35,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -299,8 +300,16 @@ def main() -> None:
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
             ensure_model(size, folder, ctx)
             profile: dict | None = {} if args.profile_scoring else None
-            results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device, args.set,
-                               ctx, args.warmup_steps, preset, profile))
+            try:
+                results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device,
+                                   args.set, ctx, args.warmup_steps, preset, profile))
+            except Exception as err:  # one run failing (a config a preset refuses, a crash) keeps the others' results
+                traceback.print_exc()
+                results.append({"model": f"qwen2.5-vl-{size}", "preset": preset, "precision": precision,
+                                "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                profile = None
             if profile is not None:
                 results[-1]["scoring_profile"] = profile
                 if ctx.is_main:
@@ -311,8 +320,13 @@ def main() -> None:
         return
     Path(args.out).write_text(json.dumps({**meta, "runs": results}, indent=1))
     for r in results:
+        if "error" in r:
+            print(f"{r['model']} {r['preset']} {r['precision']}: failed, {r['error']}")
+            continue
         print(f"{r['model']} {r['preset']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
               f"update MFU {r['update_mfu']}, peak {r['peak_gib']} GiB, phases {r['phases']}")
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
