@@ -245,7 +245,9 @@ def write(args, runs: list[dict], device: str) -> None:
     for path in (args.papo_from, args.trl_from):  # folded results name the machine they ran on
         if path:
             measured_on = {k: json.loads(Path(path).read_text()).get(k) for k in ("torch", "device")}
-    if device == "cuda" and torch.cuda.is_available():
+    ran_here = any(not (system == "papo" and args.papo_from) and not (system == "trl" and args.trl_from)
+                   for system in (r["system"] for r in runs if r["system"] in ("papo", "trl")))
+    if ran_here and device == "cuda" and torch.cuda.is_available():
         measured_on = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     result = {"model": "embedded-default" if args.smoke else "qwen2.5-vl-3b",
               "torch": measured_on.get("torch", torch.__version__), "device": measured_on.get("device", device),

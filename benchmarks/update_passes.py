@@ -138,7 +138,11 @@ def main() -> None:
             text.norm.compile(dynamic=True)
         fn = update_fn(16, "full")
         fn()  # compiles
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         seconds = timed(fn, device, args.repeats)
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
         what = ("transformer blocks (decoder layers, vision blocks) and the log-prob head" if args.compile == "layers"
                 else "decoder MLPs and RMSNorms")
         # other response lengths: a compiled layer that specialised on the packing would recompile here
@@ -153,7 +157,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         new_lengths_s = time.perf_counter() - t
-        compiled = {"modules": what, "update_16_full_s": round(seconds, 3),
+        compiled = {"modules": what, "update_16_full_s": round(seconds, 3), "update_16_full_peak_gib": peak,
                     "first_update_on_new_lengths_s": round(new_lengths_s, 3),
                     "update_mfu": round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None,
                     "scoring": [score(16), score(32)], "uncheckpointed": []}

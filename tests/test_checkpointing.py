@@ -66,10 +66,15 @@ def test_uncheckpointed_layers_keep_their_activations():
     assert per_layer > 0 and mm[1] == mm[0] - per_layer
     none = _backward("none")[1]
     assert mm[layers] > none.get("mm", 0) + none.get("addmm", 0)  # vision blocks still recompute
-    with pytest.raises(ValueError, match="between 0 and the model's"):
-        set_checkpointing(tiny_policy().model, "full", layers + 1)
+    model = tiny_policy().model
+    set_checkpointing(model, "full", 1)
+    assert [layer.gradient_checkpointing for layer in model.get_decoder().layers] == [True] * (layers - 1) + [False]
+    with pytest.raises(ConfigError, match="at most the model's"):
+        set_checkpointing(model, "full", layers + 1)
     with pytest.raises(ConfigError, match="model.uncheckpointed_layers"):
         small_cfg("papo_g", ["model.uncheckpointed_layers=-1"])
+    with pytest.raises(ConfigError, match="set model.gradient_checkpointing too"):
+        small_cfg("papo_g", ["model.uncheckpointed_layers=2"])
 
 
 def test_checkpoint_mode_values():

@@ -42,7 +42,6 @@ def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
     layers = [*policy.model.get_decoder().layers, *policy.model.model.visual.blocks]
     assert id(policy.root) in policy._compiled and set(policy._compiled[id(policy.root)]) == set(layers)
     assert all(layer._compiled_call_impl is None for layer in layers)  # routed only for the region: generate stays eager
-    assert "aot_eager" in logprobs._compiled_chunks and not logprobs._head_compiled  # the head ran compiled too
     m = comp.mask.bool()
     assert (got[0][m] - eager[0][m]).abs().max() < 1e-5 and (got[1][m] - eager[1][m]).abs().max() < 1e-4
     assert got[2].keys() == eager[2].keys() and len(got[2]) > 0
@@ -78,8 +77,11 @@ def test_the_compiled_head_scores_and_differentiates_like_the_eager_one(monkeypa
 
 
 def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
-    """Compiled passes are on by default on a GPU: a compiler failure must cost speed, not the run."""
+    """Compiled passes are on by default on a GPU: a forward's compiler failure must cost speed, not the run."""
+    calls = []
+
     def broken(gm, example_inputs):
+        calls.append(gm)
         raise RuntimeError("InductorError: a lowering this model needs is missing")
 
     monkeypatch.setattr(compiled, "BACKEND", broken)
@@ -93,10 +95,12 @@ def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
     torch._dynamo.reset()
     with policy.compiled_passes():
         got = _pass(policy, batch, comp)
+    assert calls  # the region really tried to compile
     m = comp.mask.bool()
     assert torch.equal(got[0][m], eager[0][m]) and torch.equal(got[1][m], eager[1][m])
     for name, g in eager[2].items():
         assert torch.equal(got[2][name], g), name
+    torch._dynamo.reset()  # dynamo skips a failed frame's code for the rest of the process
 
 
 def test_compiled_layers_are_refused_under_several_processes():

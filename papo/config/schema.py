@@ -227,6 +227,8 @@ class TrainConfig:
              f"model.gradient_checkpointing must be true, false or one of {', '.join(CHECKPOINT_MODES)}"),
             (self.model.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto"),
             (self.model.uncheckpointed_layers >= 0, "model.uncheckpointed_layers must be >= 0"),
+            (self.model.uncheckpointed_layers == 0 or self.model.gradient_checkpointing not in (False, "none"),
+             "model.uncheckpointed_layers leaves layers out of gradient checkpointing: set model.gradient_checkpointing too"),
             (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: trainer.rollout_batch_size)"),
             (t.gen_batch_size == 0 or a.online_filter,
              "trainer.gen_batch_size sizes DAPO's filter rounds; it needs algorithm.online_filter=true"),

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from papo.errors import ConfigError
+
 MODES = ("none", "full", "selective")
 
 _SAVED_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -52,9 +54,10 @@ def set_checkpointing(model: torch.nn.Module, mode: bool | str, uncheckpointed: 
     """Apply ``mode`` to a transformers model's checkpointable blocks (``gradient_checkpointing_enable``),
     except the last ``uncheckpointed`` decoder layers."""
     mode = checkpoint_mode(mode)
-    layers = model.get_decoder().layers
-    if not 0 <= uncheckpointed <= len(layers):
-        raise ValueError(f"uncheckpointed layers must be between 0 and the model's {len(layers)} decoder layers, got {uncheckpointed}")
+    layers = model.get_decoder().layers if uncheckpointed else []
+    if not 0 <= uncheckpointed <= len(layers) or (uncheckpointed and mode == "none"):
+        raise ConfigError(f"model.uncheckpointed_layers={uncheckpointed}: it needs gradient checkpointing on and at most "
+                          f"the model's {len(layers)} decoder layers")
     if mode == "none":
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
@@ -64,5 +67,5 @@ def set_checkpointing(model: torch.nn.Module, mode: bool | str, uncheckpointed: 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-    for layer in list(layers)[len(layers) - uncheckpointed :]:
+    for layer in list(layers)[len(layers) - uncheckpointed :] if uncheckpointed else []:
         layer.gradient_checkpointing = False

@@ -44,8 +44,10 @@ def compiled_function(fn: Any) -> Any:
 
 
 def compile_settings() -> Any:
-    """Room for every block's entries, and a block whose compilation fails runs eagerly (with dynamo's warning)
-    instead of ending the run: compiled passes are a speed option, on by default."""
+    """Room for every block's entries; and a forward that fails to compile runs eagerly instead of ending the
+    run (compiled passes are a speed option, on by default). Dynamo then skips that code for the rest of the
+    process: every block of the class runs eagerly, with dynamo's warning. A failure compiling a backward is
+    not caught (Inductor compiles it at the first backward pass)."""
     return torch._dynamo.config.patch(cache_size_limit=CACHE_ENTRIES, suppress_errors=True)
 
 

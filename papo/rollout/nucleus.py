@@ -35,7 +35,7 @@ BLOCK = 1024
 
 @torch.library.custom_op("papo::top_p_cutoff", mutates_args=())
 def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
-    """(b, V) probabilities -> (b,) the nucleus cutoff: tokens with p <= cutoff are dropped."""
+    """(b, V) float32 probabilities -> (b,) float32 nucleus cutoff: tokens with p <= cutoff are dropped."""
     if triton is not None and probs.is_cuda:
         return _kernel_cutoff(probs, top_p)
     return bisection_cutoff(probs, top_p)
@@ -43,7 +43,7 @@ def top_p_cutoff(probs: Tensor, top_p: float) -> Tensor:
 
 @top_p_cutoff.register_fake
 def _(probs: Tensor, top_p: float) -> Tensor:
-    return probs.new_empty(probs.shape[0])
+    return probs.new_empty(probs.shape[0], dtype=torch.float32)
 
 
 def bisection_cutoff(probs: Tensor, top_p: float) -> Tensor:
