@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -65,23 +66,23 @@ def _chunk_logprobs(head: Any, h: Tensor, targets: Tensor, temperature: float, s
     return logp, entropy
 
 
-_compiled_chunks: dict[str, Any] = {}  # per compiler backend: _chunk_logprobs through torch.compile
-_head_compiled = False
+_compiled_chunks: dict[Any, Any] = {}  # per compiler backend: _chunk_logprobs through torch.compile
+# the compiled chunk function inside a compiled_head() region of this thread or task, else None
+_compiled_chunk: ContextVar[Any] = ContextVar("compiled_chunk", default=None)
 
 
 @contextmanager
 def compiled_head() -> Iterator[None]:
     """The region where the head's chunks run compiled. Like compiled layers, it must hold the backward:
     checkpointing recomputes each chunk there."""
-    global _head_compiled
     if compiled.BACKEND not in _compiled_chunks:
         _compiled_chunks[compiled.BACKEND] = compiled.compiled_function(_chunk_logprobs)
-    before, _head_compiled = _head_compiled, True
+    token = _compiled_chunk.set(_compiled_chunks[compiled.BACKEND])
     try:
         with compiled.compile_settings():
             yield
     finally:
-        _head_compiled = before
+        _compiled_chunk.reset(token)
 
 
 def response_logprobs(
@@ -125,7 +126,7 @@ def token_logprobs(head: Any, hidden: Tensor, targets: Tensor, temperature: floa
                    chunk_tokens: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
     """(N, H) hidden states and (N,) next tokens -> (N,) log-probs and (N,) entropies (zeros without
     ``with_entropy``), ``chunk_tokens`` rows of logits at a time."""
-    chunk_logprobs = _compiled_chunks[compiled.BACKEND] if _head_compiled else _chunk_logprobs
+    chunk_logprobs = _compiled_chunk.get() or _chunk_logprobs
     logps, entropies = [], []
     for start in range(0, max(1, hidden.shape[0]), chunk_tokens):
         args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature, suppress, with_entropy)
