@@ -95,15 +95,15 @@ def main() -> None:
         mb = batches(pass_size, pass_size)  # as a step with scoring passes of the same size: no merging
         return lambda: trainer.update(exp, mb, logps, adv, 0.02, {})
 
-    rows = []
-    for pass_size, mode in (spec.split(":") for spec in args.configs.split(",") if spec):
-        pass_size = int(pass_size)
-        row = {"pass_size": pass_size, "checkpointing": mode}
-        fn = update_fn(pass_size, mode)
+    def measure_update(row: dict, fn, warm_up: bool = False) -> dict:
+        """Seconds, MFU and peak memory of ``fn`` (an update) into ``row``; out of memory is a result too.
+        ``warm_up``: one untimed call first (a new graph for the compiler)."""
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
+            if warm_up:
+                fn()
             seconds = timed(fn, device, args.repeats)
             row.update(update_s=round(seconds, 3), update_mfu=round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None)
         except torch.OutOfMemoryError:
@@ -111,8 +111,13 @@ def main() -> None:
             row["update_s"] = "out of memory"
         if device == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        rows.append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    rows = []
+    for pass_size, mode in (spec.split(":") for spec in args.configs.split(",") if spec):
+        pass_size = int(pass_size)
+        rows.append(measure_update({"pass_size": pass_size, "checkpointing": mode}, update_fn(pass_size, mode)))
     set_checkpointing(trainer.policy.model, "full")
     trainer.needs["old"], trainer.old_from_update = True, False  # three whole passes: old, masked and reference
     passes = sum(trainer.needs.values())
@@ -161,23 +166,9 @@ def main() -> None:
                     "first_update_on_new_lengths_s": round(new_lengths_s, 3),
                     "update_mfu": round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None,
                     "scoring": [score(16), score(32)], "uncheckpointed": []}
-        for kept in (int(k) for k in args.uncheckpointed.split(",") if k):
-            row = {"uncheckpointed_layers": kept}
-            fn = update_fn(16, "full", kept)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                fn()  # a layer that keeps its activations is a new graph for the compiler
-                seconds = timed(fn, device, args.repeats)
-                row.update(update_s=round(seconds, 3), update_mfu=round(flops / seconds / PEAK_BF16_FLOPS, 4) if device == "cuda" else None)
-            except torch.OutOfMemoryError:
-                trainer.optim.zero_grad(set_to_none=True)
-                row["update_s"] = "out of memory"
-            if device == "cuda":
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            compiled["uncheckpointed"].append(row)
-            print(json.dumps(row), flush=True)
+        for kept in (int(k) for k in args.uncheckpointed.split(",") if k):  # a layer keeping its activations: a new graph
+            compiled["uncheckpointed"].append(measure_update({"uncheckpointed_layers": kept}, update_fn(16, "full", kept),
+                                                             warm_up=True))
         set_checkpointing(trainer.policy.model, "full")
         print(json.dumps(compiled), flush=True)
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,

@@ -25,19 +25,26 @@ def _pass(policy, batch, comp):
     return logp.detach(), ent.detach(), grads
 
 
-def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
-    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # dynamo's tracing and autograd, no code generation
+def _eager_then_compiled(new_tokens):
+    """A tiny policy's greedy completions scored eagerly, then inside ``compiled_passes`` with a fresh dynamo:
+    (policy, completions, eager pass, compiled pass)."""
     torch.manual_seed(0)
     policy = tiny_policy()
     _, prompts, images = mixed_batch(policy)
     batch = policy.encode(prompts, images)
-    comp = Sampler(policy, engine="hf").generate(batch, SamplingParams(12, greedy=True))
+    comp = Sampler(policy, engine="hf").generate(batch, SamplingParams(new_tokens, greedy=True))
     eager = _pass(policy, batch, comp)
     policy.compile_layers = True
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with policy.compiled_passes():
         got = _pass(policy, batch, comp)
+    return policy, comp, eager, got
+
+
+def test_compiled_layers_score_and_differentiate_like_eager_ones(monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # dynamo's tracing and autograd, no code generation
+    policy, comp, eager, got = _eager_then_compiled(12)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled
     layers = [*policy.model.get_decoder().layers, *policy.model.model.visual.blocks]
     assert id(policy.root) in policy._compiled and set(policy._compiled[id(policy.root)]) == set(layers)
@@ -85,16 +92,7 @@ def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
         raise RuntimeError("InductorError: a lowering this model needs is missing")
 
     monkeypatch.setattr(compiled, "BACKEND", broken)
-    torch.manual_seed(0)
-    policy = tiny_policy()
-    _, prompts, images = mixed_batch(policy)
-    batch = policy.encode(prompts, images)
-    comp = Sampler(policy, engine="hf").generate(batch, SamplingParams(8, greedy=True))
-    eager = _pass(policy, batch, comp)
-    policy.compile_layers = True
-    torch._dynamo.reset()
-    with policy.compiled_passes():
-        got = _pass(policy, batch, comp)
+    _, comp, eager, got = _eager_then_compiled(8)
     assert calls  # the region really tried to compile
     m = comp.mask.bool()
     assert torch.equal(got[0][m], eager[0][m]) and torch.equal(got[1][m], eager[1][m])

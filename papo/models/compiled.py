@@ -35,12 +35,12 @@ def use_compiled_layers(setting: bool | str, device: str | torch.device, world_s
     return torch.device(device).type == "cuda" and world_size == 1 and lora_rank == 0
 
 
-def compiled_calls(blocks: Iterable[torch.nn.Module]) -> dict[torch.nn.Module, Any]:
-    return {blk: torch.compile(blk._call_impl, dynamic=True, backend=BACKEND) for blk in blocks}
-
-
 def compiled_function(fn: Any) -> Any:
     return torch.compile(fn, dynamic=True, backend=BACKEND)
+
+
+def compiled_calls(blocks: Iterable[torch.nn.Module]) -> dict[torch.nn.Module, Any]:
+    return {blk: compiled_function(blk._call_impl) for blk in blocks}
 
 
 def compile_settings() -> Any:

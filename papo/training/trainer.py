@@ -281,6 +281,11 @@ class Trainer:
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
         """Step 7: one optimizer step per mini-batch of prompts, gradients accumulated over micro-batches."""
+        with self.policy.compiled_passes():  # the backward's recomputation runs the forward's compiled layers
+            return self._update(exp, batches, logps, adv, gamma, timing)
+
+    def _update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
+                timing: dict[str, float]) -> dict[str, float]:
         t0, c, T = time.time(), self.cfg, self.cfg.rollout.temperature
         self.policy.model.train()  # whoever called last: gradient checkpointing acts in train mode only
         correct = torch.tensor([s["accuracy"] for s in exp.scores]) > 0.5
@@ -289,67 +294,66 @@ class Trainer:
         sums: dict[str, float] = {}
         count = skipped = 0
         norms, causes = [], []
-        with self.policy.compiled_passes():  # the backward's recomputation runs the forward's compiled layers
-            for index in range(len(batches.plan)):
-                micro_batches = batches.micro_batch_count(index)
-                total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
-                if c.algorithm.token_mean_scope == "mini_batch":
-                    total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
+        for index in range(len(batches.plan)):
+            micro_batches = batches.micro_batch_count(index)
+            total_tokens = 0.0  # valid tokens of the mini-batch on every rank: only mini_batch weighting needs them
+            if c.algorithm.token_mean_scope == "mini_batch":
+                total_tokens = self.ctx.sum(float(exp.mask[batches.rows(index)].sum()))[0]
+            self.optim.zero_grad(set_to_none=True)
+            dep_range = self._dependency_range(exp, batches.rows(index), logps) if self.vppo else None
+            for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
+                failpoint("update")
+                rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
+                logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
+                # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
+                on_policy = logps.old is None or (index == 0 and self.old_from_update)
+                old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
+                masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
+                masked_ent = None
+                if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
+                    masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
+                ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
+                noised_logp = None if logps.noised is None else logps.noised[rows, :w].to(dev)
+                mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
+                shaped = self.vppo or self.pgpo  # old is pi_old here either way: scored, or this forward's own
+                dependency = token_dependency(old, logps.masked[rows, :w].to(dev)) if shaped else None
+                loss = 0.0
+                for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
+                    group_adv = adv_rows[g]
+                    if self.vppo:  # the visually dependent tokens keep the advantage, scaled per response
+                        group_adv = vppo_advantages(group_adv, dependency[g], mask[g], *dep_range,
+                                                    c.algorithm.vppo_token_ratio, c.algorithm.vppo_scale_min)
+                    elif self.pgpo:  # advantage moved towards the visually dependent tokens, sum kept
+                        group_adv = pgpo_advantages(group_adv, dependency[g], mask[g], c.algorithm.pgpo_threshold,
+                                                    c.algorithm.pgpo_boost)
+                    if shaped:
+                        sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + float(masked_mean(dependency[g], mask[g]))
+                    part, metrics = papo_loss(
+                        self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
+                        ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
+                        entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
+                        noised_log_probs=_rows(noised_logp, g),
+                    )
+                    loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
+                                                            float(mask[g].sum()), total_tokens, self.ctx.world_size)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                loss.backward()
+            self.poison.gradients(self.policy.model.parameters())
+            params = [p for p in self.policy.model.parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: the norm over all ranks
+            if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
+                torch.nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip, total)
+                self.optim.step()
+            else:  # a non-finite gradient never reaches the weights; the gradients are still unclipped, so say where
+                skipped += 1
+                where = "; ".join(f"rank {r}: {w}" if self.ctx.world_size > 1 else w
+                                  for r, w in enumerate(self.ctx.gather(nonfinite_gradients(self.policy.model))) if w)
+                causes.append(f"non-finite gradient norm in mini-batch {index}" + (f" ({where})" if where else ""))
                 self.optim.zero_grad(set_to_none=True)
-                dep_range = self._dependency_range(exp, batches.rows(index), logps) if self.vppo else None
-                for mb in batches.update_passes(index):  # one forward and backward per trainer.update_micro_batch_size sequences
-                    failpoint("update")
-                    rows, w, dev = mb.rows, mb.ids.shape[1], self.policy.device
-                    logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
-                    # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
-                    on_policy = logps.old is None or (index == 0 and self.old_from_update)
-                    old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
-                    masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
-                    masked_ent = None
-                    if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
-                        masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
-                    ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
-                    noised_logp = None if logps.noised is None else logps.noised[rows, :w].to(dev)
-                    mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
-                    shaped = self.vppo or self.pgpo  # old is pi_old here either way: scored, or this forward's own
-                    dependency = token_dependency(old, logps.masked[rows, :w].to(dev)) if shaped else None
-                    loss = 0.0
-                    for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
-                        group_adv = adv_rows[g]
-                        if self.vppo:  # the visually dependent tokens keep the advantage, scaled per response
-                            group_adv = vppo_advantages(group_adv, dependency[g], mask[g], *dep_range,
-                                                        c.algorithm.vppo_token_ratio, c.algorithm.vppo_scale_min)
-                        elif self.pgpo:  # advantage moved towards the visually dependent tokens, sum kept
-                            group_adv = pgpo_advantages(group_adv, dependency[g], mask[g], c.algorithm.pgpo_threshold,
-                                                        c.algorithm.pgpo_boost)
-                        if shaped:
-                            sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + float(masked_mean(dependency[g], mask[g]))
-                        part, metrics = papo_loss(
-                            self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
-                            ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
-                            entropies=_rows(ent, g), masked_entropies=_rows(masked_ent, g),
-                            noised_log_probs=_rows(noised_logp, g),
-                        )
-                        loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
-                                                                float(mask[g].sum()), total_tokens, self.ctx.world_size)
-                        for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0.0) + float(v)
-                        count += 1
-                    loss.backward()
-                self.poison.gradients(self.policy.model.parameters())
-                params = [p for p in self.policy.model.parameters() if p.grad is not None]
-                total = torch.nn.utils.get_total_norm([p.grad for p in params])
-                norm = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: the norm over all ranks
-                if not self.ctx.any(not torch.isfinite(norm)):  # every rank applies the update, or none does
-                    torch.nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip, total)
-                    self.optim.step()
-                else:  # a non-finite gradient never reaches the weights; the gradients are still unclipped, so say where
-                    skipped += 1
-                    where = "; ".join(f"rank {r}: {w}" if self.ctx.world_size > 1 else w
-                                      for r, w in enumerate(self.ctx.gather(nonfinite_gradients(self.policy.model))) if w)
-                    causes.append(f"non-finite gradient norm in mini-batch {index}" + (f" ({where})" if where else ""))
-                    self.optim.zero_grad(set_to_none=True)
-                norms.append(float(norm))
+            norms.append(float(norm))
         self.sched.step()
         timing["update_s"] = time.time() - t0
         metrics = {k: v / max(1, count) for k, v in sums.items()}
