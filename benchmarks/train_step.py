@@ -240,8 +240,8 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         rows.append(row)
         if ctx.is_main:
             print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
-                                                  "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib",
-                                                  "alloc_retries", "skipped", "rollout_engine") if k in row}),
+                                                  "max_response_tokens", "update_mfu", *PHASES, "early_scored",
+                                                  "gpu_peak_gib", "alloc_retries", "skipped", "rollout_engine") if k in row}),
                   flush=True)
     steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 
@@ -258,6 +258,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         "parameters": total, "prompts_per_step": prompts, "sequences_per_step": steady[-1]["sequences"],
         "tokens_per_s_per_gpu": round(tokens / step_s / ctx.world_size, 1), "step_s": step_s,
         "update_mfu": mean("update_mfu"), "phases": {k: mean(k) for k in PHASES if mean(k) is not None},
+        **({"early_scored": mean("early_scored")} if mean("early_scored") is not None else {}),
         "peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=None),
         "mean_tokens_per_step": round(tokens, 1), "mean_response_tokens": mean("response_length"),
         "load_s": round(load_s, 1), "warmup_steps_s": [r["step_s"] for r in rows[:warmup]], "steps_averaged": len(steady),
@@ -280,29 +281,35 @@ def main() -> None:
     ap.add_argument("--presets", default="papo_g", help="comma-separated presets, each run with every size:precision")
     ap.add_argument("--label", default="", help="stored with each run (e.g. which code it measured)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=value[,key=value...]: each size and preset runs once per variant, with its overrides "
+                         "(e.g. --variant early:trainer.early_scoring=true --variant after:trainer.early_scoring=false)")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
     ap.add_argument("--profile-scoring", action="store_true", help="profile the last step's scoring phase (CUDA)")
     args = ap.parse_args()
     ctx, device = init_from_env("cpu" if args.smoke else "cuda")
     results: list[dict] = []
     meta = {"torch": torch.__version__, **({"label": args.label} if args.label else {})}
+    variants = [(name, overrides.split(",")) for name, _, overrides in (v.partition(":") for v in args.variant)] or [("", [])]
     if args.smoke:
         extra = ["rollout.n=2", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4", *args.set]
-        for preset in args.presets.split(","):
-            results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device, extra, ctx,
-                               preset=preset))
+        for preset, (variant, overrides) in ((p, v) for p in args.presets.split(",") for v in variants):
+            results.append(run("embedded-default", "default", "default", 2 * ctx.world_size, 2, device,
+                               [*extra, *overrides], ctx, preset=preset))
+            results[-1].update({"variant": variant, "overrides": overrides} if variant else {})
     else:
         import transformers
 
         meta.update(device=torch.cuda.get_device_name(), transformers=transformers.__version__, settings=PAPER)
-        for spec, preset in ((spec, preset) for spec in args.runs.split(",") for preset in args.presets.split(",")):
+        for spec, preset, (variant, overrides) in ((spec, preset, v) for spec in args.runs.split(",")
+                                                   for preset in args.presets.split(",") for v in variants):
             size, precision = spec.split(":")
             folder = Path(args.models_dir) / f"qwen2.5-vl-{size}"
             ensure_model(size, folder, ctx)
             profile: dict | None = {} if args.profile_scoring else None
             try:
                 results.append(run(f"qwen2.5-vl-{size}", str(folder), precision, args.prompts, args.steps, device,
-                                   args.set, ctx, args.warmup_steps, preset, profile))
+                                   [*args.set, *overrides], ctx, args.warmup_steps, preset, profile))
             except Exception as err:  # one run failing (a config a preset refuses, a crash) keeps the others' results
                 traceback.print_exc()
                 results.append({"model": f"qwen2.5-vl-{size}", "preset": preset, "precision": precision,
@@ -310,6 +317,7 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 profile = None
+            results[-1].update({"variant": variant, "overrides": overrides} if variant else {})
             if profile is not None:
                 results[-1]["scoring_profile"] = profile
                 if ctx.is_main:
@@ -323,7 +331,8 @@ def main() -> None:
         if "error" in r:
             print(f"{r['model']} {r['preset']} {r['precision']}: failed, {r['error']}")
             continue
-        print(f"{r['model']} {r['preset']} {r['precision_detail']}: {r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
+        print(f"{r['model']} {r['preset']}{' ' + r['variant'] if r.get('variant') else ''} {r['precision_detail']}: "
+              f"{r['step_s']} s/step, {r['tokens_per_s_per_gpu']} tokens/s/GPU, "
               f"update MFU {r['update_mfu']}, peak {r['peak_gib']} GiB, phases {r['phases']}")
     if any("error" in r for r in results):
         sys.exit(1)
