@@ -240,8 +240,8 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         rows.append(row)
         if ctx.is_main:
             print(json.dumps({k: row[k] for k in ("step", "step_s", "tokens", "tokens_per_s", "response_length",
-                                                  "max_response_tokens", "update_mfu", *PHASES, "early_scored",
-                                                  "gpu_peak_gib", "alloc_retries", "skipped", "rollout_engine") if k in row}),
+                                                  "max_response_tokens", "update_mfu", *PHASES, "gpu_peak_gib",
+                                                  "alloc_retries", "skipped", "rollout_engine") if k in row}),
                   flush=True)
     steady = rows[warmup:] or rows  # the first steps compile the engine for new batch shapes
 
@@ -258,7 +258,6 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         "parameters": total, "prompts_per_step": prompts, "sequences_per_step": steady[-1]["sequences"],
         "tokens_per_s_per_gpu": round(tokens / step_s / ctx.world_size, 1), "step_s": step_s,
         "update_mfu": mean("update_mfu"), "phases": {k: mean(k) for k in PHASES if mean(k) is not None},
-        **({"early_scored": mean("early_scored")} if mean("early_scored") is not None else {}),
         "peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=None),
         "mean_tokens_per_step": round(tokens, 1), "mean_response_tokens": mean("response_length"),
         "load_s": round(load_s, 1), "warmup_steps_s": [r["step_s"] for r in rows[:warmup]], "steps_averaged": len(steady),
@@ -283,7 +282,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:key=value[,key=value...]: each size and preset runs once per variant, with its overrides "
-                         "(e.g. --variant early:trainer.early_scoring=true --variant after:trainer.early_scoring=false)")
+                         "(e.g. --variant eager:model.compile_layers=false --variant compiled:model.compile_layers=true)")
     ap.add_argument("--smoke", action="store_true", help="the embedded model on the CPU, tiny settings (checks the script)")
     ap.add_argument("--profile-scoring", action="store_true", help="profile the last step's scoring phase (CUDA)")
     args = ap.parse_args()

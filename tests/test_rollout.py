@@ -105,24 +105,6 @@ def test_compaction_keeps_every_rows_tokens(policy, monkeypatch):
     assert (got.lengths[[0, 1, 2, 4]] == 2).all()
 
 
-def test_rows_are_handed_over_as_they_end(policy, monkeypatch):
-    """``on_finished`` gets each ended row once, while others still decode, with the completion the result holds."""
-    batch = _batch(policy)
-    monkeypatch.setattr(rollout_engine, "CHECK_EVERY", 1)
-    reported = []
-    limits = torch.tensor([3, 2, 5, 40, 3])
-    got, _ = _engine(policy).generate(batch, SamplingParams(40, greedy=True), max_new_tokens=limits,
-                                      on_finished=lambda rows, comps: reported.append((rows, comps)))
-    rows = [row for part, _ in reported for row in part]
-    assert sorted(rows) == [0, 1, 2, 4] and len(set(rows)) == len(rows)  # row 3 ran last: the caller has it at the end
-    assert reported[0][0] == [1]  # in the order they ended
-    for part, comps in reported:
-        for i, row in enumerate(part):
-            n = int(got.lengths[row])
-            assert int(comps.lengths[i]) == n == int(limits[row]) or bool(got.finished[row])
-            assert torch.equal(comps.ids[i, :n], got.ids[row, :n]) and bool(comps.finished[i]) == bool(got.finished[row])
-
-
 def test_policy_uses_the_engine_where_it_can():
     tiny = tiny_policy()
     assert supports(tiny.model)

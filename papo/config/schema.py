@@ -160,9 +160,6 @@ class TrainerSection:
     stop_on_hacking: bool = False
     max_bad_steps: int = 3  # stop after this many consecutive steps skipped for non-finite values
     log_kl_prcp: bool = False  # GRPO / DAPO: run the masked-image forward anyway, to log KL_prcp as a metric
-    # score responses that have ended while the rollout's last rows decode (papo.training.early_scoring);
-    # auto: one CUDA process sampling with papo's engine
-    early_scoring: bool | str = "auto"
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -229,7 +226,6 @@ class TrainConfig:
             (self.model.gradient_checkpointing in (True, False, *CHECKPOINT_MODES),
              f"model.gradient_checkpointing must be true, false or one of {', '.join(CHECKPOINT_MODES)}"),
             (self.model.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto"),
-            (t.early_scoring in (True, False, "auto"), "trainer.early_scoring must be true, false or auto"),
             (self.model.uncheckpointed_layers >= 0, "model.uncheckpointed_layers must be >= 0"),
             (self.model.uncheckpointed_layers == 0 or self.model.gradient_checkpointing not in (False, "none"),
              "model.uncheckpointed_layers leaves layers out of gradient checkpointing: set model.gradient_checkpointing too"),

@@ -12,9 +12,7 @@ training batch sizes (docs/rollout.md). This engine keeps what must be model-spe
   temperature, top-k, top-p, EOS and per-row limits) is captured as a CUDA graph per batch-size bucket (and,
   where decode attention falls back to SDPA, per cache span), and replayed, one launch per token;
 * finished rows are compacted away: when at most half the rows of a bucket are still running they are
-  gathered into the front of the cache and the next smaller bucket's graph takes over;
-* ``on_finished``: rows that have ended are handed over at each check, while the rest still decode, so a
-  caller can score them meanwhile (``papo.training.early_scoring``).
+  gathered into the front of the cache and the next smaller bucket's graph takes over.
 
 Supported: the Qwen2-VL / Qwen2.5-VL decoder family (``supports``); anything else, and sampling on CPU when
 asked for ``engine="hf"``, goes through ``hf_generate``. Tokens and their sampling log-probs come back as
@@ -26,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,7 +40,6 @@ from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
-OnFinished = Callable[[list[int], Completions], None]
 CHECK_EVERY = 16  # decode steps between host checks for "all done" / compaction (each check is one sync)
 SPAN_BLOCK = 64  # SDPA steps attend over the cache slots filled so far, rounded up to this (one graph per span)
 
@@ -197,33 +194,29 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1, max_new_tokens: Tensor | None = None,
-                 keys: Tensor | None = None, on_finished: OnFinished | None = None) -> tuple[Completions, Tensor]:
+                 keys: Tensor | None = None) -> tuple[Completions, Tensor]:
         """``n`` completions per prompt (prompt-major order) and their (N, R) sampling log-probs.
         ``max_new_tokens``: optional per-output-row limits (N,), each at most ``params.max_new_tokens``.
-        ``keys``: (N,) sampling-noise keys per output row (``papo.rollout.keyed_noise``; default: random).
-        ``on_finished(rows, completions)``: called at the host checks with the output rows that have ended since
-        the last call and their completions, exactly as the result will hold them; rows still running when the
-        last one ends are not reported (the caller has the result by then)."""
+        ``keys``: (N,) sampling-noise keys per output row (``papo.rollout.keyed_noise``; default: random)."""
         keys = random_keys(batch.size * n) if keys is None else keys
         _check_left_padded(batch.inputs["attention_mask"])  # a bad batch, not a compiler failure
         was_training = self.model.training
         self.model.eval()
         try:
             try:
-                return self._generate(batch, params, n, max_new_tokens, keys, on_finished)
+                return self._generate(batch, params, n, max_new_tokens, keys)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a compiler failure must not end a training run: eager gives the same tokens
                 if not self.compile:
                     raise
                 self._fall_back_to_eager(err)
-                # rows reported before the failure are not reported again (nor any other: the caller has them all next)
                 return self._generate(batch, params, n, max_new_tokens, keys)
         finally:
             self.model.train(was_training)
 
     def _generate(self, batch: PromptBatch, params: SamplingParams, n: int, limits: Tensor | None,
-                  keys: Tensor, on_finished: OnFinished | None = None) -> tuple[Completions, Tensor]:
+                  keys: Tensor) -> tuple[Completions, Tensor]:
         N, T, P = batch.size * n, params.max_new_tokens, batch.prompt_len
         self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked attention kernels want the key length aligned
         buf = self._buf
@@ -248,15 +241,12 @@ class RolloutEngine:
         buf.tokens[:N] = token
         buf.done[:N] = torch.isin(token, self.step.eos) | (buf.limits[:N] <= 1)
         active, steps, windows = N, 1, []
-        reported = torch.zeros(N, dtype=torch.bool)
         self._captures = [0, 0.0]
         while steps < T:
             if steps % CHECK_EVERY == 1 or CHECK_EVERY == 1:
                 running = int((~buf.done[:active]).sum())
                 if running == 0:
                     break
-                if on_finished is not None:
-                    self._report_finished(active, steps, lim, reported, on_finished)
                 bucket = min(b for b in self._buckets(N) if b >= running)
                 if bucket <= active // 2:
                     self._compact(active, bucket)
@@ -269,7 +259,7 @@ class RolloutEngine:
             span = cache_len if self.step.kernel else min(cache_len, -(-(P + steps) // SPAN_BLOCK) * SPAN_BLOCK)
             self._run(active, params, span)
             steps += 1
-        completions = self._completions(buf.out[:N, :steps].cpu(), lim)  # .cpu() waits for the GPU
+        completions = trim_after_eos(buf.out[:N, :steps].cpu(), self.eos_ids, self.pad_id)  # .cpu() waits for the GPU
         self.last_timing = {"rows": N, "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps - 1,
                             "captures": self._captures[0], "capture_s": self._captures[1]}
         if windows:
@@ -280,33 +270,13 @@ class RolloutEngine:
             # (first step, steps, active rows, milliseconds): graph captures fall inside the windows they happen in
             self.last_timing["windows"] = [(s, e - s, rows, ev.elapsed_time(nxt))
                                            for (s, rows, ev), (e, _, nxt) in zip(marks, marks[1:]) if e > s]
-        width = completions.ids.shape[1]
-        return completions, buf.out_logp[:N, :width].cpu() * completions.mask
-
-    def _completions(self, tokens: Tensor, limits: Tensor) -> Completions:
-        """Sampled (rows, steps) tokens as completions: cut after the first EOS or the row's limit, as wide as
-        the longest (steps run past the last EOS until the next check)."""
-        completions = trim_after_eos(tokens, self.eos_ids, self.pad_id)
-        within = torch.arange(tokens.shape[1])[None] < limits[:, None]  # per-row limits end rows without an EOS
+        within = torch.arange(steps)[None] < lim[:, None]  # per-row limits end rows without an EOS
         completions.finished &= (completions.mask.bool() & within).sum(-1) == completions.lengths
         completions.mask &= within.long()
         completions.ids.masked_fill_(~completions.mask.bool(), self.pad_id)
-        width = max(1, int(completions.lengths.max()))
-        return Completions(completions.ids[:, :width], completions.mask[:, :width], completions.finished)
-
-    def _report_finished(self, active: int, steps: int, limits: Tensor, reported: Tensor,
-                         on_finished: OnFinished) -> None:
-        """Hand the output rows that ended since the last check to ``on_finished`` (``reported``: (N,) host
-        flags, updated). A row has ended when no cache row in [0, active) still runs for it."""
-        buf = self._buf
-        running = torch.zeros(len(reported), dtype=torch.bool, device=self.device)
-        running[buf.rows[:active][~buf.done[:active]]] = True
-        new = (~running.cpu() & ~reported).nonzero()[:, 0]
-        if len(new) == 0:
-            return
-        reported[new] = True
-        tokens = buf.out[new.to(self.device), :steps].cpu()
-        on_finished(new.tolist(), self._completions(tokens, limits[new]))
+        width = max(1, int(completions.lengths.max()))  # steps run past the last EOS until the next check
+        logps = buf.out_logp[:N, :width].cpu() * completions.mask[:, :width]
+        return Completions(completions.ids[:, :width], completions.mask[:, :width], completions.finished), logps
 
     def _run(self, b: int, params: SamplingParams, span: int) -> None:
         if not self.graphs_on:
@@ -336,8 +306,7 @@ class RolloutEngine:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        # thread-local: another thread may use the GPU meanwhile (scoring finished rows, ``on_finished``)
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), _compile_cache(64):
+        with torch.cuda.graph(graph, pool=self._pool), _compile_cache(64):
             self.step(b, params, span)
         for t, s in zip(state, saved):  # capturing ran the step once: undo it
             t.copy_(s)

@@ -14,7 +14,7 @@ from torch import Tensor
 from papo.errors import ConfigError
 from papo.models.inputs import PromptBatch
 from papo.models.policy import Policy
-from papo.rollout.engine import OnFinished, RolloutEngine, supports
+from papo.rollout.engine import RolloutEngine, supports
 from papo.rollout.hf import hf_generate
 from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams
@@ -55,16 +55,15 @@ class Sampler:
         return self._engine
 
     def generate(self, batch: PromptBatch, params: SamplingParams, n: int = 1, keys: Tensor | None = None,
-                 weights: Iterable[tuple[str, Tensor]] | None = None, on_finished: OnFinished | None = None) -> Completions:
+                 weights: Iterable[tuple[str, Tensor]] | None = None) -> Completions:
         """``n`` completions per prompt, prompt-major. ``keys`` (B * n,): sampling-noise keys per output row
         (``papo.rollout.keyed_noise.rollout_keys``: the same keys give the same tokens in either engine, at any
-        batch composition); default: drawn from torch's generator. ``on_finished``: papo's engine hands over
-        rows as they end (``RolloutEngine.generate``); transformers ``generate`` never calls it."""
+        batch composition); default: drawn from torch's generator."""
         p = self.policy
         keys = random_keys(batch.size * n) if keys is None else keys
         if self.uses_engine:
             self.engine.load_weights(p.model.named_parameters() if weights is None else weights)
-            return self.engine.generate(batch, params, n, keys=keys, on_finished=on_finished)[0]
+            return self.engine.generate(batch, params, n, keys=keys)[0]
         with p.precision.autocast(p.device):
             return p.root(hf_generate, batch, params, p.suppress_ids, p.eos_ids, p.pad_id, n, keys=keys, synced=self.synced)
 

@@ -3,12 +3,11 @@ and ``MicroBatches`` of it encoded once for the scoring and update passes."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -17,25 +16,6 @@ from papo.models.inputs import PromptBatch, concat_prompt_batches
 from papo.models.policy import Policy
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
-
-
-@dataclass
-class MicroBatch:
-    """Sequences ``rows`` of a step, encoded for one forward pass."""
-
-    rows: list[int]
-    full: PromptBatch  # the prompts with their full images
-    masked: PromptBatch  # the same prompts with the masked images
-    ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
-    mask: torch.Tensor  # (b, R')
-    noised: PromptBatch | None = None  # the same prompts with the noised images, when the step has them
-
-
-class EarlyScore(NamedTuple):
-    """A response scored while the rollout that sampled it still ran (``papo.training.early_scoring``)."""
-
-    logps: dict[str, torch.Tensor]  # pass name ("old", "masked", ...) -> (length,) log-probs of its tokens
-    encoded: MicroBatch | None  # the response alone, encoded, for the passes after the rollout (None: not kept)
 
 
 @dataclass
@@ -52,7 +32,6 @@ class Experience:
     scores: list[dict[str, Any]]
     prompt_tokens: torch.Tensor  # (N,) prompt tokens of each sequence, image tokens included, padding not
     noised_images: list[list[Any]] | None = None  # a lightly noised view, for a loss that scores one (DVRP)
-    early: list[EarlyScore | None] | None = None  # per sequence: scored during the rollout (None: not, or not yet)
 
     @property
     def size(self) -> int:
@@ -78,6 +57,18 @@ class LogProbs:
         return {k: v for k, v in named if v is not None}
 
 
+@dataclass
+class MicroBatch:
+    """Sequences ``rows`` of a step, encoded for one forward pass."""
+
+    rows: list[int]
+    full: PromptBatch  # the prompts with their full images
+    masked: PromptBatch  # the same prompts with the masked images
+    ids: torch.Tensor  # (b, R') completions, cut to the longest in this micro-batch
+    mask: torch.Tensor  # (b, R')
+    noised: PromptBatch | None = None  # the same prompts with the noised images, when the step has them
+
+
 class MicroBatches:
     """A step's sequences in mini-batches (one optimizer update each, ``per_update`` sequences) of micro-batches
     (``size`` sequences, in order): the authors' micro-batch, over which the loss takes its token mean. Not
@@ -94,19 +85,15 @@ class MicroBatches:
 
     def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0,
                  update_size: int = 0) -> None:
-        """Sequences scored during the rollout bring their own encodings (``Experience.early``): passes over
-        other groupings of them merge those instead of running the processor again."""
         scoring_size, update_size = scoring_size or size, update_size or size
         for name, value in (("scoring", scoring_size), ("update", update_size)):
             if value % size:
                 raise ValueError(f"{name} micro-batch size {value} is not a multiple of the micro-batch size {size}")
         unit = math.gcd(scoring_size, update_size)  # sequences encoded together
-        self.exp, self.policy, self.size, self.scoring_size = exp, policy, size, scoring_size
+        self.exp, self.policy, self.size = exp, policy, size
         self.scoring_merge, self.update_merge = scoring_size // unit, update_size // unit
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
-        self.singles = {i: dataclasses.replace(e.encoded, rows=[i]) for i, e in enumerate(exp.early or [])
-                        if e is not None and e.encoded is not None and self.keep}  # one sequence each
         self.seconds = 0.0
         self.plan: list[list[list[int]]] = []  # mini-batch -> encoding unit -> rows
         for start in range(0, exp.size, per_update):
@@ -131,61 +118,35 @@ class MicroBatches:
         """The micro-batches of a pass (row slices): passes start at a micro-batch boundary of their mini-batch."""
         return [slice(i, min(i + self.size, len(mb.rows))) for i in range(0, len(mb.rows), self.size)]
 
-    def scoring(self, skip: Collection[int] = ()) -> Iterator[MicroBatch]:
-        """Every sequence once, in order, up to ``scoring_size`` at a time, except those in ``skip`` (scored
-        during the rollout). A pass may span later mini-batches but never the first one's end: the first
-        mini-batch's old log-probs come from its update, so its passes are the ones the old-log-prob pass skips."""
+    def scoring(self) -> Iterator[MicroBatch]:
+        """Every sequence once, in order, up to ``scoring_size`` at a time. A pass may span later mini-batches
+        but never the first one's end: the first mini-batch's old log-probs come from its update, so its
+        passes are the ones the old-log-prob pass skips."""
         first, rest = self.plan[:1], self.plan[1:]
         for part in ([unit for units in first for unit in units], [unit for units in rest for unit in units]):
-            if not skip:
-                for start in range(0, len(part), self.scoring_merge):
-                    yield self._joined(part[start : start + self.scoring_merge])
-                continue
-            # what is left of the units, one sequence at a time: the update then merges them as well
-            rows = [row for unit in part for row in unit if row not in skip]
-            for start in range(0, len(rows), self.scoring_size):
-                yield self._merged([self._single(row) for row in rows[start : start + self.scoring_size]])
+            for start in range(0, len(part), self.scoring_merge):
+                yield self._joined(part[start : start + self.scoring_merge])
 
     def _joined(self, units: list[list[int]]) -> MicroBatch:
-        return self._merged([self._get(rows) for rows in units])
-
-    def _merged(self, group: list[MicroBatch]) -> MicroBatch:
+        group = [self._get(rows) for rows in units]
         return group[0] if len(group) == 1 else merge_micro_batches(group, self.policy.pad_id)
 
     def _get(self, rows: list[int]) -> MicroBatch:
-        mb = self.cache.get(tuple(rows))
-        if mb is None:
-            singles = all(row in self.singles for row in rows)
-            mb = self._merged([self.singles[row] for row in rows]) if singles else self._encode(rows)
+        mb = self.cache.get(tuple(rows)) or self._encode(rows)
         if self.keep:
             self.cache[tuple(rows)] = mb
-        return mb
-
-    def _single(self, row: int) -> MicroBatch:
-        mb = self.singles.get(row) or self._encode([row])
-        if self.keep:
-            self.singles[row] = mb
         return mb
 
     def _encode(self, idx: list[int]) -> MicroBatch:
         t0 = time.time()
         sub = select(self.exp, idx)
-        mb = encode_micro_batch(self.policy, idx, sub.samples, sub.images, sub.masked_images, sub.noised_images,
-                                sub.ids, sub.mask)
+        width = max(1, int(sub.mask.sum(-1).max()))
+        prompts = [s.formatted_prompt() for s in sub.samples]
+        noised = None if sub.noised_images is None else self.policy.encode(prompts, sub.noised_images)
+        mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
+                        sub.ids[:, :width], sub.mask[:, :width], noised)
         self.seconds += time.time() - t0
         return mb
-
-
-def encode_micro_batch(policy: Policy, rows: list[int], samples: list[Sample], images: list[list[Any]],
-                       masked_images: list[list[Any]], noised_images: list[list[Any]] | None, ids: torch.Tensor,
-                       mask: torch.Tensor) -> MicroBatch:
-    """Sequences ``rows`` (their samples, image views and (b, R) completions) encoded for a forward pass, the
-    completions cut to the longest."""
-    width = max(1, int(mask.sum(-1).max()))
-    prompts = [s.formatted_prompt() for s in samples]
-    noised = None if noised_images is None else policy.encode(prompts, noised_images)
-    return MicroBatch(rows, policy.encode(prompts, images), policy.encode(prompts, masked_images), ids[:, :width],
-                      mask[:, :width], noised)
 
 
 def merge_micro_batches(group: list[MicroBatch], pad_id: int) -> MicroBatch:
@@ -203,8 +164,7 @@ def select(exp: Experience, idx: list[int]) -> Experience:
     return Experience([exp.samples[i] for i in idx], [exp.uids[i] for i in idx], [exp.images[i] for i in idx],
                       [exp.masked_images[i] for i in idx], exp.ids[t], exp.mask[t], [exp.texts[i] for i in idx],
                       [exp.scores[i] for i in idx], exp.prompt_tokens[t],
-                      None if exp.noised_images is None else [exp.noised_images[i] for i in idx],
-                      None if exp.early is None else [exp.early[i] for i in idx])
+                      None if exp.noised_images is None else [exp.noised_images[i] for i in idx])
 
 
 def pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -219,7 +179,6 @@ def concat(parts: list[Experience]) -> Experience:
         pad_cat([p.mask for p in parts], width), [t for p in parts for t in p.texts], [s for p in parts for s in p.scores],
         torch.cat([p.prompt_tokens for p in parts]),
         None if parts[0].noised_images is None else [x for p in parts for x in p.noised_images],
-        None if all(p.early is None for p in parts) else [e for p in parts for e in (p.early or [None] * p.size)],
     )
 
 

@@ -4,8 +4,7 @@ NoisyRollout, DVRP) as options of the same step.
 One training step, as in the paper's algorithm (``Trainer.step``):
   1. draw prompts; make one masked image per prompt, shared by its G rollouts and fresh for every draw (VPPO:
      one per rollout; DVRP: also one noised image per prompt)
-  2. sample G responses per prompt from the full image (NoisyRollout: half of them from a noised one); on one
-     GPU the responses that end first are scored (step 5) while the last ones decode
+  2. sample G responses per prompt from the full image (NoisyRollout: half of them from a noised one)
   3. rewards (0.9 accuracy + 0.1 format)
   4. DAPO only: keep groups with filter_low < mean(key) < filter_high, drawing more prompts until full
   5. old log-probs (full image; not for the first mini-batch, whose update sees the sampling weights), masked log-probs (masked image; PAPO, or
@@ -76,18 +75,7 @@ from papo.training.checkpoint import (
     save_sharded_checkpoint,
 )
 from papo.training.distributed import DistContext
-from papo.training.early_scoring import EarlyScorer, use_early_scoring
-from papo.training.experience import (
-    ENCODING_CACHE_MAX_SEQUENCES,
-    EarlyScore,
-    Experience,
-    LogProbs,
-    MicroBatch,
-    MicroBatches,
-    concat,
-    encode_micro_batch,
-    select,
-)
+from papo.training.experience import Experience, LogProbs, MicroBatches, concat, select
 from papo.training.faults import Poison, failpoint
 from papo.training.monitor import HackingMonitor
 from papo.training.optim import build_optimizer, constant_with_warmup
@@ -135,10 +123,6 @@ class Trainer:
         # before the first optimizer step of a step the weights that sampled are the weights being updated: the
         # first mini-batch takes pi_old from the update's own forward (detached), unless a reward reads it first
         self.old_from_update = cfg.algorithm.kl_prcp_reward_coef == 0 and not self.vppo
-        self.early_scoring = use_early_scoring(cfg.trainer.early_scoring, device, self.ctx.world_size,
-                                               self.sampler.uses_engine, cfg.algorithm.noisy_rollout,
-                                               any(self.needs.values()))
-        self.early_stream = torch.cuda.Stream(self.policy.device) if self.early_scoring and self.policy.device.type == "cuda" else None
         self.masking = cfg.algorithm.masking(encoder_patch_size=self.policy.patch_size)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         trainable = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -195,12 +179,8 @@ class Trainer:
         keys = rollout_keys(self.cfg.trainer.seed, torch.tensor([pos for pos, _ in draws]), g)
         # one noised copy per prompt, for NoisyRollout's sampling and DVRP's third view alike
         noised = self._noised(draws, images[::g]) if self.cfg.algorithm.noisy_rollout or self.needs["noised"] else None
-        third_view = [view for view in noised for _ in range(g)] if self.needs["noised"] else None  # DVRP
-        early = None
         if self.cfg.algorithm.noisy_rollout:
             comp = self._noisy_rollout(prompts, batch, noised, keys)
-        elif self.early_scoring:
-            comp, early = self._rollout_scoring_early(batch, keys, samples, images, masked, third_view)
         else:
             comp = self.sampler.generate(batch, self.params, n=g, keys=keys)
         self.sampler.release()  # the update needs that memory more than the next rollout does
@@ -211,36 +191,8 @@ class Trainer:
         for score in scores:  # a reward need only return "overall": it then stands for correctness too
             score.setdefault("accuracy", score["overall"])
         prompt_tokens = batch.inputs["attention_mask"].sum(-1).repeat_interleave(g)
-        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens, third_view,
-                          early)
-
-    def _rollout_scoring_early(self, batch: PromptBatch, keys: torch.Tensor, samples: list[Sample],
-                               images: list[list[Any]], masked: list[list[Any]],
-                               noised: list[list[Any]] | None) -> tuple[Completions, list[EarlyScore | None]]:
-        """Step 2 with step 5 beside it: the rows that end are scored on a stream of their own while the rest
-        decode (``papo.training.early_scoring``). Without DAPO's filter the rows keep their places, so the
-        first mini-batch's rows skip the old-log-prob pass as they do after the rollout."""
-        t = self.cfg.trainer
-        names = [name for name, needed in self.needs.items() if needed]
-        first = range(0)
-        if self.old_from_update and not self.cfg.algorithm.online_filter:
-            first = range(t.mini_batch_size // self.ctx.world_size * self.cfg.rollout.n)
-
-        def passes(row: int) -> list[str]:
-            return [name for name in names if not (name == "old" and row in first)]
-
-        def encode(rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> MicroBatch:
-            return encode_micro_batch(self.policy, rows, [samples[r] for r in rows], [images[r] for r in rows],
-                                      [masked[r] for r in rows], None if noised is None else [noised[r] for r in rows],
-                                      ids, mask)
-
-        scorer = EarlyScorer(encode, self._score_pass, passes, t.scoring_micro_batch_size or t.micro_batch_size,
-                             self.policy.pad_id, self.early_stream, keep_encodings=len(samples) <= ENCODING_CACHE_MAX_SEQUENCES)
-        self.policy.model.eval()
-        with self.policy.compiled_passes(self.ref), scorer:
-            comp = self.sampler.generate(batch, self.params, n=self.cfg.rollout.n, keys=keys, on_finished=scorer.submit)
-        self.policy.model.train()
-        return comp, scorer.results(len(samples))
+        third_view = [view for view in noised for _ in range(g)] if self.needs["noised"] else None  # DVRP
+        return Experience(samples, uids, images, masked, comp.ids, comp.mask, texts, scores, prompt_tokens, third_view)
 
     def _noisy_rollout(self, prompts: list[str], batch: PromptBatch, noised: list[list[Any]],
                        keys: torch.Tensor) -> Completions:
@@ -302,30 +254,29 @@ class Trainer:
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
         """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights,
         each only when something reads it (``needs``)."""
+        T = self.cfg.rollout.temperature
         out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref", "noised") if self.needs[name]}
         first = set(batches.rows(0)) if self.old_from_update and batches.plan else set()
-        early = _take_early_scores(exp, out, first)
         self.policy.model.eval()
         with self.policy.compiled_passes(self.ref):
-            for mb in batches.scoring(skip=early):
-                for name in out:
-                    if name == "old" and set(mb.rows) <= first:  # the first mini-batch's come from its update
-                        continue
-                    t = time.time()
-                    logp = self._score_pass(name, mb)
-                    out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
-                    timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
+            self._score(batches, out, first, T, timing)
         self.policy.model.train()
         logps = self.poison.logprobs(out)
         return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"), noised=logps.get("noised"))
 
-    def _score_pass(self, name: str, mb: MicroBatch) -> torch.Tensor:
-        """One no-grad pass's (b, R') log-probs: "old" the policy on the full image, "masked" / "noised" the
-        policy on that view, "ref" the reference policy on the full image."""
-        with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
-            images = {"masked": mb.masked, "noised": mb.noised}.get(name)
-            return self.policy.logprobs(mb.full, mb.ids, mb.mask, self.cfg.rollout.temperature, images=images,
-                                        model=self.ref if name == "ref" else None)[0]
+    def _score(self, batches: MicroBatches, out: dict[str, torch.Tensor], first: set[int], T: float,
+               timing: dict[str, float]) -> None:
+        for mb in batches.scoring():
+            for name in out:
+                if name == "old" and set(mb.rows) <= first:  # the first mini-batch's come from its update
+                    continue
+                t = time.time()
+                with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
+                    images = {"masked": mb.masked, "noised": mb.noised}.get(name)
+                    logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=images,
+                                                model=self.ref if name == "ref" else None)[0]
+                out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
+                timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
 
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
@@ -462,8 +413,6 @@ class Trainer:
                 torch.cuda.empty_cache()
             raise TrainingStopped(self._oom_message()) from err
         timing["encode_s"] = batches.seconds
-        if exp.early is not None:
-            extra["early_scored"] = sum(early is not None for early in exp.early)  # of this rank's sequences
         self.step_no += 1
         self.bad_steps = self.bad_steps + 1 if metrics["skipped_updates"] >= max(1, metrics["updates"]) else 0
         lengths = exp.mask.sum(-1).float()
@@ -512,8 +461,7 @@ class Trainer:
         lower = {
             "rollout": (f"{size_key} (now {self.round_size}; x rollout.n = {self.round_size * c.rollout.n} sequences are "
                         "sampled at once), "
-                        f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"
-                        + (", or set trainer.early_scoring=false (its passes run beside the decode)" if self.early_scoring else "")),
+                        f"rollout.max_new_tokens (now {c.rollout.max_new_tokens}) or data.max_pixels (now {c.data.max_pixels})"),
             "scoring": (f"trainer.scoring_micro_batch_size (now {c.trainer.scoring_micro_batch_size or c.trainer.micro_batch_size}), "
                         f"data.max_pixels (now {c.data.max_pixels}) or rollout.max_new_tokens (now {c.rollout.max_new_tokens})"),
         }.get(self.phase, f"{update_key} (now {update_size}), data.max_pixels (now "
@@ -589,20 +537,6 @@ def nonfinite_gradients(model: torch.nn.Module) -> str:
     if not bad:
         return ""
     return f"not finite in {len(bad)} of {len(grads)} gradient tensors, first {', '.join(bad[:3])}"
-
-
-def _take_early_scores(exp: Experience, out: dict[str, torch.Tensor], first: set[int]) -> set[int]:
-    """Copy the log-probs scored during the rollout into ``out`` (pass name -> (N, R)); returns the rows
-    that have every pass they need (the first mini-batch's rows need no old log-probs)."""
-    done = set()
-    for row, early in enumerate(exp.early or []):
-        needed = [name for name in out if not (name == "old" and row in first)]
-        if early is None or any(name not in early.logps for name in needed):
-            continue
-        for name in needed:
-            out[name][row, : len(early.logps[name])] = early.logps[name]
-        done.add(row)
-    return done
 
 
 def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

@@ -1,0 +1,142 @@
+"""The decode step's matrix multiplies against their weight-bandwidth bound, and what a compute-bound pass on a
+second CUDA stream does to a decode-like graph. Qwen2.5-VL-3B's language-model shapes, bf16, one GPU.
+
+    python benchmarks/decode_gemms.py --out /tmp/decode-gemms.json
+
+* ``gemm``: each projection (q/k/v stacked, o, gate/up stacked, down, LM head) at M rows, as cuBLAS runs it
+  inside a CUDA graph: 8 copies of a weight per graph (more than L2 holds, as 36 layers are), its time, and the
+  weight bytes over the measured copy bandwidth (what a decode step cannot go below);
+* ``concurrency``: a decode-like graph (36 layers of those GEMMs at M rows, then the head) replayed on a
+  high-priority stream, alone and while a scoring-like GEMM (16,384 tokens x 2,048 -> 22,016) runs back to back
+  on a low-priority stream: each one's time alone and together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+H, INTERMEDIATE, VOCAB, LAYERS = 2048, 11008, 151936, 36  # Qwen2.5-VL-3B's language model
+SHAPES = {"qkv": (H, 2560), "o": (H, H), "gate_up": (H, 2 * INTERMEDIATE), "down": (INTERMEDIATE, H), "head": (H, VOCAB)}
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * (2 << 30) * 10 / (time.perf_counter() - t)
+
+
+def graph_ms(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
+    """``fn`` captured ``reps`` times in one graph: milliseconds per call, and the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps, graph
+
+
+def gemms(bandwidth: float) -> list[dict]:
+    rows = []
+    for m in (160, 64, 16, 2):
+        for name, (k, n) in SHAPES.items():
+            count = 1 if name == "head" else 8
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+            x = torch.randn(m, 1, k, device="cuda", dtype=torch.bfloat16)
+            ms, _ = graph_ms(lambda: [F.linear(x, w) for w in weights], reps=10)
+            us, bound_us = ms * 1e3 / count, n * k * 2 / bandwidth * 1e6
+            row = {"M": m, "gemm": name, "mb": round(n * k * 2 / 1e6, 1), "bound_us": round(bound_us, 2),
+                   "cublas_us": round(us, 2), "cublas_of_bw": round(bound_us / us, 3)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def concurrency() -> list[dict]:
+    bf16 = torch.bfloat16
+    layers = [{n: torch.randn(s[1], s[0], device="cuda", dtype=bf16) * 0.02 for n, s in SHAPES.items() if n != "head"}
+              for _ in range(LAYERS)]
+    head = torch.randn(VOCAB, H, device="cuda", dtype=bf16) * 0.02
+    a = torch.randn(16384, H, device="cuda", dtype=bf16)
+    b = torch.randn(H, 2 * INTERMEDIATE, device="cuda", dtype=bf16)
+    c = torch.empty(16384, 2 * INTERMEDIATE, device="cuda", dtype=bf16)
+    high, low = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0)
+    rows = []
+    for m in (2, 16, 64, 160):
+        x = torch.randn(m, 1, H, device="cuda", dtype=bf16)
+
+        def step():
+            h = x
+            for w in layers:
+                q = F.linear(h, w["qkv"])
+                h = h + F.linear(q[..., :H], w["o"])
+                gate, up = F.linear(h, w["gate_up"]).chunk(2, -1)
+                h = h + F.linear(F.silu(gate) * up, w["down"])
+            return F.linear(h, head)
+
+        alone_ms, graph = graph_ms(step, reps=10)  # one replay = 10 steps
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        torch.cuda.synchronize()
+        with torch.cuda.stream(low):
+            events[0].record()
+            for _ in range(40):
+                torch.mm(a, b, out=c)
+            events[1].record()
+        events[1].synchronize()
+        mm_alone = events[0].elapsed_time(events[1]) / 40
+        count = max(1, int(200 * alone_ms / mm_alone))  # GEMMs for about as long as 20 replays take alone
+        torch.cuda.synchronize()
+        with torch.cuda.stream(low):
+            events[0].record()
+            for _ in range(count):
+                torch.mm(a, b, out=c)
+            events[1].record()
+        with torch.cuda.stream(high):
+            events[2].record()
+            for _ in range(20):
+                graph.replay()
+            events[3].record()
+        torch.cuda.synchronize()
+        row = {"M": m, "decode_alone_ms": round(alone_ms, 3), "decode_with_scoring_ms": round(events[2].elapsed_time(events[3]) / 200, 3),
+               "matmul_alone_ms": round(mm_alone, 3), "matmul_with_decode_ms": round(events[0].elapsed_time(events[1]) / count, 3),
+               "matmuls": count, "overlap_window_ms": round(min(events[0].elapsed_time(events[1]), events[2].elapsed_time(events[3])), 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "gemm": gemms(bandwidth), "concurrency": concurrency()}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
