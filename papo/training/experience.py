@@ -79,9 +79,10 @@ class MicroBatches:
     backward (``loss_groups`` then splits a pass back into its micro-batches, so the gradient is unchanged) and
     ``scoring_size`` for the no-grad scoring passes (the authors' experience micro-batch of 16 against 4 for
     the update). Both are multiples of ``size``; sequences are encoded by the processor in units that both kinds
-    of pass merge whole: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings (one processor run per
-    sequence) instead of running the image processor for every pass (larger steps would hold every image tensor of the step in
-    memory). ``seconds``: time spent in the processor."""
+    of pass merge whole: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of running the
+    image processor for every pass (larger steps would hold every image tensor of the step in memory). The
+    processor runs once per prompt and view of its images, not once per rollout. ``seconds``: time spent
+    encoding."""
 
     def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0,
                  update_size: int = 0) -> None:
@@ -94,6 +95,7 @@ class MicroBatches:
         self.scoring_merge, self.update_merge = scoring_size // unit, update_size // unit
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
+        self.views: dict[tuple[str, int], PromptBatch] = {}  # (prompt, id of its image list) -> its encoding
         self.seconds = 0.0
         self.plan: list[list[list[int]]] = []  # mini-batch -> encoding unit -> rows
         for start in range(0, exp.size, per_update):
@@ -142,11 +144,24 @@ class MicroBatches:
         sub = select(self.exp, idx)
         width = max(1, int(sub.mask.sum(-1).max()))
         prompts = [s.formatted_prompt() for s in sub.samples]
-        noised = None if sub.noised_images is None else self.policy.encode(prompts, sub.noised_images)
-        mb = MicroBatch(idx, self.policy.encode(prompts, sub.images), self.policy.encode(prompts, sub.masked_images),
+        noised = None if sub.noised_images is None else self._encode_views(prompts, sub.noised_images)
+        mb = MicroBatch(idx, self._encode_views(prompts, sub.images), self._encode_views(prompts, sub.masked_images),
                         sub.ids[:, :width], sub.mask[:, :width], noised)
         self.seconds += time.time() - t0
         return mb
+
+    def _encode_views(self, prompts: list[str], images: list[list[Any]]) -> PromptBatch:
+        """Prompts with one view of their images, the processor run once per distinct (prompt, image list): a
+        prompt's G rollouts share its image, and its masked image unless masks are drawn per response. The
+        same list object is the same view (the experience holds them all, so no two alive share an id)."""
+        cache = self.views if self.keep else {}
+        parts = []
+        for prompt, ims in zip(prompts, images):
+            key = (prompt, id(ims))
+            if key not in cache:
+                cache[key] = self.policy.encode([prompt], [ims])
+            parts.append(cache[key])
+        return parts[0] if len(parts) == 1 else concat_prompt_batches(parts, self.policy.pad_id)
 
 
 def merge_micro_batches(group: list[MicroBatch], pad_id: int) -> MicroBatch:
