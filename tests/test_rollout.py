@@ -109,8 +109,9 @@ def test_policy_uses_the_engine_where_it_can():
     tiny = tiny_policy()
     assert supports(tiny.model)
     assert not supports(llava_policy().model) and not supports(qwen3_vl_policy().model)
-    forced = Sampler(tiny, engine="papo")  # forced on CPU: same tokens as the transformers path
-    assert forced.uses_engine and not Sampler(tiny).uses_engine  # auto: the engine on CUDA only
+    forced = Sampler(tiny, engine="papo")  # same tokens as the transformers path
+    assert forced.uses_engine and Sampler(tiny).uses_engine and not Sampler(tiny, engine="hf").uses_engine
+    assert not Sampler(llava_policy()).uses_engine  # auto: transformers for what the engine cannot decode
     _, prompts, images = mixed_batch(tiny)
     batch = tiny.encode(prompts, images)
     params = SamplingParams(8, greedy=True)

@@ -1,7 +1,7 @@
 """``Sampler``: completions from a ``Policy`` through the fastest engine that can produce them.
 
-``papo.rollout.engine`` on CUDA for the models it supports (or wherever it is forced with ``engine="papo"``),
-transformers ``generate`` otherwise. Before each call the engine is refreshed from the policy's current
+``papo.rollout.engine`` for the models it supports (on CUDA with compiled steps and CUDA graphs, on the CPU
+eager), transformers ``generate`` otherwise. Before each call the engine is refreshed from the policy's current
 weights, so the tokens always come from the weights the trainer is about to update.
 """
 
@@ -19,7 +19,7 @@ from papo.rollout.hf import hf_generate
 from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams
 
-ENGINES = ("auto", "papo", "hf")  # auto: papo's engine on CUDA where it supports the model, else transformers
+ENGINES = ("auto", "papo", "hf")  # auto: papo's engine where it supports the model, else transformers
 
 
 class Sampler:
@@ -42,8 +42,8 @@ class Sampler:
 
     @property
     def uses_engine(self) -> bool:
-        if self.engine_name == "auto":
-            return self.policy.device.type == "cuda" and supports(self.policy.model)
+        if self.engine_name == "auto":  # on CPU too: eager there, and the same keyed tokens as transformers
+            return supports(self.policy.model)
         return self.engine_name == "papo"
 
     @property
