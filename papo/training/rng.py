@@ -1,7 +1,7 @@
 """Every random-number generator a training step draws from, saved and restored for exact resume.
 
-Sampling draws from torch's CPU generator (transformers generate on CPU) or the CUDA generator of the process's
-device (papo.rollout, CUDA-graph replays included); dropout from the same; masks and synthetic data from keyed
+Sampling draws from torch's CPU generator (on the CPU) or the CUDA generator of the process's device
+(CUDA-graph replays included); dropout from the same; masks and synthetic data from keyed
 numpy generators that need no state. Python's and numpy's global generators are saved too, so that a reward function
 or a user's data code that draws from them resumes where it stopped. Everything is plain tensors and ints, so
 the state loads with ``torch.load(weights_only=True)``.
