@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import copy_bandwidth  # noqa: E402
+
 H, INTERMEDIATE, VOCAB, LAYERS = 2048, 11008, 151936, 36  # Qwen2.5-VL-3B's language model
 SHAPES = {"qkv": (H, 2560), "o": (H, H), "gate_up": (H, 2 * INTERMEDIATE), "down": (INTERMEDIATE, H), "head": (H, VOCAB)}
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * (2 << 30) * 10 / (time.perf_counter() - t)
 
 
 def graph_ms(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
