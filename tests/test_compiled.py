@@ -1,5 +1,5 @@
 """Compiled decoder layers for scoring and update passes (model.compile_layers): the same log-probs, entropies
-and gradients as eager layers, generation left eager, and refused under torchrun."""
+and gradients as eager layers, generation left eager (sharded: tests/test_distributed.py)."""
 
 import pytest
 import torch
@@ -101,20 +101,13 @@ def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
     torch._dynamo.reset()  # dynamo skips a failed frame's code for the rest of the process
 
 
-def test_compiled_layers_are_refused_under_several_processes():
-    cfg = load_config("grpo", overrides=["model.compile_layers=true"])
-    with pytest.raises(ConfigError, match="model.compile_layers"):
-        check_world_size(cfg, 2)
-    check_world_size(load_config("grpo"), 2)  # auto, the default: off there
-
-
-def test_auto_compiles_only_for_one_cuda_process_training_every_weight():
+def test_auto_compiles_on_cuda_when_every_weight_trains():
     assert load_config("grpo").model.compile_layers == "auto"
-    assert compiled.use_compiled_layers("auto", "cuda:0", 1, 0)
-    assert not compiled.use_compiled_layers("auto", "cpu", 1, 0)
-    assert not compiled.use_compiled_layers("auto", "cuda", 2, 0)
-    assert not compiled.use_compiled_layers("auto", "cuda", 1, 8)
-    assert compiled.use_compiled_layers(True, "cpu", 1, 0) and not compiled.use_compiled_layers(False, "cuda", 1, 0)
+    assert compiled.use_compiled_layers("auto", "cuda:0", 0)  # one process or FSDP2 alike
+    assert not compiled.use_compiled_layers("auto", "cpu", 0)
+    assert not compiled.use_compiled_layers("auto", "cuda", 8)
+    assert compiled.use_compiled_layers(True, "cpu", 0) and not compiled.use_compiled_layers(False, "cuda", 0)
+    check_world_size(load_config("grpo", overrides=["model.compile_layers=true"]), 2)  # allowed under torchrun
     with pytest.raises(ConfigError, match="model.compile_layers must be true, false or auto"):
         load_config("grpo", overrides=["model.compile_layers=sometimes"])
 

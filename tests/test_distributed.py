@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from model_fixtures import SMALL, small_cfg
 from safetensors.torch import load_file
 
+import papo.models.compiled as compiled
 from papo.cli import main
 from papo.training.distributed import DistContext
 from papo.training.loop import run_train
@@ -67,18 +68,25 @@ EXTRA = ["trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.save_ever
 HELDOUT = ["trainer.eval_before_after=true", "data.test=synthetic:all?split=test&size=224&n=5", "trainer.eval_k=2"]
 
 
-def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool, preset: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool, preset: str, backend: str,
+                  world: int) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    compiled.BACKEND = backend  # a spawned process starts with the module's own setting
     try:
         run_train(small_cfg(preset, EXTRA + extra), out, resume=resume)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # what ran compiled in this process
+        Path(f"{out}-graphs-{rank}").write_text(str(graphs))
     finally:
         dist.destroy_process_group()
 
 
-def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g") -> Path:
+def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g",
+               backend: str = compiled.BACKEND, world: int = 2) -> Path:
+    """A run trained by ``world`` processes joined by a process group (gloo), as torchrun starts them."""
     out = tmp / name
     rendezvous = tmp / f"rendezvous-{name}-{int(resume)}"
-    mp.spawn(_train_worker, args=(f"file://{rendezvous}", str(out), list(extra), resume, preset), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(f"file://{rendezvous}", str(out), list(extra), resume, preset, backend, world),
+             nprocs=world, join=True)
     return out
 
 
@@ -175,6 +183,60 @@ def test_lora_trains_sharded_like_one_process_and_exports_merged(tmp_path):
     assert main(["model", "export", "--model", str(two / "checkpoints" / "step-2"), "--out", str(tmp_path / "hf")]) == 0
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert exported.keys() == w2.keys() and all(torch.equal(exported[k], w2[k]) for k in w2)
+
+
+def test_one_process_under_a_process_group_trains_sharded_like_a_plain_one(tmp_path):
+    """torchrun --nproc-per-node 1: FSDP2 over a group of one (the sharded path on one GPU), with sharded
+    checkpoints; the metrics of a process without a group."""
+    extra = ["trainer.max_steps=2", "trainer.save_every=2"]
+    run_train(small_cfg("papo_g", EXTRA + extra), str(tmp_path / "plain"))
+    one = _train_two(tmp_path, "group-of-one", extra, world=1)
+    _assert_same_rows(_rows(tmp_path / "plain"), _rows(one))
+    assert (one / "checkpoints" / "step-2" / "dcp").is_dir() and not (tmp_path / "plain" / "checkpoints" / "step-2" / "dcp").exists()
+
+
+def _sharded_blocks_worker(rank: int, init: str, out: str) -> None:
+    from model_fixtures import tiny_policy
+
+    from papo.models.loading import transformer_blocks
+    from papo.training.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    try:
+        policy = tiny_policy()
+        before = [name for name, m in policy.model.named_modules() if m in transformer_blocks(policy.model)]
+        shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
+        policy.compile_layers = True
+        with policy.compiled_passes():
+            routed = [name for name, m in policy.model.named_modules() if m._compiled_call_impl is not None]
+        Path(out).write_text(json.dumps({"before": before, "after": [n for n, m in policy.model.named_modules()
+                                                                     if m in transformer_blocks(policy.model)],
+                                         "routed": routed}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_blocks_are_still_found_and_compiled(tmp_path):
+    """fully_shard swaps each block's class for an FSDP subclass: the blocks must still be found by their own
+    class name, or nothing is compiled under torchrun (as happened: one graph, the log-prob head)."""
+    out = tmp_path / "blocks.json"
+    mp.spawn(_sharded_blocks_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=1, join=True)
+    got = json.loads(out.read_text())
+    assert got["before"] and got["after"] == got["before"] == got["routed"]
+    assert any(".visual." in f".{n}." for n in got["before"]) and any(".layers." in f".{n}." for n in got["before"])
+
+
+def test_compiled_layers_train_sharded_like_eager_ones_in_one_process(tmp_path):
+    """model.compile_layers under FSDP2: each block's all-gather and reduce-scatter hooks run around its compiled
+    forward, and activation checkpointing recomputes it in the backward. Dynamo's tracing and autograd
+    (aot_eager) in 2 processes give the eager single-process metrics."""
+    extra = ["trainer.max_steps=2", "trainer.save_every=2", "model.gradient_checkpointing=true", "trainer.seed=1"]
+    run_train(small_cfg("papo_g", EXTRA + extra + ["model.compile_layers=false"]), str(tmp_path / "one"))
+    two = _train_two(tmp_path, "two", extra + ["model.compile_layers=true"], backend="aot_eager")
+    rows = _rows(two)
+    _assert_same_rows(_rows(tmp_path / "one"), rows, tol=1e-4)
+    assert any(r["grad_norm"] > 0 for r in rows) and any(r["kl_prcp"] > 0 for r in rows)
+    assert all(int(Path(f"{two}-graphs-{rank}").read_text()) > 0 for rank in (0, 1))  # the blocks ran compiled
 
 
 def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):

@@ -125,9 +125,10 @@ class ModelOptions:
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Instances of the model's no-split classes (``_no_split_modules``: Qwen2.5-VL's decoder layers and vision
-    blocks), in module order: what FSDP shards and compilation wraps one by one."""
+    blocks), in module order: what FSDP shards and compilation wraps one by one (sharded ones too, whose class
+    FSDP2 has swapped for a subclass)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if plain_class(m).__name__ in names]
 
 
 def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -2,7 +2,9 @@
 
 One process is world size 1 and every reduction is the identity. Under ``torchrun`` (an initialised default
 process group) the same calls become collectives, so a decision that skips or stops a step is taken from
-every rank's view at once and all ranks agree on it. Only the main rank writes files.
+every rank's view at once and all ranks agree on it. Only the main rank writes files. A process group means
+sharded training (FSDP2), also for one process: ``torchrun --nproc-per-node 1`` runs the sharded path whole
+(hooks, gathers, checkpoints) on one GPU.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"  # where reductions run: NCCL needs CUDA tensors, gloo takes CPU ones
+    group: bool = False  # a process group joins the processes (torchrun): the model is sharded, at any size
 
     @classmethod
     def current(cls, device: str = "cpu") -> DistContext:
         """The default process group's rank and size if one is initialised, else a single process."""
         if dist.is_available() and dist.is_initialized():
             backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            return cls(dist.get_rank(), dist.get_world_size(), backend_device if device == "cpu" else device)
+            return cls(dist.get_rank(), dist.get_world_size(), backend_device if device == "cpu" else device, group=True)
         return cls(device=device)
 
     @property
@@ -90,10 +93,11 @@ class DistContext:
 
 
 def init_from_env(device: str) -> tuple[DistContext, str]:
-    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group, NCCL on GPUs and gloo on
-    CPUs, and pin this process to its local GPU. Returns the context and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or (dist.is_available() and dist.is_initialized()):
+    """Under torchrun (LOCAL_RANK in the environment, one process or several): join the process group, NCCL
+    on GPUs and gloo on CPUs, and pin this process to its local GPU. Returns the context and this process's
+    device."""
+    launched = "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or (dist.is_available() and dist.is_initialized()):
         return DistContext.current(device), device
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))

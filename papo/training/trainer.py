@@ -95,7 +95,7 @@ class Trainer:
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank,
                             padding_free=m.padding_free, uncheckpointed_layers=m.uncheckpointed_layers,
-                            compile_layers=use_compiled_layers(m.compile_layers, device, self.ctx.world_size, m.lora_rank))
+                            compile_layers=use_compiled_layers(m.compile_layers, device, m.lora_rank))
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
         # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters
@@ -105,7 +105,7 @@ class Trainer:
         self.ref = None
         if cfg.algorithm.kl_ref_coef > 0:
             self.ref = self.policy.root if self.lora else RootCall(copy.deepcopy(self.policy.model).eval().requires_grad_(False))
-        self.sharded = self.ctx.world_size > 1
+        self.sharded = self.ctx.group  # under torchrun, one process included
         if self.sharded:  # FSDP2: each rank holds 1/world of every weight; the reference model shards the same way
             check_world_size(cfg, self.ctx.world_size)
             for root in {id(r): r for r in (self.policy.root, self.ref) if r is not None}.values():
