@@ -1,5 +1,5 @@
 """Compiled decoder layers for scoring and update passes (model.compile_layers): the same log-probs, entropies
-and gradients as eager layers, generation left eager (sharded: tests/test_distributed.py)."""
+and gradients as eager layers, generation left eager, and refused under torchrun."""
 
 import pytest
 import torch
@@ -101,13 +101,20 @@ def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
     torch._dynamo.reset()  # dynamo skips a failed frame's code for the rest of the process
 
 
-def test_auto_compiles_on_cuda_when_every_weight_trains():
+def test_compiled_layers_are_refused_under_torchrun():
+    cfg = load_config("grpo", overrides=["model.compile_layers=true"])
+    with pytest.raises(ConfigError, match="model.compile_layers"):
+        check_world_size(cfg, 2)
+    check_world_size(load_config("grpo"), 2)  # auto, the default: off there
+
+
+def test_auto_compiles_only_for_one_unsharded_cuda_process_training_every_weight():
     assert load_config("grpo").model.compile_layers == "auto"
-    assert compiled.use_compiled_layers("auto", "cuda:0", 0)  # one process or FSDP2 alike
-    assert not compiled.use_compiled_layers("auto", "cpu", 0)
-    assert not compiled.use_compiled_layers("auto", "cuda", 8)
-    assert compiled.use_compiled_layers(True, "cpu", 0) and not compiled.use_compiled_layers(False, "cuda", 0)
-    check_world_size(load_config("grpo", overrides=["model.compile_layers=true"]), 2)  # allowed under torchrun
+    assert compiled.use_compiled_layers("auto", "cuda:0", False, 0)
+    assert not compiled.use_compiled_layers("auto", "cpu", False, 0)
+    assert not compiled.use_compiled_layers("auto", "cuda", True, 0)  # under torchrun, one process included
+    assert not compiled.use_compiled_layers("auto", "cuda", False, 8)
+    assert compiled.use_compiled_layers(True, "cpu", False, 0) and not compiled.use_compiled_layers(False, "cuda", False, 0)
     with pytest.raises(ConfigError, match="model.compile_layers must be true, false or auto"):
         load_config("grpo", overrides=["model.compile_layers=sometimes"])
 

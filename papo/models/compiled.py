@@ -27,14 +27,13 @@ CACHE_ENTRIES = 64
 BACKEND = "inductor"  # tests swap in "aot_eager": the same tracing and autograd, without code generation
 
 
-def use_compiled_layers(setting: bool | str, device: str | torch.device, lora_rank: int) -> bool:
-    """``model.compile_layers``: true, false, or "auto": CUDA, training every weight, in one process or under
-    FSDP2, the cases measured (on the CPU, compilation would outlast short runs; LoRA under compilation is
-    untimed). Under FSDP2 each block's all-gather and reduce-scatter hooks stay outside the compiled code
-    (FSDP2 marks them as such), so a compiled block runs between them as it does in one process."""
+def use_compiled_layers(setting: bool | str, device: str | torch.device, sharded: bool, lora_rank: int) -> bool:
+    """``model.compile_layers``: true, false, or "auto": one CUDA process training every weight, the case
+    measured (on the CPU, compilation would outlast short runs; LoRA under compilation is untimed; sharded
+    runs refuse it, ``papo.training.sharding.check_world_size``)."""
     if setting != "auto":
         return bool(setting)
-    return torch.device(device).type == "cuda" and lora_rank == 0
+    return torch.device(device).type == "cuda" and not sharded and lora_rank == 0
 
 
 def compiled_function(fn: Any) -> Any:

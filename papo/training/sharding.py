@@ -54,6 +54,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_world_size(cfg: Any, world_size: int) -> None:
     """Batch sizes that split evenly over the processes, and options sharded training supports."""
+    if cfg.model.compile_layers is True:
+        # torch 2.11's FSDP2 casts a block's inputs to bf16 in the forward but not in activation checkpointing's
+        # recomputation (later versions cast in both): the compiled vision blocks then save bf16 rope tables in
+        # the forward and fp32 ones in the recomputation, and Qwen2.5-VL-3B's first backward stops
+        raise ConfigError("model.compile_layers=true is not supported under torchrun: compiled blocks under FSDP2 with "
+                          "activation checkpointing failed on Qwen2.5-VL-3B (CheckpointError in the first backward); "
+                          "set model.compile_layers=auto or false")
     t = cfg.trainer
     for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.mini_batch_size", t.mini_batch_size),
                        ("trainer.gen_batch_size", t.gen_batch_size)):
