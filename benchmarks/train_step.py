@@ -3,6 +3,7 @@ under torchrun, on several (FSDP2, one rollout engine per rank, the same global 
 
     python benchmarks/train_step.py --out benchmarks/results/train-step-h200.json --runs 3b:default,7b:lean
     torchrun --nproc-per-node 2 benchmarks/train_step.py --out /tmp/two.json --runs 3b:default
+    torchrun --nproc-per-node 1 benchmarks/train_step.py --out /tmp/one.json --runs 3b:default  # sharded, one GPU
     python benchmarks/train_step.py --smoke --out /tmp/train-step.json     # the embedded model on the CPU
 
 Each run writes a random-weight model directory (benchmarks/architectures.py: papo's tokenizer, so random
