@@ -75,7 +75,7 @@ def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool
         dist.destroy_process_group()
 
 
-def _train_two(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g",
+def _train_in_group(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g",
                world: int = 2) -> Path:
     """A run trained by ``world`` processes joined by a process group (gloo), as torchrun starts them."""
     out = tmp / name
@@ -106,7 +106,7 @@ def _assert_same_rows(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
 def one_and_two(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worlds")
     run_train(small_cfg("papo_g", EXTRA + HELDOUT), str(tmp / "one"))
-    return tmp, tmp / "one", _train_two(tmp, "two", HELDOUT)
+    return tmp, tmp / "one", _train_in_group(tmp, "two", HELDOUT)
 
 
 def test_two_processes_train_like_one(one_and_two):
@@ -146,7 +146,7 @@ def test_two_processes_resume_exactly_and_at_another_world_size(one_and_two):
         shutil.copytree(two, tmp / name, ignore=shutil.ignore_patterns("step-3", "final", "heldout_after.json"))
         rows = (tmp / name / "metrics.jsonl").read_text().splitlines()
         (tmp / name / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
-    resumed = _train_two(tmp, "stopped", resume=True)
+    resumed = _train_in_group(tmp, "stopped", resume=True)
     _assert_same_rows(_rows(two), _rows(resumed), tol=0.0)
     run_train(small_cfg("papo_g", EXTRA), str(tmp / "single"), resume=True)
     _assert_same_rows(_rows(two), _rows(tmp / "single"))
@@ -158,7 +158,7 @@ def test_vppo_trains_in_two_processes_like_one(tmp_path):
     # seed 1: groups with different rewards, whose advantages the scales change (each rank's own range fails)
     extra = ["trainer.max_steps=2", "algorithm.online_filter=false", "trainer.save_every=2", "trainer.seed=1"]
     run_train(small_cfg("vppo", EXTRA + extra), str(tmp_path / "one"))
-    rows = _rows(_train_two(tmp_path, "two", extra, preset="vppo"))
+    rows = _rows(_train_in_group(tmp_path, "two", extra, preset="vppo"))
     _assert_same_rows(_rows(tmp_path / "one"), rows)
     assert all(r["visual_dependency"] > 0 for r in rows) and any(r["grad_norm"] > 0 for r in rows)
 
@@ -168,7 +168,7 @@ def test_lora_trains_sharded_like_one_process_and_exports_merged(tmp_path):
     adapters off; the same metrics as one process, and merged weights in final/ and in an export."""
     extra = ["trainer.max_steps=2", "model.lora_rank=4", "optim.lr=1e-2", "trainer.save_every=2"]
     run_train(small_cfg("papo_g", EXTRA + extra), str(tmp_path / "one"))
-    two = _train_two(tmp_path, "two", extra)
+    two = _train_in_group(tmp_path, "two", extra)
     rows = _rows(two)
     _assert_same_rows(_rows(tmp_path / "one"), rows)
     assert rows[-1]["ref_kl"] > 0  # the adapters moved the policy off the base
@@ -185,9 +185,10 @@ def test_one_process_under_a_process_group_trains_sharded_like_a_plain_one(tmp_p
     checkpoints; the metrics of a process without a group."""
     extra = ["trainer.max_steps=2", "trainer.save_every=2"]
     run_train(small_cfg("papo_g", EXTRA + extra), str(tmp_path / "plain"))
-    one = _train_two(tmp_path, "group-of-one", extra, world=1)
+    one = _train_in_group(tmp_path, "group-of-one", extra, world=1)
     _assert_same_rows(_rows(tmp_path / "plain"), _rows(one))
-    assert (one / "checkpoints" / "step-2" / "dcp").is_dir() and not (tmp_path / "plain" / "checkpoints" / "step-2" / "dcp").exists()
+    assert (one / "checkpoints" / "step-2" / "dcp").is_dir()
+    assert not (tmp_path / "plain" / "checkpoints" / "step-2" / "dcp").exists()
 
 
 def _sharded_blocks_worker(rank: int, init: str, out: str) -> None:
