@@ -76,7 +76,7 @@ def _train_worker(rank: int, init: str, out: str, extra: list[str], resume: bool
 
 
 def _train_in_group(tmp: Path, name: str, extra: list[str] = (), resume: bool = False, preset: str = "papo_g",
-               world: int = 2) -> Path:
+                    world: int = 2) -> Path:
     """A run trained by ``world`` processes joined by a process group (gloo), as torchrun starts them."""
     out = tmp / name
     rendezvous = tmp / f"rendezvous-{name}-{int(resume)}"
@@ -200,14 +200,18 @@ def _sharded_blocks_worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
     try:
         policy = tiny_policy()
-        before = [name for name, m in policy.model.named_modules() if m in transformer_blocks(policy.model)]
+
+        def names(modules) -> list[str]:
+            ids = {id(m) for m in modules}
+            return [name for name, m in policy.model.named_modules() if id(m) in ids]
+
+        before = names(transformer_blocks(policy.model))
         shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
         policy.compile_layers = True
         with policy.compiled_passes():
             routed = [name for name, m in policy.model.named_modules() if m._compiled_call_impl is not None]
-        Path(out).write_text(json.dumps({"before": before, "after": [n for n, m in policy.model.named_modules()
-                                                                     if m in transformer_blocks(policy.model)],
-                                         "routed": routed}))
+        after = names(transformer_blocks(policy.model))
+        Path(out).write_text(json.dumps({"before": before, "after": after, "routed": routed}))
     finally:
         dist.destroy_process_group()
 
