@@ -11,7 +11,6 @@ from papo.config.schema import load_config
 from papo.errors import ConfigError
 from papo.rollout import Sampler
 from papo.rollout.sampling import SamplingParams
-from papo.training.sharding import check_world_size
 from papo.training.trainer import Trainer
 
 GROUPS_WITH_DIFFERENT_REWARDS = "trainer.seed=1"  # as in test_trainer.py: advantages not all zero
@@ -101,20 +100,12 @@ def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):
     torch._dynamo.reset()  # dynamo skips a failed frame's code for the rest of the process
 
 
-def test_compiled_layers_are_refused_under_torchrun():
-    cfg = load_config("grpo", overrides=["model.compile_layers=true"])
-    with pytest.raises(ConfigError, match="model.compile_layers"):
-        check_world_size(cfg, 2)
-    check_world_size(load_config("grpo"), 2)  # auto, the default: off there
-
-
-def test_auto_compiles_only_for_one_unsharded_cuda_process_training_every_weight():
+def test_auto_compiles_on_cuda_when_every_weight_trains():
     assert load_config("grpo").model.compile_layers == "auto"
-    assert compiled.use_compiled_layers("auto", "cuda:0", False, 0)
-    assert not compiled.use_compiled_layers("auto", "cpu", False, 0)
-    assert not compiled.use_compiled_layers("auto", "cuda", True, 0)  # under torchrun, one process included
-    assert not compiled.use_compiled_layers("auto", "cuda", False, 8)
-    assert compiled.use_compiled_layers(True, "cpu", False, 0) and not compiled.use_compiled_layers(False, "cuda", False, 0)
+    assert compiled.use_compiled_layers("auto", "cuda:0", 0)
+    assert not compiled.use_compiled_layers("auto", "cpu", 0)
+    assert not compiled.use_compiled_layers("auto", "cuda", 8)
+    assert compiled.use_compiled_layers(True, "cpu", 0) and not compiled.use_compiled_layers(False, "cuda", 0)
     with pytest.raises(ConfigError, match="model.compile_layers must be true, false or auto"):
         load_config("grpo", overrides=["model.compile_layers=sometimes"])
 

@@ -226,6 +226,67 @@ def test_sharded_blocks_are_still_found_and_compiled(tmp_path):
     assert any(".visual." in f".{n}." for n in got["before"]) and any(".layers." in f".{n}." for n in got["before"])
 
 
+def _block_inputs_worker(rank: int, init: str, out: str) -> None:
+    """fp32 weights, bf16 compute, checkpointed blocks, sharded: the floating dtypes of each block call's inputs
+    as the model passes them and as the block receives them after FSDP's pre-forward hook, in the forward and in
+    the recomputation."""
+    from model_fixtures import mixed_batch, tiny_policy
+
+    from papo.models.checkpointing import set_checkpointing
+    from papo.models.loading import transformer_blocks
+    from papo.models.precision import Precision
+    from papo.training.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    try:
+        torch.manual_seed(0)
+        policy = tiny_policy()
+        policy.precision = Precision(torch.float32, torch.bfloat16)
+        set_checkpointing(policy.model, True)
+        policy.model.train()
+        shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
+        _, prompts, images = mixed_batch(policy)
+        batch = policy.encode(prompts, images)
+        ids, mask = policy.tokenize_completions(["<answer>3</answer>", "left then up"])
+        seen: dict[str, dict[str, list[list[str]]]] = {"passed": {}, "received": {}}
+
+        def dtypes(value, key: str) -> list[str]:
+            if isinstance(value, (tuple, list)):
+                return [d for i, v in enumerate(value) for d in dtypes(v, f"{key}.{i}")]
+            return [f"{key}:{value.dtype}"] if isinstance(value, torch.Tensor) and value.is_floating_point() else []
+
+        def record(where: str, name: str):
+            def hook(module, args, kwargs):
+                seen[where].setdefault(name, []).append(dtypes(list(args), "args") + dtypes(list(kwargs.values()), "kwargs"))
+            return hook
+
+        blocks = {id(b) for b in transformer_blocks(policy.model)}
+        for name, m in policy.model.named_modules():
+            if id(m) in blocks:  # FSDP's pre-forward hook is prepended at fully_shard: one hook before it, one after
+                m.register_forward_pre_hook(record("passed", name), with_kwargs=True, prepend=True)
+                m.register_forward_pre_hook(record("received", name), with_kwargs=True)
+        logp, _ = policy.logprobs(batch, ids, mask)
+        logp.sum().backward()
+        Path(out).write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_blocks_take_their_inputs_uncast_in_the_forward_and_the_recomputation(tmp_path):
+    """Under FSDP2's mixed precision only the root casts its inputs: each block gets what the model computed for
+    it (e.g. fp32 vision rope tables), as unsharded, in its forward and its recomputation alike. torch 2.11's
+    FSDP2 casts block inputs in the forward but not in the recomputation, and compiled blocks on Qwen2.5-VL-3B
+    then failed their first backward."""
+    out = tmp_path / "inputs.json"
+    mp.spawn(_block_inputs_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=1, join=True)
+    got = json.loads(out.read_text())
+    assert got["passed"] and got["received"] == got["passed"]
+    for name, per_call in got["received"].items():
+        assert len(per_call) == 2 and per_call[0] == per_call[1], name  # the forward, then its recomputation
+    vision = [c[0] for n, c in got["received"].items() if ".visual." in f".{n}."]
+    assert vision and all(any(d.endswith("torch.float32") for d in call) for call in vision)  # the rope tables
+
+
 def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):
     """algorithm.token_mean_scope=mini_batch: every valid token weighs the same whatever the micro-batching, so
     the gradient and the updated weights are the same (the logged loss terms stay means of micro-batch means)."""

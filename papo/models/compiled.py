@@ -27,13 +27,13 @@ CACHE_ENTRIES = 64
 BACKEND = "inductor"  # tests swap in "aot_eager": the same tracing and autograd, without code generation
 
 
-def use_compiled_layers(setting: bool | str, device: str | torch.device, sharded: bool, lora_rank: int) -> bool:
-    """``model.compile_layers``: true, false, or "auto": one CUDA process training every weight, the case
-    measured (on the CPU, compilation would outlast short runs; LoRA under compilation is untimed; sharded
-    runs refuse it, ``papo.training.sharding.check_world_size``)."""
+def use_compiled_layers(setting: bool | str, device: str | torch.device, lora_rank: int) -> bool:
+    """``model.compile_layers``: true, false, or "auto": a CUDA run training every weight, the case measured, in
+    one process or sharded (on the CPU, compilation would outlast short runs; LoRA under compilation is
+    untimed)."""
     if setting != "auto":
         return bool(setting)
-    return torch.device(device).type == "cuda" and not sharded and lora_rank == 0
+    return torch.device(device).type == "cuda" and lora_rank == 0
 
 
 def compiled_function(fn: Any) -> Any:

@@ -37,13 +37,18 @@ def shard_model(root: RootCall, precision: Precision, device: torch.device, worl
     its blocks one by one, everything else in ``root``, the module every scoring and sampling call goes
     through."""
     mesh = init_device_mesh(device.type, (world_size,))
-    mixed = None
-    if precision.compute_dtype != precision.param_dtype:
-        mixed = MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
-    kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": mixed} if mixed else {})}
+    if precision.compute_dtype == precision.param_dtype:
+        for block in shard_blocks(root.model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+        return root
+    mixed = {"param_dtype": precision.compute_dtype, "reduce_dtype": torch.float32}
+    # Only the root casts its inputs. A block takes what the model computed for it, as it does unsharded:
+    # FSDP2 (torch 2.11) casts a block's inputs in the forward but not when activation checkpointing recomputes
+    # it, so a cast would give the recomputation other inputs (fp32 vision rope tables where the forward saw bf16).
     for block in shard_blocks(root.model):
-        fully_shard(block, **kwargs)
-    fully_shard(root, **kwargs)
+        fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False))
+    fully_shard(root, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed))
     return root
 
 
@@ -54,13 +59,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_world_size(cfg: Any, world_size: int) -> None:
     """Batch sizes that split evenly over the processes, and options sharded training supports."""
-    if cfg.model.compile_layers is True:
-        # torch 2.11's FSDP2 casts a block's inputs to bf16 in the forward but not in activation checkpointing's
-        # recomputation (later versions cast in both): the compiled vision blocks then save bf16 rope tables in
-        # the forward and fp32 ones in the recomputation, and Qwen2.5-VL-3B's first backward stops
-        raise ConfigError("model.compile_layers=true is not supported under torchrun: compiled blocks under FSDP2 with "
-                          "activation checkpointing failed on Qwen2.5-VL-3B (CheckpointError in the first backward); "
-                          "set model.compile_layers=auto or false")
     t = cfg.trainer
     for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.mini_batch_size", t.mini_batch_size),
                        ("trainer.gen_batch_size", t.gen_batch_size)):
