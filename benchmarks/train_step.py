@@ -32,6 +32,7 @@ Reported, as verl and EasyR1 count them:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -265,6 +266,7 @@ def run(name: str, model_dir: str, precision: str, prompts: int, steps: int, dev
         "steps": rows,
     }
     del trainer
+    gc.collect()  # a profiled run's wrapper holds the trainer in a reference cycle: free its GPU memory now
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result

@@ -251,6 +251,20 @@ def test_masked_forward_swaps_only_image_tensors():
         with_images(inputs, policy.encode(prompts, [images[1], images[0]]))
 
 
+def test_a_views_pixels_move_to_the_device_and_its_token_tensors_and_grids_stay():
+    """MicroBatches keeps each view's pixels on the policy's device for every pass; host code keeps reading
+    the token ids, masks and image grids where the processor left them."""
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    moved = batch.pixels_to("meta")
+    assert moved.inputs["pixel_values"].device.type == "meta"
+    for key, value in batch.inputs.items():
+        if key != "pixel_values":
+            assert moved.inputs[key] is value, key
+    assert moved.image_keys == batch.image_keys
+
+
 def test_policy_that_prefers_image_pad_never_samples_it_and_scoring_works():
     policy = tiny_policy()
     image_pad = policy.processor.image_token_id

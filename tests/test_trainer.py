@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from papo.config.schema import PRESETS, ConfigError, load_config
 from papo.training.experience import MicroBatches
 from papo.training.loop import run_train
 from papo.training.monitor import HackingMonitor
+from papo.training.timing import PassClock
 from papo.training.trainer import PromptStream, Trainer
 
 # a seed whose first rollout groups score unequally: GRPO's policy gradient is zero for a group of equal rewards
@@ -682,3 +684,15 @@ def test_noisy_rollout_and_dvrp_share_one_noised_copy(tmp_path, monkeypatch):
     exp = trainer.last_experience
     assert len(made) == trainer.cfg.trainer.rollout_batch_size  # one image per prompt, noised once
     assert row["kl_noise"] > 0 and exp.noised_images[0] is exp.noised_images[1]
+
+
+def test_the_pass_clock_adds_each_names_seconds():
+    clock = PassClock("cpu")
+    for name in ("old_logp_s", "masked_logp_s", "old_logp_s"):
+        with clock.measure(name):
+            time.sleep(0.01)
+    timing = {"old_logp_s": 1.0}
+    clock.add_to(timing)
+    assert set(timing) == {"old_logp_s", "masked_logp_s"}
+    assert 1.02 <= timing["old_logp_s"] < 1.5 and 0.01 <= timing["masked_logp_s"] < 0.5
+    assert clock.spans == []  # read once

@@ -34,7 +34,22 @@ class PromptBatch:
         return self.inputs["input_ids"].shape[1]
 
     def to(self, device: Any) -> PromptBatch:
-        return PromptBatch({k: v.to(device) for k, v in self.inputs.items()}, self.image_keys)
+        return PromptBatch({k: to_device(v, device) for k, v in self.inputs.items()}, self.image_keys)
+
+    def pixels_to(self, device: Any) -> PromptBatch:
+        """The image data (floating image tensors) on ``device``; token ids, masks and image grids stay where they
+        are, for host code that reads them."""
+        return PromptBatch({k: to_device(v, device) if k in self.image_keys and v.is_floating_point() else v
+                            for k, v in self.inputs.items()}, self.image_keys)
+
+
+def to_device(t: Tensor, device: Any) -> Tensor:
+    """``t`` on ``device``. A host-to-GPU copy goes through pinned memory without blocking: from pageable memory
+    the host would wait for every kernel already queued (torch's caching host allocator keeps the pinned copy
+    until the transfer is done). Other copies are as ``Tensor.to``."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def chat_text(processor: Any, prompt: str, images: Sequence[Any]) -> str:
@@ -129,7 +144,7 @@ def with_images(inputs: dict[str, Tensor], images: PromptBatch) -> dict[str, Ten
             raise ValueError(f"masked images changed {key}: the masked branch must keep every image's size")
         if inputs[key].shape != images.inputs[key].shape:
             raise ValueError(f"masked {key} has shape {tuple(images.inputs[key].shape)}, expected {tuple(inputs[key].shape)}")
-        out[key] = images.inputs[key].to(inputs[key].device)
+        out[key] = images.inputs[key]
     return out
 
 

@@ -20,7 +20,14 @@ from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
 from papo.models.attention import use_packed_text_attention, use_packed_vision_attention
 from papo.models.compiled import compiled_calls, routed
-from papo.models.inputs import PromptBatch, append_completions, encode_prompts, tokenize_completions, with_images
+from papo.models.inputs import (
+    PromptBatch,
+    append_completions,
+    encode_prompts,
+    to_device,
+    tokenize_completions,
+    with_images,
+)
 from papo.models.loading import ModelOptions, load_model, load_processor, plain_class, transformer_blocks
 from papo.models.logprobs import compiled_head, response_logprobs, suppress_mask, suppressed_token_ids
 from papo.models.lora import lora_scalings, merge_lora
@@ -136,11 +143,12 @@ class Policy:
         """Log-probs (B, R) of completions ``ids`` after ``batch``'s prompts; ``images`` swaps in other image
         tensors with the same token ids and positions (the masked branch); ``model`` scores with another model
         that shares the processor (the reference policy, as a ``RootCall``)."""
-        inputs = append_completions(batch.to(self.device), ids.to(self.device), mask.to(self.device))
-        if images is not None:
-            inputs = with_images(inputs, images)
+        if images is not None:  # swapped on the host, where the image grids are compared
+            batch = PromptBatch(with_images(batch.inputs, images), batch.image_keys)
+        mask = to_device(mask, self.device)
+        inputs = append_completions(batch.to(self.device), to_device(ids, self.device), mask)
         with self.precision.autocast(self.device):
-            return (model or self.root)(response_logprobs, inputs, mask.to(self.device), temperature, self.suppress,
+            return (model or self.root)(response_logprobs, inputs, mask, temperature, self.suppress,
                                         chunk_tokens, with_entropy)
 
     @contextlib.contextmanager

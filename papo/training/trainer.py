@@ -58,7 +58,7 @@ from papo.data.stream import PromptStream
 from papo.errors import TrainingStopped, UserError
 from papo.models.checkpointing import checkpoint_mode
 from papo.models.compiled import use_compiled_layers
-from papo.models.inputs import PromptBatch
+from papo.models.inputs import PromptBatch, to_device
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy, RootCall
 from papo.models.precision import Precision
@@ -81,6 +81,7 @@ from papo.training.monitor import HackingMonitor
 from papo.training.optim import build_optimizer, constant_with_warmup
 from papo.training.rng import rng_state, set_rng_state
 from papo.training.sharding import check_world_size, full_state_dict, shard_model
+from papo.training.timing import PassClock
 
 
 class Trainer:
@@ -254,29 +255,33 @@ class Trainer:
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
         """Step 5: old, masked and reference log-probs, each from a no-grad forward with the current weights,
         each only when something reads it (``needs``)."""
-        T = self.cfg.rollout.temperature
-        out = {name: torch.zeros(exp.ids.shape) for name in ("old", "masked", "ref", "noised") if self.needs[name]}
+        T, device = self.cfg.rollout.temperature, self.policy.device
+        # filled on the device and copied to the host once: a copy per pass would make the host wait for the GPU
+        out = {name: torch.zeros(exp.ids.shape, device=device) for name in ("old", "masked", "ref", "noised") if self.needs[name]}
         first = set(batches.rows(0)) if self.old_from_update and batches.plan else set()
+        clock = PassClock(device)
         self.policy.model.eval()
         with self.policy.compiled_passes(self.ref):
-            self._score(batches, out, first, T, timing)
+            self._score(batches, out, first, T, clock)
         self.policy.model.train()
+        out = {name: logp.cpu() for name, logp in out.items()}
+        clock.add_to(timing)
         logps = self.poison.logprobs(out)
         return LogProbs(old=logps.get("old"), masked=logps.get("masked"), ref=logps.get("ref"), noised=logps.get("noised"))
 
     def _score(self, batches: MicroBatches, out: dict[str, torch.Tensor], first: set[int], T: float,
-               timing: dict[str, float]) -> None:
+               clock: PassClock) -> None:
         for mb in batches.scoring():
+            rows = to_device(torch.tensor(mb.rows), self.policy.device)
             for name in out:
                 if name == "old" and set(mb.rows) <= first:  # the first mini-batch's come from its update
                     continue
-                t = time.time()
-                with self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext():
+                adapter_off = self.policy.model.disable_adapter() if name == "ref" and self.lora else contextlib.nullcontext()
+                with clock.measure(f"{name}_logp_s"), adapter_off:
                     images = {"masked": mb.masked, "noised": mb.noised}.get(name)
                     logp = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=images,
                                                 model=self.ref if name == "ref" else None)[0]
-                out[name][mb.rows, : logp.shape[1]] = logp.float().cpu()
-                timing[f"{name}_logp_s"] = timing.get(f"{name}_logp_s", 0) + time.time() - t
+                    out[name][rows, : logp.shape[1]] = logp.float()
 
     def update(self, exp: Experience, batches: MicroBatches, logps: LogProbs, adv: torch.Tensor, gamma: float,
                timing: dict[str, float]) -> dict[str, float]:
@@ -307,16 +312,16 @@ class Trainer:
                 logp, ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, with_entropy=exact)
                 # before the step's first optimizer step pi_old is the policy itself: its log-probs, detached
                 on_policy = logps.old is None or (index == 0 and self.old_from_update)
-                old = logp.detach() if on_policy else logps.old[rows, :w].to(dev)
-                masked_logp = None if logps.masked is None else logps.masked[rows, :w].to(dev)
+                old = logp.detach() if on_policy else to_device(logps.old[rows, :w], dev)
+                masked_logp = None if logps.masked is None else to_device(logps.masked[rows, :w], dev)
                 masked_ent = None
                 if self.loss_cfg.masked_forward_in_update:  # papo_loss decides whether gradient flows through it
                     masked_logp, masked_ent = self.policy.logprobs(mb.full, mb.ids, mb.mask, T, images=mb.masked, with_entropy=exact)
-                ref_logp = None if logps.ref is None else logps.ref[rows, :w].to(dev)
-                noised_logp = None if logps.noised is None else logps.noised[rows, :w].to(dev)
-                mask, adv_rows, kl_weights = mb.mask.to(dev), adv[rows].to(dev), weights[rows].to(dev)
+                ref_logp = None if logps.ref is None else to_device(logps.ref[rows, :w], dev)
+                noised_logp = None if logps.noised is None else to_device(logps.noised[rows, :w], dev)
+                mask, adv_rows, kl_weights = to_device(mb.mask, dev), to_device(adv[rows], dev), to_device(weights[rows], dev)
                 shaped = self.vppo or self.pgpo  # old is pi_old here either way: scored, or this forward's own
-                dependency = token_dependency(old, logps.masked[rows, :w].to(dev)) if shaped else None
+                dependency = token_dependency(old, to_device(logps.masked[rows, :w], dev)) if shaped else None
                 loss = 0.0
                 for g in batches.loss_groups(mb):  # each micro-batch its own token mean, as the authors weigh tokens
                     group_adv = adv_rows[g]
@@ -327,7 +332,7 @@ class Trainer:
                         group_adv = pgpo_advantages(group_adv, dependency[g], mask[g], c.algorithm.pgpo_threshold,
                                                     c.algorithm.pgpo_boost)
                     if shaped:
-                        sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + float(masked_mean(dependency[g], mask[g]))
+                        sums["visual_dependency"] = sums.get("visual_dependency", 0.0) + masked_mean(dependency[g], mask[g]).detach()
                     part, metrics = papo_loss(
                         self.loss_cfg, logp[g], old[g], group_adv, mask[g], masked_log_probs=_rows(masked_logp, g),
                         ref_log_probs=_rows(ref_logp, g), kl_prcp_coef=gamma, kl_prcp_weights=kl_weights[g],
@@ -335,9 +340,9 @@ class Trainer:
                         noised_log_probs=_rows(noised_logp, g),
                     )
                     loss = loss + part * micro_batch_weight(c.algorithm.token_mean_scope, micro_batches,
-                                                            float(mask[g].sum()), total_tokens, self.ctx.world_size)
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                                                            float(mb.mask[g].sum()), total_tokens, self.ctx.world_size)
+                    for k, v in metrics.items():  # kept on the device: a read here would stall the GPU before the backward
+                        sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
                     count += 1
                 loss.backward()
             self.poison.gradients(self.policy.model.parameters())
@@ -356,7 +361,7 @@ class Trainer:
             norms.append(float(norm))
         self.sched.step()
         timing["update_s"] = time.time() - t0
-        metrics = {k: v / max(1, count) for k, v in sums.items()}
+        metrics = {k: float(v) / max(1, count) for k, v in sums.items()}
         metrics["grad_norm"] = sum(norms) / len(norms)
         metrics["skipped_updates"] = skipped
         metrics["skipped"] = "; ".join(causes)
