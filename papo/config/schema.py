@@ -37,8 +37,8 @@ class ModelSection:
     uncheckpointed_layers: int = 0  # with checkpointing: the last decoder layers keep their activations (memory for speed)
     lora_rank: int = 0
     padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
-    # scoring and update forwards through torch.compile'd decoder layers and head (papo.models.compiled); auto: on
-    # for one CUDA process training every weight, the case measured; true is refused under torchrun
+    # scoring and update forwards through torch.compile'd transformer blocks and head (papo.models.compiled); auto:
+    # on CUDA when every weight trains, in one process or sharded
     compile_layers: bool | str = "auto"
 
 
