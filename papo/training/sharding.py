@@ -58,7 +58,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_world_size(cfg: Any, world_size: int) -> None:
-    """Batch sizes that split evenly over the processes, and options sharded training supports."""
+    """Batch sizes that split evenly over the processes."""
     t = cfg.trainer
     for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("trainer.mini_batch_size", t.mini_batch_size),
                        ("trainer.gen_batch_size", t.gen_batch_size)):
