@@ -45,6 +45,25 @@ def test_demo_example_runs_and_learns(tmp_path):
     assert (out / "masking.png").exists()
 
 
+def test_the_make_demo_command_is_a_valid_clock_run():
+    """`make demo`'s arguments parse as `papo train` arguments into a config whose train, val and test data are
+    the clock family (600 held-out questions)."""
+    import shlex
+
+    from papo.cli import build_parser
+    from papo.config.schema import load_config
+    from papo.data.loaders import load_samples
+
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(line for line in makefile.splitlines() if line.startswith("DEMO_ARGS :="))
+    args = build_parser().parse_args(["train", *shlex.split(line.split(":=", 1)[1])])
+    cfg = load_config(args.preset, overrides=[*args.set, f"data.train={args.data}", f"trainer.max_steps={args.max_steps}"])
+    assert (cfg.preset, cfg.model.name, cfg.trainer.max_steps) == ("papo_g", None, 300)
+    test = load_samples(cfg.data.test).samples
+    assert len(test) == 600 and {s.id.split("-")[0] for s in test} == {"clock"}, {s.id for s in test[:3]}
+    assert {s.id.split("-")[0] for s in load_samples(cfg.data.train, limit=20).samples} == {"clock"}
+
+
 def test_the_readme_paper_scale_command_is_a_valid_config():
     """The README's real-model command parses, and on CUDA means fp32 master weights with bf16 compute."""
     import re
