@@ -191,42 +191,51 @@ def test_one_process_under_a_process_group_trains_sharded_like_a_plain_one(tmp_p
     assert not (tmp_path / "plain" / "checkpoints" / "step-2" / "dcp").exists()
 
 
-def _sharded_blocks_worker(rank: int, init: str, out: str) -> None:
+def _group_of_one_worker(rank: int, init: str, out: str, body) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    try:
+        Path(out).write_text(json.dumps(body()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _in_group_of_one(tmp_path: Path, body) -> dict:
+    """``body()``'s result, run in a process of its own under a gloo group of one (the sharded path)."""
+    out = tmp_path / "result.json"
+    mp.spawn(_group_of_one_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(out), body), nprocs=1, join=True)
+    return json.loads(out.read_text())
+
+
+def _sharded_blocks() -> dict:
     from model_fixtures import tiny_policy
 
     from papo.models.loading import transformer_blocks
     from papo.training.sharding import shard_model
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
-    try:
-        policy = tiny_policy()
+    policy = tiny_policy()
 
-        def names(modules) -> list[str]:
-            ids = {id(m) for m in modules}
-            return [name for name, m in policy.model.named_modules() if id(m) in ids]
+    def names(modules) -> list[str]:
+        ids = {id(m) for m in modules}
+        return [name for name, m in policy.model.named_modules() if id(m) in ids]
 
-        before = names(transformer_blocks(policy.model))
-        shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
-        policy.compile_layers = True
-        with policy.compiled_passes():
-            routed = [name for name, m in policy.model.named_modules() if m._compiled_call_impl is not None]
-        after = names(transformer_blocks(policy.model))
-        Path(out).write_text(json.dumps({"before": before, "after": after, "routed": routed}))
-    finally:
-        dist.destroy_process_group()
+    before = names(transformer_blocks(policy.model))
+    shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
+    policy.compile_layers = True
+    with policy.compiled_passes():
+        routed = [name for name, m in policy.model.named_modules() if m._compiled_call_impl is not None]
+    after = names(transformer_blocks(policy.model))
+    return {"before": before, "after": after, "routed": routed}
 
 
 def test_sharded_blocks_are_still_found_and_compiled(tmp_path):
     """fully_shard swaps each block's class for an FSDP subclass: the blocks must still be found by their own
     class name, or nothing compiles under FSDP2 (as happened: one graph, the log-prob head)."""
-    out = tmp_path / "blocks.json"
-    mp.spawn(_sharded_blocks_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=1, join=True)
-    got = json.loads(out.read_text())
+    got = _in_group_of_one(tmp_path, _sharded_blocks)
     assert got["before"] and got["after"] == got["before"] == got["routed"]
     assert any(".visual." in f".{n}." for n in got["before"]) and any(".layers." in f".{n}." for n in got["before"])
 
 
-def _block_inputs_worker(rank: int, init: str, out: str) -> None:
+def _block_inputs() -> dict:
     """fp32 weights, bf16 compute, checkpointed blocks, sharded: the floating dtypes of each block call's inputs
     as the model passes them and as the block receives them after FSDP's pre-forward hook, in the forward and in
     the recomputation."""
@@ -237,39 +246,35 @@ def _block_inputs_worker(rank: int, init: str, out: str) -> None:
     from papo.models.precision import Precision
     from papo.training.sharding import shard_model
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
-    try:
-        torch.manual_seed(0)
-        policy = tiny_policy()
-        policy.precision = Precision(torch.float32, torch.bfloat16)
-        set_checkpointing(policy.model, True)
-        policy.model.train()
-        shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
-        _, prompts, images = mixed_batch(policy)
-        batch = policy.encode(prompts, images)
-        ids, mask = policy.tokenize_completions(["<answer>3</answer>", "left then up"])
-        seen: dict[str, dict[str, list[list[str]]]] = {"passed": {}, "received": {}}
+    torch.manual_seed(0)
+    policy = tiny_policy()
+    policy.precision = Precision(torch.float32, torch.bfloat16)
+    set_checkpointing(policy.model, True)
+    policy.model.train()
+    shard_model(policy.root, policy.precision, torch.device("cpu"), 1)
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    ids, mask = policy.tokenize_completions(["<answer>3</answer>", "left then up"])
+    seen: dict[str, dict[str, list[list[str]]]] = {"passed": {}, "received": {}}
 
-        def dtypes(value, key: str) -> list[str]:
-            if isinstance(value, (tuple, list)):
-                return [d for i, v in enumerate(value) for d in dtypes(v, f"{key}.{i}")]
-            return [f"{key}:{value.dtype}"] if isinstance(value, torch.Tensor) and value.is_floating_point() else []
+    def dtypes(value, key: str) -> list[str]:
+        if isinstance(value, (tuple, list)):
+            return [d for i, v in enumerate(value) for d in dtypes(v, f"{key}.{i}")]
+        return [f"{key}:{value.dtype}"] if isinstance(value, torch.Tensor) and value.is_floating_point() else []
 
-        def record(where: str, name: str):
-            def hook(module, args, kwargs):
-                seen[where].setdefault(name, []).append(dtypes(list(args), "args") + dtypes(list(kwargs.values()), "kwargs"))
-            return hook
+    def record(where: str, name: str):
+        def hook(module, args, kwargs):
+            seen[where].setdefault(name, []).append(dtypes(list(args), "args") + dtypes(list(kwargs.values()), "kwargs"))
+        return hook
 
-        blocks = {id(b) for b in transformer_blocks(policy.model)}
-        for name, m in policy.model.named_modules():
-            if id(m) in blocks:  # FSDP's pre-forward hook is prepended at fully_shard: one hook before it, one after
-                m.register_forward_pre_hook(record("passed", name), with_kwargs=True, prepend=True)
-                m.register_forward_pre_hook(record("received", name), with_kwargs=True)
-        logp, _ = policy.logprobs(batch, ids, mask)
-        logp.sum().backward()
-        Path(out).write_text(json.dumps(seen))
-    finally:
-        dist.destroy_process_group()
+    blocks = {id(b) for b in transformer_blocks(policy.model)}
+    for name, m in policy.model.named_modules():
+        if id(m) in blocks:  # FSDP's pre-forward hook is prepended at fully_shard: one hook before it, one after
+            m.register_forward_pre_hook(record("passed", name), with_kwargs=True, prepend=True)
+            m.register_forward_pre_hook(record("received", name), with_kwargs=True)
+    logp, _ = policy.logprobs(batch, ids, mask)
+    logp.sum().backward()
+    return seen
 
 
 def test_sharded_blocks_take_their_inputs_uncast_in_the_forward_and_the_recomputation(tmp_path):
@@ -277,9 +282,7 @@ def test_sharded_blocks_take_their_inputs_uncast_in_the_forward_and_the_recomput
     it (e.g. fp32 vision rope tables), as unsharded, in its forward and its recomputation alike. torch 2.11's
     FSDP2 casts block inputs in the forward but not in the recomputation, and compiled blocks on Qwen2.5-VL-3B
     then failed their first backward."""
-    out = tmp_path / "inputs.json"
-    mp.spawn(_block_inputs_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=1, join=True)
-    got = json.loads(out.read_text())
+    got = _in_group_of_one(tmp_path, _block_inputs)
     assert got["passed"] and got["received"] == got["passed"]
     for name, per_call in got["received"].items():
         assert len(per_call) == 2 and per_call[0] == per_call[1], name  # the forward, then its recomputation

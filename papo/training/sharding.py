@@ -37,11 +37,20 @@ def shard_model(root: RootCall, precision: Precision, device: torch.device, worl
     its blocks one by one, everything else in ``root``, the module every scoring and sampling call goes
     through."""
     mesh = init_device_mesh(device.type, (world_size,))
-    if precision.compute_dtype == precision.param_dtype:
-        for block in shard_blocks(root.model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(root, mesh=mesh)
-        return root
+    block_kwargs: dict[str, Any] = {}
+    root_kwargs: dict[str, Any] = {}
+    if precision.compute_dtype != precision.param_dtype:
+        mixed = {"param_dtype": precision.compute_dtype, "reduce_dtype": torch.float32}
+        # Only the root casts its inputs. A block takes what the model computed for it, as it does unsharded:
+        # FSDP2 (torch 2.11) casts a block's inputs in the forward but not when activation checkpointing
+        # recomputes it, so a cast would give the recomputation other inputs (fp32 vision rope tables where the
+        # forward saw bf16).
+        block_kwargs["mp_policy"] = MixedPrecisionPolicy(**mixed, cast_forward_inputs=False)
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(**mixed)
+    for block in shard_blocks(root.model):
+        fully_shard(block, mesh=mesh, **block_kwargs)
+    fully_shard(root, mesh=mesh, **root_kwargs)
+    return root
     mixed = {"param_dtype": precision.compute_dtype, "reduce_dtype": torch.float32}
     # Only the root casts its inputs. A block takes what the model computed for it, as it does unsharded:
     # FSDP2 (torch 2.11) casts a block's inputs in the forward but not when activation checkpointing recomputes
