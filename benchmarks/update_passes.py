@@ -3,6 +3,9 @@ the Trainer's own ``update`` (PAPO-G loss, AdamW step included) with forward/bac
 sequences (``trainer.update_micro_batch_size``; the loss keeps the authors' per-4 token mean) and full,
 selective or no checkpointing (``model.gradient_checkpointing``); also the no-grad scoring pass at 16 and 32
 sequences. ``train_step.py``'s PAPER settings, fp32 master weights with bf16 compute, padding-free passes.
+``--images shared,apart`` times the scoring pass and the update of 16 both ways: a prompt's 5 sequences sharing
+its encoded views, as a step's rollouts do (the vision tower runs once per distinct image), or each sequence
+encoded apart (the tower runs once per sequence).
 
     python benchmarks/update_passes.py --out /tmp/update-passes.json            # Qwen2.5-VL-3B, CUDA
     python benchmarks/update_passes.py --smoke --out /tmp/update-passes.json    # the embedded model, CPU
@@ -36,12 +39,15 @@ SEQUENCES = 32
 CONFIGS = [(4, "full"), (16, "full"), (4, "selective"), (8, "selective"), (16, "selective"), (4, "none"), (8, "none")]
 
 
-def experience(trainer: Trainer, cap: int, seed: int = 0) -> Experience:
-    """SEQUENCES sequences of the trainer's prompts (5 per prompt) with random response tokens."""
+def experience(trainer: Trainer, cap: int, seed: int = 0, shared: bool = True) -> Experience:
+    """SEQUENCES sequences of the trainer's prompts (5 per prompt) with random response tokens; ``shared``: a
+    prompt's sequences hold the same image lists (as ``Trainer.rollout`` makes them), else each its own copy."""
     policy, g = trainer.policy, torch.Generator().manual_seed(seed)
     draws = trainer.stream.take(SEQUENCES // 5 + 1)
     samples = [s for _, s in draws for _ in range(5)][:SEQUENCES]
-    pairs = [image_pair(s, trainer.masking, 0, i, policy.min_pixels, policy.max_pixels) for i, s in enumerate(samples)]
+    pairs = [image_pair(s, trainer.masking, 0, i // 5, policy.min_pixels, policy.max_pixels) for i, s in enumerate(samples)]
+    if shared:
+        pairs = [pairs[i - i % 5] for i in range(SEQUENCES)]
     lengths = torch.randint(min(64, cap - 1), cap, (SEQUENCES,), generator=g)
     lengths[torch.randperm(SEQUENCES, generator=g)[: SEQUENCES // 3]] = cap
     vocab = sampleable_ids(policy)
@@ -67,6 +73,8 @@ def main() -> None:
     ap.add_argument("--uncheckpointed", default="", help="with --compile: also time the compiled update with these "
                     "numbers of last decoder layers left out of full checkpointing (e.g. 12,24)")
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
+    ap.add_argument("--images", default="", help="shared,apart: also time scoring and the update of 16 with a "
+                    "prompt's sequences sharing their encoded images, and with each encoded apart")
     args = ap.parse_args()
     cap = 48 if args.smoke else 2048
     trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "update-passes",
@@ -171,10 +179,18 @@ def main() -> None:
                                                              warm_up=True))
         set_checkpointing(trainer.policy.model, "full")
         print(json.dumps(compiled), flush=True)
+    by_images = []
+    for mode in (m for m in args.images.split(",") if m):  # the same tokens and pixels, shared or apart
+        exp = experience(trainer, cap, shared=mode == "shared")
+        encoded.clear()
+        update = measure_update({"images": mode, "pass_size": 16, "checkpointing": "full"}, update_fn(16, "full"),
+                                warm_up=True)
+        by_images.append({**update, "scoring_16": score(16)})
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sequences": SEQUENCES,
               "response_tokens": exp.mask.sum(-1).tolist(), "tokens": exp.tokens, "update_tflop": round(flops / 1e12, 1),
-              "rows": rows, "scoring": scoring, **({"compiled": compiled} if compiled else {})}
+              "rows": rows, "scoring": scoring, **({"compiled": compiled} if compiled else {}),
+              **({"images": by_images} if by_images else {})}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -251,6 +251,57 @@ def test_masked_forward_swaps_only_image_tensors():
         with_images(inputs, policy.encode(prompts, [images[1], images[0]]))
 
 
+def _transformers_logprobs(model, inputs, mask, suppress):
+    """Response log-probs from transformers' own forward (pixels in, full logits out): the reference."""
+    logits = model(**inputs).logits.float().masked_fill(suppress, float("-inf"))
+    p = inputs["input_ids"].shape[1] - mask.shape[1]
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    logp = torch.log_softmax(logits[rows, p - 1 + cols], -1).gather(-1, inputs["input_ids"][rows, p + cols, None])[:, 0]
+    return torch.zeros(mask.shape).index_put((rows, cols), logp)
+
+
+def test_image_features_are_computed_once_per_distinct_image_with_transformers_values():
+    """Rows that repeat one encoded view (a prompt's G rollouts) run the vision tower once for it; log-probs and
+    gradients equal those of every row encoded apart, and both equal transformers' own forward."""
+    torch.manual_seed(4)
+    policy = tiny_policy()
+    sharpen_vision(policy, 5.0)
+    _, prompts, images = mixed_batch(policy)
+    views = [policy.encode([p], [ims]) for p, ims in zip(prompts, images)]
+    order = [0, 0, 0, 1, 1]
+    shared = concat_prompt_batches([views[i] for i in order], policy.pad_id)
+    apart = concat_prompt_batches([policy.encode([prompts[i]], [images[i]]) for i in order], policy.pad_id)
+    assert shared.image_ids == (views[0].image_ids * 3 + views[1].image_ids * 2)
+    assert len(set(apart.image_ids)) == 5
+    for key in shared.inputs:
+        assert torch.equal(shared.inputs[key], apart.inputs[key]), key
+    comp = Sampler(policy).generate(shared, SamplingParams(6))
+    patches = []
+    hook = policy.model.model.visual.register_forward_pre_hook(lambda m, args: patches.append(args[0].shape[0]))
+    policy.model.train()
+    results = []
+    for batch in (shared, apart):
+        policy.model.zero_grad(set_to_none=True)
+        logp, _ = policy.logprobs(batch, comp.ids, comp.mask)
+        logp.sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    per_image = shared.inputs["image_grid_thw"].prod(-1).tolist()
+    assert patches == [per_image[0] + per_image[3], sum(per_image)]  # 2 distinct images against 5
+    (logp, grads), (ref_logp, ref_grads) = results
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    assert any("visual" in name for name in grads) and grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
+    with torch.no_grad():
+        theirs = _transformers_logprobs(policy.model, append_completions(shared, comp.ids, comp.mask), comp.mask,
+                                        policy.suppress)
+    torch.testing.assert_close(logp, theirs, atol=1e-5, rtol=0)
+    masked = policy.encode(prompts[:1], [[im.rotate(90) for im in images[0]]])
+    swapped_ids = concat_prompt_batches([masked] * 3, policy.pad_id).image_ids
+    assert len(set(swapped_ids)) == 1 and swapped_ids[0] not in shared.image_ids
+
+
 def test_a_views_pixels_move_to_the_device_and_its_token_tensors_and_grids_stay():
     """MicroBatches keeps each view's pixels on the policy's device for every pass; host code keeps reading
     the token ids, masks and image grids where the processor left them."""

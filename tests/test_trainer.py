@@ -233,6 +233,11 @@ def test_scoring_in_larger_micro_batches_gives_the_same_log_probs(tmp_path):
         assert len(list(batches.scoring())) == (4 if scoring_size == 0 else 2)  # split at the first mini-batch
         scored[scoring_size] = trainer.score_experience(exp, batches, {}).named()
     assert scored[0].keys() == scored[8].keys() == {"old", "masked", "ref"}
+    for mb in batches.scoring():  # a prompt's rollouts share its encoded views: one image id per prompt and view
+        prompts = len({exp.uids[row] for row in mb.rows})
+        assert len(mb.full.image_ids) == len(mb.rows) > prompts
+        assert len(set(mb.full.image_ids)) == len(set(mb.masked.image_ids)) == prompts
+        assert not set(mb.full.image_ids) & set(mb.masked.image_ids)
     for name in scored[0]:
         assert (scored[0][name] - scored[8][name]).abs().max() < 1e-5, name
     with pytest.raises(ValueError, match="not a multiple of the micro-batch size 2"):
@@ -267,7 +272,9 @@ def test_update_passes_of_several_micro_batches_leave_the_gradient_unchanged(ext
         assert len(grads) == len(g_base) == 1
         for g, b in zip(grads[0], g_base[0]):  # the update's gradient itself, before AdamW normalises it away
             assert torch.allclose(g, b, rtol=1e-5, atol=1e-9)
-        assert max(float((x - y).abs().max()) for x, y in zip(weights, w_base)) < 1e-6
+        # Adam's first step moves a weight by lr * g / (|g| + eps): an entry with |g| near eps turns rounding-level
+        # gradient differences (passes share different image features) into a few percent of lr
+        assert max(float((x - y).abs().max()) for x, y in zip(weights, w_base)) < 0.05 * cfg.optim.lr
     with pytest.raises(ConfigError, match=r"update_micro_batch_size \(now 6\) must be 0 or a multiple of trainer.micro_batch_size \(now 4\)"):
         small_cfg("papo_g", ["trainer.micro_batch_size=4", "trainer.update_micro_batch_size=6"])
 

@@ -9,8 +9,9 @@ falls back to 1-D positions for Qwen and log-probs drift from generation.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,11 +20,16 @@ from torch import Tensor
 
 from papo.data.sample import chat_content
 
+_image_serials = itertools.count()  # every encoded image gets its own id
+
 
 @dataclass
 class PromptBatch:
     inputs: dict[str, Tensor]  # processor output; input_ids / attention_mask (B, P), left-padded
     image_keys: tuple[str, ...]  # keys that carry the images (swapped for the masked branch)
+    # one id per image, in order: equal ids mark the same encoded image (a prompt's rows repeat its encoding),
+    # so its features are computed once (papo.models.image_features); None: every image distinct
+    image_ids: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -34,13 +40,25 @@ class PromptBatch:
         return self.inputs["input_ids"].shape[1]
 
     def to(self, device: Any) -> PromptBatch:
-        return PromptBatch({k: to_device(v, device) for k, v in self.inputs.items()}, self.image_keys)
+        return replace(self, inputs={k: to_device(v, device) for k, v in self.inputs.items()})
 
     def pixels_to(self, device: Any) -> PromptBatch:
         """The image data (floating image tensors) on ``device``; token ids, masks and image grids stay where they
         are, for host code that reads them."""
-        return PromptBatch({k: to_device(v, device) if k in self.image_keys and v.is_floating_point() else v
-                            for k, v in self.inputs.items()}, self.image_keys)
+        return replace(self, inputs={k: to_device(v, device) if k in self.image_keys and v.is_floating_point() else v
+                                     for k, v in self.inputs.items()})
+
+    def image_count(self) -> int:
+        counted = self.inputs.get("image_grid_thw", self.inputs.get("pixel_values"))  # a grid row or a tensor each
+        return 0 if counted is None else len(counted)
+
+    def identified(self) -> tuple[int, ...]:
+        """``image_ids``, or new ids (every image distinct) for a batch built without them."""
+        return self.image_ids if self.image_ids is not None else new_image_ids(self.image_count())
+
+
+def new_image_ids(count: int) -> tuple[int, ...]:
+    return tuple(itertools.islice(_image_serials, count))
 
 
 def to_device(t: Tensor, device: Any) -> Tensor:
@@ -67,7 +85,9 @@ def encode_prompts(processor: Any, prompts: Sequence[str], images: Sequence[Sequ
     enc = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     inputs = {k: v for k, v in enc.items() if isinstance(v, Tensor)}
     image_keys = tuple(k for k in processor.image_processor.model_input_names if k in inputs)
-    return PromptBatch(inputs, image_keys)
+    batch = PromptBatch(inputs, image_keys)
+    batch.image_ids = new_image_ids(batch.image_count())
+    return batch
 
 
 def pad_completions(completions: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -114,7 +134,7 @@ def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> Prompt
             out[key] = torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts])
         else:
             raise ValueError(f"cannot concatenate prompt batches: {key!r} is neither per-token nor an image tensor")
-    return PromptBatch(out, image_keys)
+    return PromptBatch(out, image_keys, tuple(i for b in batches for i in b.identified()))
 
 
 def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:

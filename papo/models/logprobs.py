@@ -14,7 +14,7 @@ twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from papo.algo.kl import entropy_from_logits
 from papo.models import compiled
+from papo.models.image_features import computes_image_features, embed_with_images, image_features
+from papo.models.mrope import rope_index
 from papo.models.packing import can_pack, pack
 
 
@@ -48,11 +50,23 @@ def suppress_mask(ids: list[int], vocab: int, device: Any = None) -> Tensor:  # 
     return mask
 
 
-def _backbone(model: Any, inputs: dict[str, Any]) -> Tensor:
-    """Last hidden states (B, L, H), without computing logits for every position."""
+def _backbone(model: Any, inputs: dict[str, Any], image_ids: Sequence[Hashable] | None = None) -> Tensor:
+    """Last hidden states (B, L, H), without computing logits for every position. Where papo computes the image
+    features (``papo.models.image_features``: once per distinct image of ``image_ids``), the model receives
+    embeddings and the 3-D positions instead of pixels and token ids."""
     base = getattr(model, "model", None)
     if base is None:
         raise TypeError(f"{type(model).__name__} has no .model backbone; papo needs an image-text-to-text model")
+    # positions come from the token ids, which the model then no longer receives: without the token types that
+    # place the images, transformers' own forward runs (it falls back to 1-D positions)
+    positioned = inputs.get("position_ids") is not None or inputs.get("mm_token_type_ids") is not None
+    if inputs.get("pixel_values") is not None and positioned and computes_image_features(model):
+        inputs = dict(inputs)
+        grid = inputs.pop("image_grid_thw").cpu()  # the trainer's batches keep it on the host
+        features = image_features(base, inputs.pop("pixel_values"), grid, image_ids)
+        if inputs.get("position_ids") is None:
+            inputs["position_ids"] = rope_index(model, {**inputs, "image_grid_thw": grid})[0].to(features.device)
+        inputs["inputs_embeds"] = embed_with_images(base, inputs.pop("input_ids"), features)
     return base(**inputs, use_cache=False).last_hidden_state
 
 
@@ -93,6 +107,7 @@ def response_logprobs(
     suppress: Tensor | None = None,  # (V,) bool
     chunk_tokens: int = 2048,
     with_entropy: bool = False,
+    image_ids: Sequence[Hashable] | None = None,  # one per image, equal for the same image (PromptBatch.image_ids)
 ) -> tuple[Tensor, Tensor | None]:
     """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions.
 
@@ -109,9 +124,9 @@ def response_logprobs(
     before = p - 1 + cols  # the position that predicts each of them
     if can_pack(model, inputs):
         packed = pack(model, inputs)
-        hidden = _backbone(model, packed.inputs)[0][packed.index[rows, before]]  # (N, H)
+        hidden = _backbone(model, packed.inputs, image_ids)[0][packed.index[rows, before]]  # (N, H)
     else:
-        hidden = _backbone(model, inputs)[rows, before]
+        hidden = _backbone(model, inputs, image_ids)[rows, before]
     targets = ids[rows, p + cols]
     logps, entropies = token_logprobs(model.get_output_embeddings(), hidden, targets, temperature, suppress,
                                       chunk_tokens, with_entropy)

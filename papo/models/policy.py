@@ -20,6 +20,7 @@ from papo.data.hub import is_hub_id
 from papo.data.sample import Sample
 from papo.models.attention import use_packed_text_attention, use_packed_vision_attention
 from papo.models.compiled import compiled_calls, routed
+from papo.models.image_features import computes_image_features
 from papo.models.inputs import (
     PromptBatch,
     append_completions,
@@ -144,12 +145,14 @@ class Policy:
         tensors with the same token ids and positions (the masked branch); ``model`` scores with another model
         that shares the processor (the reference policy, as a ``RootCall``)."""
         if images is not None:  # swapped on the host, where the image grids are compared
-            batch = PromptBatch(with_images(batch.inputs, images), batch.image_keys)
+            batch = PromptBatch(with_images(batch.inputs, images), batch.image_keys, images.image_ids)
         mask = to_device(mask, self.device)
         inputs = append_completions(batch.to(self.device), to_device(ids, self.device), mask)
+        if "image_grid_thw" in inputs and computes_image_features(self.model):
+            inputs["image_grid_thw"] = batch.inputs["image_grid_thw"]  # read on the host: no copy back from the GPU
         with self.precision.autocast(self.device):
             return (model or self.root)(response_logprobs, inputs, mask, temperature, self.suppress,
-                                        chunk_tokens, with_entropy)
+                                        chunk_tokens, with_entropy, batch.image_ids)
 
     @contextlib.contextmanager
     def compiled_passes(self, *others: RootCall | None) -> Iterator[None]:

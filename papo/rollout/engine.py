@@ -32,9 +32,10 @@ from torch import Tensor
 
 from papo.models.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_vision_attention
 from papo.models.compiled import compiled_calls, routed
+from papo.models.image_features import embed_with_images, image_features
 from papo.models.inputs import PromptBatch
 from papo.models.loading import plain_class
-from papo.models.mrope import VisionInputs, rope_index
+from papo.models.mrope import rope_index
 from papo.rollout.decode_step import DecodeBuffers, DecodeStep, stack_projections
 from papo.rollout.keyed_noise import random_keys
 from papo.rollout.sampling import Completions, SamplingParams, trim_after_eos
@@ -90,9 +91,6 @@ class RolloutEngine:
         # fused norms, rope and MLP, and GEMMs padded to aligned shapes (Qwen2.5-VL's 3420-wide vision MLP
         # otherwise runs Ampere kernels)
         self._vision_blocks = compiled_calls(getattr(self.base.visual, "blocks", [])) if self.compile else {}
-        self.vision_inputs = VisionInputs(self.base.visual)
-        vision_attn = getattr(model.config.vision_config, "_attn_implementation", None)
-        self._host_seqlens = vision_attn in (None, "sdpa", "eager", PACKED_VISION_ATTENTION)  # read as Python ints
         self._shape: tuple = ()
         self._graphs: dict[tuple[int, int], Any] = {}  # (rows, cache span) -> captured step
         self._pool: Any = None  # one memory pool for all of them: they never run at once
@@ -168,9 +166,12 @@ class RolloutEngine:
         for start in range(0, batch.size, chunk):
             part = _slice_rows(host, start, min(start + chunk, batch.size))
             ids, mask = part["input_ids"].to(self.device), part["attention_mask"].to(self.device)
-            embeds = base.get_input_embeddings()(ids)
             if "image_grid_thw" in part:
-                embeds = self._with_image_features(embeds, ids, part)
+                with routed(self._vision_blocks):
+                    features = image_features(base, part["pixel_values"].to(self.device), part["image_grid_thw"])
+                embeds = embed_with_images(base, ids, features)
+            else:
+                embeds = base.get_input_embeddings()(ids)
             m = ids.shape[0]
             rows = torch.arange(start * n, (start + m) * n, device=self.device)
             logits = self.step.prefill(embeds, positions[:, start:start + m].to(self.device), mask, rows, n)
@@ -180,15 +181,6 @@ class RolloutEngine:
             buf.start[rows] = (P - part["attention_mask"].sum(-1)).int().to(self.device).repeat_interleave(n, 0)
             out.append(logits if n == 1 else logits.repeat_interleave(n, 0))
         return torch.cat(out)
-
-    def _with_image_features(self, embeds: Tensor, ids: Tensor, part: dict[str, Tensor]) -> Tensor:
-        grid = part["image_grid_thw"]
-        kwargs = self.vision_inputs(grid, self.device, host_seqlens=self._host_seqlens)
-        with routed(self._vision_blocks):
-            # the grid stays on the host: with every index precomputed it only sizes the per-image split
-            features = self.base.get_image_features(part["pixel_values"].to(self.device), grid, **kwargs).pooler_output
-        image = (ids == self.model.config.image_token_id)[..., None]
-        return embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
 
     # ------------------------------------------------------------------ generate
 
