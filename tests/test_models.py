@@ -302,6 +302,23 @@ def test_image_features_are_computed_once_per_distinct_image_with_transformers_v
     assert len(set(swapped_ids)) == 1 and swapped_ids[0] not in shared.image_ids
 
 
+def test_scoring_keeps_no_model_alive():
+    """The per-tower caches of precomputed vision indices hold no reference to the tower: a benchmark or a
+    notebook that scores with several models in turn frees each (a kept one held its GPU memory)."""
+    import gc
+    import weakref
+
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    batch = policy.encode(prompts, images)
+    with torch.no_grad():
+        policy.logprobs(batch, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    tower = weakref.ref(policy.model.model.visual)
+    del policy
+    gc.collect()
+    assert tower() is None
+
+
 def test_a_views_pixels_move_to_the_device_and_its_token_tensors_and_grids_stay():
     """MicroBatches keeps each view's pixels on the policy's device for every pass; host code keeps reading
     the token ids, masks and image grids where the processor left them."""

@@ -107,9 +107,10 @@ class VisionInputs:
     helpers once, and a batch is tiled from them with offsets."""
 
     def __init__(self, visual: Any) -> None:
-        self.visual = visual
-        self.merge = int(visual.spatial_merge_size)
+        # the tower's sizes, not the tower: a cache keyed weakly by the tower must not keep it alive
+        self.config, self.merge = visual.config, int(visual.spatial_merge_size)
         self.windowed = hasattr(visual, "window_size") and hasattr(visual, "fullatt_block_indexes")
+        self.window_size, self.patch_size = getattr(visual, "window_size", None), getattr(visual, "patch_size", None)
         self._cache: dict[tuple[int, int, int], tuple[Tensor, Tensor | None, Tensor | None]] = {}
 
     def _template(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -122,8 +123,7 @@ class VisionInputs:
             g = torch.tensor([grid])
             window = cu_window = None
             if self.windowed:
-                v = self.visual
-                window, cu_window = get_vision_window_index(g, self.merge, v.window_size, v.patch_size)
+                window, cu_window = get_vision_window_index(g, self.merge, self.window_size, self.patch_size)
             self._cache[grid] = (get_vision_position_ids(g, self.merge), window, cu_window)
         return self._cache[grid]
 
@@ -134,7 +134,7 @@ class VisionInputs:
 
         grids = [tuple(int(x) for x in row) for row in grid_thw.tolist()]
         parts = [self._template(g) for g in grids]
-        cu, _ = get_vision_attention_seqlens(grid_thw.cpu(), self.visual.config)
+        cu, _ = get_vision_attention_seqlens(grid_thw.cpu(), self.config)
         seq_device = "cpu" if host_seqlens else device
         out: dict[str, Any] = {
             "image_position_ids": torch.cat([p[0] for p in parts]).to(device, non_blocking=True),
