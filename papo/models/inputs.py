@@ -86,8 +86,7 @@ def encode_prompts(processor: Any, prompts: Sequence[str], images: Sequence[Sequ
     inputs = {k: v for k, v in enc.items() if isinstance(v, Tensor)}
     image_keys = tuple(k for k in processor.image_processor.model_input_names if k in inputs)
     batch = PromptBatch(inputs, image_keys)
-    batch.image_ids = new_image_ids(batch.image_count())
-    return batch
+    return replace(batch, image_ids=new_image_ids(batch.image_count()))
 
 
 def pad_completions(completions: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -51,14 +51,6 @@ def shard_model(root: RootCall, precision: Precision, device: torch.device, worl
         fully_shard(block, mesh=mesh, **block_kwargs)
     fully_shard(root, mesh=mesh, **root_kwargs)
     return root
-    mixed = {"param_dtype": precision.compute_dtype, "reduce_dtype": torch.float32}
-    # Only the root casts its inputs. A block takes what the model computed for it, as it does unsharded:
-    # FSDP2 (torch 2.11) casts a block's inputs in the forward but not when activation checkpointing recomputes
-    # it, so a cast would give the recomputation other inputs (fp32 vision rope tables where the forward saw bf16).
-    for block in shard_blocks(root.model):
-        fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False))
-    fully_shard(root, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed))
-    return root
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
