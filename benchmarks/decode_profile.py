@@ -157,10 +157,21 @@ def main() -> None:
     ap.add_argument("--shapes", default="160x1536,80x1536,16x2048,2x2048", help="rows x span of replayed steps")
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "papo-bench-models"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--gemm-autotune", action="store_true",
+                    help="an experiment: compile the decode step with Inductor's GEMM autotuning (Triton templates "
+                         "against cuBLAS, per shape)")
     args = ap.parse_args()
     trainer, device, _ = paper_trainer("3b", args.models_dir, args.smoke, "decode-profile", SMOKE)
     engine = trainer.sampler.engine
+    if args.gemm_autotune:
+        from papo.rollout import decode_step
+
+        options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
+        engine.step.qkv_fn = torch.compile(decode_step.decode_qkv, dynamic=False, options=options)
+        engine.step.rest_fn = torch.compile(decode_step.decode_rest, dynamic=False, options=options)
+        engine.step.head_fn = torch.compile(decode_step.decode_head, dynamic=False, options=options)
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                    "gemm_autotune": args.gemm_autotune,
                     "prompts": args.prompts, "samples_per_prompt": trainer.cfg.rollout.n,
                     "max_new_tokens": trainer.params.max_new_tokens}
     if device != "cuda":  # the CPU checks the script: no events, no graphs

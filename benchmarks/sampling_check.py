@@ -8,7 +8,10 @@
    distance of each sampler's token frequencies to the exact nucleus distribution, beside the distance between
    two halves of the same sampler's draws (what sampling noise alone gives).
    Also papo's top-p search (the Triton kernels) against the torch bisection at 2 and 160 rows: the share of
-   rows whose kept tokens differ (must be 0) and each one's milliseconds per call.
+   rows whose kept tokens differ (must be 0) and each one's milliseconds per call. And the engine's race
+   (``race_winner``: the search only on rows whose race over all tokens is won outside the nucleus) against
+   the argmax of ``race_scores`` (every row searched), both compiled: tokens that differ (must be 0 but for a
+   mass that rounds to the budget) and milliseconds per call at 2 and 160 rows.
 2. Whole rollouts, n=5: the Qwen2.5-VL-3B architecture (random weights, bf16) through ``Policy.generate`` with
    papo.rollout (compiled, CUDA graphs) and with transformers generate: mean response length, share ended by
    EOS, and the mean log-prob of the sampled tokens under the scoring forward, each with its standard error.
@@ -78,6 +81,7 @@ def head_check(rows: int = 8, draws: int = 8192, top_p: float = 0.99, chunk: int
                      "mean_tv_to_exact": round(sum(x["tv_to_exact"] for x in rows_) / len(rows_), 4),
                      "mean_tv_between_halves": round(sum(x["tv_between_halves"] for x in rows_) / len(rows_), 4)}
     out["search"] = search_check(top_p)
+    out["race"] = race_check(top_p)
     return out
 
 
@@ -105,6 +109,45 @@ def search_check(top_p: float) -> list[dict]:
                          "kernel_ms": round(ms_per_call(lambda: _kernel_cutoff(probs, top_p)), 3),
                          "bisection_ms": round(ms_per_call(lambda: bisection_cutoff(probs, top_p)), 3)})
     return rows_out
+
+
+def race_check(top_p: float, columns: int = 64) -> list[dict]:
+    """race_winner against race_scores' argmax, compiled, on Zipf-like rows at Qwen's vocabulary."""
+    from papo.rollout.decode_step import race_scores, race_winner
+
+    params = SamplingParams(1, temperature=1.0, top_p=top_p)
+    searched_all = torch.compile(lambda x, k, c: race_scores(x, params, k, c).argmax(-1), dynamic=False)
+    searched_few = torch.compile(lambda x, k, c: race_winner(x, params, k, c), dynamic=False)
+    out = []
+    for rows in (2, 160):
+        gen = torch.Generator(device="cuda").manual_seed(rows)
+        ranks = torch.arange(1, VOCAB + 1, device="cuda", dtype=torch.float32)
+        slopes = torch.linspace(0.8, 1.6, rows, device="cuda")[:, None]
+        logits = -slopes * ranks.log()[None] + 0.1 * torch.randn(rows, VOCAB, generator=gen, device="cuda")
+        logits = logits[:, torch.randperm(VOCAB, generator=gen, device="cuda")]
+        keys = random_keys(rows).cuda()
+        differ = 0
+        for c in range(columns):
+            column = torch.full((rows,), c, device="cuda")
+            differ += int((searched_all(logits, keys, column) != searched_few(logits, keys, column)).sum())
+        column = torch.zeros(rows, dtype=torch.long, device="cuda")
+        times = {}
+        for name, fn in (("every_row_searched_ms", searched_all), ("few_rows_searched_ms", searched_few)):
+            fn(logits, keys, column)  # compiled; then timed as the engine runs it, in a CUDA graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(logits, keys, column)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = round(start.elapsed_time(end) / 20, 3)
+        out.append({"rows": rows, "draws": rows * columns, "tokens_differing": differ, **times})
+    return out
 
 
 def rollout_check(prompts: int = 16, n: int = 5, new_tokens: int = 256, top_p: float = 0.99) -> dict:
@@ -155,7 +198,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     result["head"] = head_check()
-    print(json.dumps({k: result["head"][k] for k in ("papo", "transformers", "search")}), flush=True)
+    print(json.dumps({k: result["head"][k] for k in ("papo", "transformers", "search", "race")}), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if args.head_only:
         return

@@ -170,6 +170,32 @@ def test_top_p_keeps_exactly_transformers_nucleus(vocab, top_p):
     assert torch.equal(probs > top_p_cutoff(probs, top_p)[:, None], expected)
 
 
+@pytest.mark.parametrize("vocab,top_p", [(50, 0.3), (50, 0.9), (4096, 0.5), (4096, 0.99), (151936, 0.99)])
+def test_the_race_searches_few_rows_and_draws_the_same_tokens(vocab, top_p):
+    """race_winner (the engine's sampler) equals the argmax of race_scores (every row searched) on every row,
+    rows whose race over all tokens is won outside the nucleus included; and the search skips the rows inside."""
+    from papo.rollout.decode_step import race_scores, race_winner
+    from papo.rollout.keyed_noise import exponential_noise, rollout_keys
+    from papo.rollout.nucleus import NOT_SEARCHED, in_nucleus, top_p_cutoff
+
+    rows = 64 if vocab < 100_000 else 8
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.05, 6.0, rows)[:, None]  # flat to peaked
+    logits[0, :3] = float("-inf")  # suppressed ids
+    keys, column = rollout_keys(0, torch.arange(rows), 1), torch.full((rows,), 7)
+    params = SamplingParams(1, top_p=top_p, temperature=0.8)
+    reference = race_scores(logits, params, keys, column).argmax(-1)
+    assert torch.equal(race_winner(logits, params, keys, column), reference)
+    probs = (logits / 0.8).softmax(-1)
+    overall = (probs / exponential_noise(keys, column, vocab)).argmax(-1)
+    inside = in_nucleus(probs, overall, top_p)
+    assert torch.equal(inside, probs.gather(-1, overall[:, None])[:, 0] > top_p_cutoff(probs, top_p))
+    if vocab == 50 and top_p == 0.3:
+        assert 0 < int(inside.sum()) < rows  # both kinds of row were met
+    cutoff = top_p_cutoff(probs, top_p, ~inside)
+    assert (cutoff[inside] == NOT_SEARCHED).all() and torch.equal(cutoff[~inside], top_p_cutoff(probs, top_p)[~inside])
+
+
 def test_the_sampling_head_compiles_as_one_graph():
     """The top-p search is a custom operator: the compiled head keeps it in its graph, so the keyed noise and the
     race after it are generated code too (a graph break there left them as eager int64 kernels)."""

@@ -32,7 +32,7 @@ from papo.models.logprobs import suppress_mask
 from papo.rollout.decode_attention import available as kernel_available
 from papo.rollout.decode_attention import decode_attention, split_count
 from papo.rollout.keyed_noise import exponential_noise
-from papo.rollout.nucleus import top_p_cutoff
+from papo.rollout.nucleus import in_nucleus, top_p_cutoff
 from papo.rollout.sampling import SamplingParams
 
 
@@ -334,7 +334,7 @@ def sample(logits: Tensor, suppress: Tensor, params: SamplingParams, keys: Tenso
     if params.greedy:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-    token = race_scores(logits, params, keys, column).argmax(-1)
+    token = race_winner(logits, params, keys, column)
     return token, torch.log_softmax(logits / params.temperature, -1).gather(-1, token[:, None])[:, 0]
 
 
@@ -342,11 +342,31 @@ def race_scores(logits: Tensor, params: SamplingParams, keys: Tensor, column: Te
     """(b, V) scores whose argmax is a sample of temperature / top-k / top-p sampling: the exponential race
     p_v / E_v over the kept tokens, with E keyed by (key, column, token) and no host sync (it lives inside a
     CUDA graph). Tokens outside the nucleus score 0."""
+    probs = _race_probs(logits, params)
+    if params.top_p < 1.0:
+        probs = probs.masked_fill(probs <= top_p_cutoff(probs, params.top_p)[:, None], 0.0)
+    return probs / exponential_noise(keys, column, probs.shape[-1])  # the race needs no normalised probs
+
+
+def race_winner(logits: Tensor, params: SamplingParams, keys: Tensor, column: Tensor) -> Tensor:
+    """``race_scores(...).argmax(-1)``, searching the nucleus of few rows. The race run over every token is
+    won inside the nucleus on most rows (it holds top_p of the mass); its winner is then the nucleus' winner,
+    the first index of the same maximum. Only the other rows need the cutoff and a second race."""
+    probs = _race_probs(logits, params)
+    noise = exponential_noise(keys, column, probs.shape[-1])
+    token = (probs / noise).argmax(-1)
+    if params.top_p < 1.0:
+        inside = in_nucleus(probs, token, params.top_p)
+        cutoff = top_p_cutoff(probs, params.top_p, ~inside)  # NOT_SEARCHED, dropping nothing, on rows inside
+        again = (probs.masked_fill(probs <= cutoff[:, None], 0.0) / noise).argmax(-1)
+        token = torch.where(inside, token, again)
+    return token
+
+
+def _race_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Probabilities at the sampling temperature after top-k, before top-p."""
     kept = logits / params.temperature
     if params.top_k:
         kth = torch.topk(kept, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         kept = kept.masked_fill(kept < kth, float("-inf"))
-    probs = kept.softmax(-1)
-    if params.top_p < 1.0:
-        probs = probs.masked_fill(probs <= top_p_cutoff(probs, params.top_p)[:, None], 0.0)
-    return probs / exponential_noise(keys, column, probs.shape[-1])  # the race needs no normalised probs
+    return kept.softmax(-1)
