@@ -2,6 +2,7 @@
 second CUDA stream does to a decode-like graph. Qwen2.5-VL-3B's language-model shapes, bf16, one GPU.
 
     python benchmarks/decode_gemms.py --out /tmp/decode-gemms.json
+    python benchmarks/decode_gemms.py --rows 128,160,192,256 --blas cublas,cublaslt --no-concurrency --out /tmp/g.json
 
 * ``gemm``: each projection (q/k/v stacked, o, gate/up stacked, down, LM head) at M rows, as cuBLAS runs it
   inside a CUDA graph: 8 copies of a weight per graph (more than L2 holds, as 36 layers are), its time, and the
@@ -50,16 +51,17 @@ def graph_ms(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
     return start.elapsed_time(end) / reps, graph
 
 
-def gemms(bandwidth: float) -> list[dict]:
+def gemms(bandwidth: float, ms: tuple[int, ...] = (160, 64, 16, 2), blas: str = "cublas") -> list[dict]:
+    torch.backends.cuda.preferred_blas_library(blas)
     rows = []
-    for m in (160, 64, 16, 2):
+    for m in ms:
         for name, (k, n) in SHAPES.items():
             count = 1 if name == "head" else 8
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
             x = torch.randn(m, 1, k, device="cuda", dtype=torch.bfloat16)
             ms, _ = graph_ms(lambda: [F.linear(x, w) for w in weights], reps=10)
             us, bound_us = ms * 1e3 / count, n * k * 2 / bandwidth * 1e6
-            row = {"M": m, "gemm": name, "mb": round(n * k * 2 / 1e6, 1), "bound_us": round(bound_us, 2),
+            row = {"M": m, "gemm": name, "blas": blas, "mb": round(n * k * 2 / 1e6, 1), "bound_us": round(bound_us, 2),
                    "cublas_us": round(us, 2), "cublas_of_bw": round(bound_us / us, 3)}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -122,10 +124,17 @@ def concurrency() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default="160,64,16,2", help="M values of the GEMM table")
+    ap.add_argument("--blas", default="cublas", help="torch's preferred BLAS libraries to compare: cublas, cublaslt")
+    ap.add_argument("--no-concurrency", action="store_true")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
+    ms = tuple(int(m) for m in args.rows.split(","))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "gemm": gemms(bandwidth), "concurrency": concurrency()}
+           "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+           "gemm": [row for blas in args.blas.split(",") for row in gemms(bandwidth, ms, blas)]}
+    if not args.no_concurrency:
+        out["concurrency"] = concurrency()
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
 
