@@ -8,7 +8,7 @@ from PIL import Image
 
 from papo.config.schema import ConfigError, load_config
 from papo.data.synthetic import make_sample
-from papo.models.precision import Precision
+from papo.models.precision import Precision, store_for_compute
 from papo.training.optim import build_optimizer
 from papo.training.trainer import Trainer
 
@@ -135,3 +135,41 @@ def test_bf16_loss_curve_follows_fp32():
         curve = _nll_curve(precision)
         gap = max(abs(a - b) / b for a, b in zip(curve, fp32))
         assert gap < 0.02, f"{precision.describe()}: {curve} strays from fp32 {fp32} (worst {gap:.1%})"
+
+
+def test_store_for_compute_lowers_matmul_weights_only():
+    """Linear and convolution weights and biases go to the compute dtype; a weight tied to an embedding stays
+    (an embedding lookup is not cast by autocast), and a weight two matmuls share stays one tensor."""
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False),
+                                 "a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4), "conv": torch.nn.Conv3d(1, 2, 2),
+                                 "norm": torch.nn.LayerNorm(4)})
+    model["head"].weight = model["emb"].weight
+    model["b"].weight = model["a"].weight
+    store_for_compute(model, Precision(torch.float32, torch.bfloat16))
+    assert model["head"].weight is model["emb"].weight and model["emb"].weight.dtype == torch.float32
+    assert model["a"].weight is model["b"].weight and model["a"].weight.dtype == torch.bfloat16
+    assert model["a"].bias.dtype == model["conv"].weight.dtype == model["conv"].bias.dtype == torch.bfloat16
+    assert model["norm"].weight.dtype == torch.float32
+    unchanged = torch.nn.Linear(4, 4)
+    assert store_for_compute(unchanged, Precision()).weight.dtype == torch.float32  # nothing to do unmixed
+
+
+def test_reference_model_keeps_autocast_values_and_gives_the_policys_logprobs(tmp_path):
+    """Under fp32 weights and bf16 compute the frozen reference stores its matmul weights in bf16, the values
+    autocast casts the policy's to: before any update its log-probs equal the policy's bitwise."""
+    trainer = Trainer(small_cfg("papo_g", MIXED), tmp_path, "cpu")
+    ref = trainer.ref.model
+    linears = [m for m in ref.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for name, p in ref.named_parameters() if "norm" in name)
+    policy = trainer.policy
+    sample = make_sample("count", "train", 0, 0, size=224)
+    batch = policy.encode([sample.formatted_prompt()] * 2, [sample.load_images(None, None)] * 2)
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    ours, _ = policy.logprobs(batch, ids, mask)
+    theirs, _ = policy.logprobs(batch, ids, mask, model=trainer.ref)
+    assert torch.equal(ours, theirs)
+

@@ -76,3 +76,32 @@ def check(param: torch.dtype, compute: torch.dtype) -> None:
     if compute == torch.float16 and param != torch.float16:
         raise ValueError("compute_dtype float16 under float32 weights needs loss scaling, which papo does not do; "
                          "use bfloat16")
+
+
+MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # autocast casts their weights
+
+
+@torch.no_grad()
+def store_for_compute(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """A frozen model that runs under ``precision.autocast`` (the reference policy): the weights and biases
+    autocast casts for every matmul and convolution are stored in the compute dtype instead, the very values it
+    would cast them to. The model's outputs are bitwise the same, at half the memory for those weights and with
+    no cast kernel per forward. Norms stay in the parameter dtype, and so does a parameter that a module autocast
+    does not cast for also reads (tied input embeddings): its lookups would otherwise change the residual
+    stream's dtype."""
+    if not precision.mixed:
+        return model
+    cast_only: dict[int, bool] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            cast_only[id(param)] = cast_only.get(id(param), True) and isinstance(module, MATMUL_MODULES)
+    lowered: dict[int, torch.nn.Parameter] = {}  # a tensor shared by several matmul modules stays shared
+    for module in model.modules():
+        if not isinstance(module, MATMUL_MODULES):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if cast_only[id(param)] and param.dtype == precision.param_dtype:
+                if id(param) not in lowered:
+                    lowered[id(param)] = torch.nn.Parameter(param.to(precision.compute_dtype), requires_grad=False)
+                setattr(module, name, lowered[id(param)])
+    return model

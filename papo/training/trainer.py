@@ -61,7 +61,7 @@ from papo.models.compiled import use_compiled_layers
 from papo.models.inputs import PromptBatch, to_device
 from papo.models.loading import ModelOptions
 from papo.models.policy import Policy, RootCall
-from papo.models.precision import Precision
+from papo.models.precision import Precision, store_for_compute
 from papo.rewards import RewardFunction, get_reward, score_responses
 from papo.rollout.keyed_noise import rollout_keys
 from papo.rollout.sampler import Sampler
@@ -100,13 +100,17 @@ class Trainer:
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
         # the reference policy, when the loss has a KL_ref term: under LoRA the policy itself with its adapters
-        # off (the frozen base is the start policy), else a frozen copy in the same dtype and autocast, so
-        # KL_ref is exactly 0 at step 0
+        # off (the frozen base is the start policy), else a frozen copy under the same autocast, so KL_ref is
+        # exactly 0 at step 0; unsharded, that copy keeps its matmul weights in the compute dtype, as autocast
+        # would cast them (FSDP2's mixed precision casts each unit's weights once per forward instead)
         self.lora = hasattr(self.policy.model, "disable_adapter")
-        self.ref = None
-        if cfg.algorithm.kl_ref_coef > 0:
-            self.ref = self.policy.root if self.lora else RootCall(copy.deepcopy(self.policy.model).eval().requires_grad_(False))
         self.sharded = self.ctx.group  # under torchrun, one process included
+        self.ref = None
+        if cfg.algorithm.kl_ref_coef > 0 and self.lora:
+            self.ref = self.policy.root
+        elif cfg.algorithm.kl_ref_coef > 0:
+            frozen = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+            self.ref = RootCall(frozen if self.sharded else store_for_compute(frozen, self.precision))
         if self.sharded:  # FSDP2: each rank holds 1/world of every weight; the reference model shards the same way
             check_world_size(cfg, self.ctx.world_size)
             for root in {id(r): r for r in (self.policy.root, self.ref) if r is not None}.values():
