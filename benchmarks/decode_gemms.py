@@ -51,10 +51,12 @@ def graph_ms(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
     return start.elapsed_time(end) / reps, graph
 
 
-def gemms(bandwidth: float, ms: tuple[int, ...] = (160, 64, 16, 2), blas: str = "cublas") -> list[dict]:
+def gemms(bandwidth: float, row_counts: tuple[int, ...] = (160, 64, 16, 2), blas: str = "cublas") -> list[dict]:
+    """Each projection at each row count, with ``blas`` as torch's preferred BLAS library (restored after)."""
+    before = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library(blas)
     rows = []
-    for m in ms:
+    for m in row_counts:
         for name, (k, n) in SHAPES.items():
             count = 1 if name == "head" else 8
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
@@ -65,6 +67,7 @@ def gemms(bandwidth: float, ms: tuple[int, ...] = (160, 64, 16, 2), blas: str = 
                    "cublas_us": round(us, 2), "cublas_of_bw": round(bound_us / us, 3)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    torch.backends.cuda.preferred_blas_library(before)
     return rows
 
 
@@ -129,10 +132,10 @@ def main() -> None:
     ap.add_argument("--no-concurrency", action="store_true")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
-    ms = tuple(int(m) for m in args.rows.split(","))
+    row_counts = tuple(int(m) for m in args.rows.split(","))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-           "gemm": [row for blas in args.blas.split(",") for row in gemms(bandwidth, ms, blas)]}
+           "gemm": [row for blas in args.blas.split(",") for row in gemms(bandwidth, row_counts, blas)]}
     if not args.no_concurrency:
         out["concurrency"] = concurrency()
     with open(args.out, "w") as f:

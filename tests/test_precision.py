@@ -172,4 +172,3 @@ def test_reference_model_keeps_autocast_values_and_gives_the_policys_logprobs(tm
     ours, _ = policy.logprobs(batch, ids, mask)
     theirs, _ = policy.logprobs(batch, ids, mask, model=trainer.ref)
     assert torch.equal(ours, theirs)
-
