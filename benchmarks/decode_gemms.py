@@ -7,6 +7,10 @@ second CUDA stream does to a decode-like graph. Qwen2.5-VL-3B's language-model s
 * ``gemm``: each projection (q/k/v stacked, o, gate/up stacked, down, LM head) at M rows, as cuBLAS runs it
   inside a CUDA graph: 8 copies of a weight per graph (more than L2 holds, as 36 layers are), its time, and the
   weight bytes over the measured copy bandwidth (what a decode step cannot go below);
+* ``split_k`` (``--split-k``): papo.rollout.split_k's kernel over a grid of launch shapes for each projection and
+  row count, timed like cuBLAS (alone, and with the sum of its partials as a kernel of its own: in a compiled
+  step that sum fuses into the next kernel), its largest difference from cuBLAS, and the shape
+  ``split_k.choose`` would pick;
 * ``concurrency``: a decode-like graph (36 layers of those GEMMs at M rows, then the head) replayed on a
   high-priority stream, alone and while a scoring-like GEMM (16,384 tokens x 2,048 -> 22,016) runs back to back
   on a low-priority stream: each one's time alone and together.
@@ -71,6 +75,48 @@ def gemms(bandwidth: float, row_counts: tuple[int, ...] = (160, 64, 16, 2), blas
     return rows
 
 
+def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
+    """Every launch shape of the grid below for each projection and row count: the fastest, and ``choose``'s."""
+    from papo.rollout import split_k
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for m in row_counts:
+        for name, (k, n) in SHAPES.items():
+            if name == "head":
+                continue
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x, weights[0]).float()
+            cublas_ms, _ = graph_ms(lambda: [F.linear(x, w) for w in weights], reps=10)
+            bound_us = n * k * 2 / bandwidth * 1e6
+            block_ms = sorted({min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set()))
+            shapes = [split_k.SplitK(bm, bn, bk, s, w, st) for bm in block_ms for bn in (32, 64, 128) for bk in (64, 128, 256)
+                      for s in (1, 2, 4, 8, 16) for w, st in ((4, 3), (4, 5), (8, 4)) if s <= k // bk]
+            chosen = split_k.choose(m, n, k, sms)
+            if chosen not in shapes:
+                shapes.append(chosen)
+            timed = []
+            for shape in shapes:
+                err = float((split_k.split_k_linear(x, weights[0], *shape).sum(0) - ref).abs().max())
+                alone, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape) for w in weights], reps=10)
+                summed, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape).sum(0).to(x.dtype) for w in weights], reps=10)
+                timed.append((alone, summed, err, shape))
+            best = min(timed, key=lambda t: t[0])
+            best_summed = min(timed, key=lambda t: t[1])
+            mine = next(t for t in timed if t[3] == chosen)
+            us = lambda ms: round(ms * 1e3 / 8, 2)  # noqa: E731
+            row = {"M": m, "gemm": name, "bound_us": round(bound_us, 2), "cublas_us": us(cublas_ms),
+                   "best_us": us(best[0]), "best": best[3]._asdict(), "best_of_bw": round(bound_us / us(best[0]), 3),
+                   "best_with_sum_us": us(best_summed[1]), "best_with_sum": best_summed[3]._asdict(),
+                   "chosen_us": us(mine[0]), "chosen_with_sum_us": us(mine[1]), "chosen": chosen._asdict(),
+                   "max_abs_diff": max(t[2] for t in timed), "reference_max_abs": float(ref.abs().max()),
+                   "shapes_timed": len(timed)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def concurrency() -> list[dict]:
     bf16 = torch.bfloat16
     layers = [{n: torch.randn(s[1], s[0], device="cuda", dtype=bf16) * 0.02 for n, s in SHAPES.items() if n != "head"}
@@ -130,12 +176,16 @@ def main() -> None:
     ap.add_argument("--rows", default="160,64,16,2", help="M values of the GEMM table")
     ap.add_argument("--blas", default="cublas", help="torch's preferred BLAS libraries to compare: cublas, cublaslt")
     ap.add_argument("--no-concurrency", action="store_true")
+    ap.add_argument("--split-k", action="store_true", help="also sweep papo.rollout.split_k's launch shapes")
+    ap.add_argument("--no-cublas", action="store_true", help="leave out the cuBLAS table")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     row_counts = tuple(int(m) for m in args.rows.split(","))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-           "gemm": [row for blas in args.blas.split(",") for row in gemms(bandwidth, row_counts, blas)]}
+           "gemm": [] if args.no_cublas else [row for blas in args.blas.split(",") for row in gemms(bandwidth, row_counts, blas)]}
+    if args.split_k:
+        out["split_k"] = split_k_sweep(bandwidth, row_counts)
     if not args.no_concurrency:
         out["concurrency"] = concurrency()
     with open(args.out, "w") as f:
