@@ -77,6 +77,8 @@ def gemms(bandwidth: float, row_counts: tuple[int, ...] = (160, 64, 16, 2), blas
 
 def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
     """Every launch shape of the grid below for each projection and row count: the fastest, and ``choose``'s."""
+    import triton
+
     from papo.rollout import split_k
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -98,6 +100,10 @@ def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
                 shapes.append(chosen)
             timed = []
             for shape in shapes:
+                try:
+                    split_k.split_k_linear(x, weights[0], *shape)
+                except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
+                    continue
                 err = float((split_k.split_k_linear(x, weights[0], *shape).sum(0) - ref).abs().max())
                 alone, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape) for w in weights], reps=10)
                 summed, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape).sum(0).to(x.dtype) for w in weights], reps=10)
