@@ -7,10 +7,10 @@ second CUDA stream does to a decode-like graph. Qwen2.5-VL-3B's language-model s
 * ``gemm``: each projection (q/k/v stacked, o, gate/up stacked, down, LM head) at M rows, as cuBLAS runs it
   inside a CUDA graph: 8 copies of a weight per graph (more than L2 holds, as 36 layers are), its time, and the
   weight bytes over the measured copy bandwidth (what a decode step cannot go below);
-* ``split_k`` (``--split-k``): papo.rollout.split_k's kernel over a grid of launch shapes for each projection and
+* ``split_k`` (``--split-k``): a split-K Triton kernel (below) over a grid of launch shapes for each projection and
   row count, timed like cuBLAS (alone, and with the sum of its partials as a kernel of its own: in a compiled
   step that sum fuses into the next kernel), its largest difference from cuBLAS, and the shape
-  ``split_k.choose`` would pick;
+  ``choose`` would pick;
 * ``concurrency``: a decode-like graph (36 layers of those GEMMs at M rows, then the head) replayed on a
   high-priority stream, alone and while a scoring-like GEMM (16,384 tokens x 2,048 -> 22,016) runs back to back
   on a low-priority stream: each one's time alone and together.
@@ -22,9 +22,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the split-K sweep needs it; the cuBLAS tables do not
+    triton = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import copy_bandwidth  # noqa: E402
@@ -75,12 +83,75 @@ def gemms(bandwidth: float, row_counts: tuple[int, ...] = (160, 64, 16, 2), blas
     return rows
 
 
+# ---------------------------------------------------------------- the split-K kernel the sweep measures
+# Measured and not used by papo (docs/rollout.md): cuBLAS tiles a decode projection by its output columns only,
+# so a projection of a few MB occupies few SMs. This kernel also splits K across the grid; each program writes
+# fp32 partial products and the caller sums the splits in order (no atomics: the same bits on every run).
+
+class SplitK(NamedTuple):
+    """One launch shape: rows per program, output columns per program, K per inner step, K splits, warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    splits: int
+    warps: int = 4
+    stages: int = 4
+
+
+def choose(m: int, n: int, k: int, sms: int) -> SplitK:
+    """A launch shape for x (m, k) @ W^T (k -> n) on ``sms`` multiprocessors: enough (column block, split)
+    programs to give every SM about two, whole K steps per split."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n, block_k = 64, 128
+    columns = -(-n // block_n)
+    steps = k // block_k
+    splits = max(1, min(steps, -(-2 * sms // columns)))
+    return SplitK(block_m, block_n, block_k, splits)
+
+
+def split_k_linear(x: Tensor, w: Tensor, block_m: int, block_n: int, block_k: int, splits: int, warps: int,
+                   stages: int) -> Tensor:
+    """x (m, k), w (n, k) on CUDA -> (splits, m, n) fp32 partial products: their sum over dim 0, added in index
+    order, is x @ w.T. K is cut into ``splits`` runs of whole ``block_k`` steps (the last may be shorter)."""
+    m, k = x.shape
+    n = w.shape[0]
+    per_split = -(-(k // block_k) // splits) * block_k
+    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)  # row blocks of one column block run together
+    _split_k[grid](x, w, out, m, n, k, per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                   num_warps=warps, num_stages=stages)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_k(X, W, OUT, M, N, K, per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (row block, column block, split): x[rows, split] @ w[columns, split].T in fp32. K is a multiple of
+        BLOCK_K, so the loads along K need no mask."""
+        pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        lo = split * per_split
+        hi = tl.minimum(K, lo + per_split)
+        x_ptr = X + rows[:, None].to(tl.int64) * K + lo + ks[None, :]
+        w_ptr = W + cols[:, None].to(tl.int64) * K + lo + ks[None, :]
+        row_ok, col_ok = rows[:, None] < M, cols[:, None] < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for _ in range(lo, hi, BLOCK_K):
+            x = tl.load(x_ptr, mask=row_ok, other=0.0)
+            w = tl.load(w_ptr, mask=col_ok, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        out = OUT + split.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
+        tl.store(out, acc, mask=row_ok & (cols[None, :] < N))
+
+
 def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
     """Every launch shape of the grid below for each projection and row count: the fastest, and ``choose``'s."""
-    import triton
-
-    from papo.rollout import split_k
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for m in row_counts:
@@ -93,20 +164,20 @@ def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
             cublas_ms, _ = graph_ms(lambda: [F.linear(x, w) for w in weights], reps=10)
             bound_us = n * k * 2 / bandwidth * 1e6
             block_ms = sorted({min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set()))
-            shapes = [split_k.SplitK(bm, bn, bk, s, w, st) for bm in block_ms for bn in (32, 64, 128) for bk in (64, 128, 256)
+            shapes = [SplitK(bm, bn, bk, s, w, st) for bm in block_ms for bn in (32, 64, 128) for bk in (64, 128, 256)
                       for s in (1, 2, 4, 8, 16) for w, st in ((4, 3), (4, 5), (8, 4)) if s <= k // bk]
-            chosen = split_k.choose(m, n, k, sms)
+            chosen = choose(m, n, k, sms)
             if chosen not in shapes:
                 shapes.append(chosen)
             timed = []
             for shape in shapes:
                 try:
-                    split_k.split_k_linear(x, weights[0], *shape)
+                    split_k_linear(x, weights[0], *shape)
                 except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
                     continue
-                err = float((split_k.split_k_linear(x, weights[0], *shape).sum(0) - ref).abs().max())
-                alone, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape) for w in weights], reps=10)
-                summed, _ = graph_ms(lambda: [split_k.split_k_linear(x, w, *shape).sum(0).to(x.dtype) for w in weights], reps=10)
+                err = float((split_k_linear(x, weights[0], *shape).sum(0) - ref).abs().max())
+                alone, _ = graph_ms(lambda: [split_k_linear(x, w, *shape) for w in weights], reps=10)
+                summed, _ = graph_ms(lambda: [split_k_linear(x, w, *shape).sum(0).to(x.dtype) for w in weights], reps=10)
                 timed.append((alone, summed, err, shape))
             best = min(timed, key=lambda t: t[0])
             best_summed = min(timed, key=lambda t: t[1])
