@@ -1,6 +1,6 @@
 """Where does an SFT step's time go? Data (drawing + image processor, one CPU core) vs the model step.
 
-    python benchmarks/sft_step.py --model 20m --batch-size 64 --steps 20 [--device cuda] [--profile]
+    python benchmarks/sft_step.py --model 20m --batch-size 64 --steps 20 [--device cuda] [--profile] [--data SPEC]
 
 Prints milliseconds per batch for the data path and for forward+backward+AdamW on one fixed batch, with the
 vision tower's attention packed (papo's default) and per segment (transformers' SDPA path), measured side by
@@ -28,10 +28,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--data", default="synthetic:all", help="synthetic spec of the batches, e.g. with ?explain=1")
     args = ap.parse_args()
     model, processor = build_tiny(args.model)
     policy = Policy(model.to(args.device), processor)
-    samples = dataset_from_spec("synthetic:all", split="train", n=args.batch_size * 3, seed=0, size=224)
+    samples = dataset_from_spec(args.data, split="train", n=args.batch_size * 3, seed=0, size=224)
 
     def batch(i: int):
         rows = [samples[(i * args.batch_size + j) % len(samples)] for j in range(args.batch_size)]

@@ -26,8 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from papo.training.monitor import HackingMonitor
 from papo.training.loop import read_metrics
+from papo.training.monitor import HackingMonitor
 
 # (method name, preset, overrides): the paper's comparisons and ablations (docs/papo-algorithm claims, §3.2, §7, §8)
 PLANS = {
@@ -97,8 +97,8 @@ def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace) -
     if (ev / "summary.json").exists() or (isinstance(model, Path) and not (model / "config.json").exists()):
         return  # done already, or the run never finished
     t0 = time.time()
-    _call([sys.executable, "-m", "papo", "eval", "--model", str(model), "--data", TEST.format(n=args.eval_n),
-           "--k", str(args.eval_k), "--max-new-tokens", "48", "--mask-ratio", str(args.mask_ratio), "--device",
+    _call([sys.executable, "-m", "papo", "eval", "--model", str(model), "--data", args.eval_data.format(n=args.eval_n),
+           "--k", str(args.eval_k), "--max-new-tokens", str(args.eval_max_new_tokens), "--mask-ratio", str(args.mask_ratio), "--device",
            args.device, "--out", str(ev)], log, args)
     if (ev / "summary.json").exists():
         (ev / "eval_s.txt").write_text(f"{time.time() - t0:.1f}\n")
@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--eval-k", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=140)
+    ap.add_argument("--eval-data", default=TEST, help="held-out data spec; {n} stands for --eval-n")
+    ap.add_argument("--eval-max-new-tokens", type=int, default=48, help="match rollout.max_new_tokens of the runs")
     ap.add_argument("--mask-ratio", type=float, default=0.6, help="masked images for the perception gap")
     ap.add_argument("--out", default="experiments/runs")
     ap.add_argument("--results", default="docs/results/reproduction.json")

@@ -39,7 +39,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     data = args.data or f"synthetic:{args.task}"
     cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
-                    eval_k=args.eval_k, device=args.device, masked_share=args.masked_share,
+                    eval_k=args.eval_k, max_new_tokens=args.max_new_tokens, device=args.device, masked_share=args.masked_share,
                     blank_share=args.blank_share, mask_ratio=args.mask_ratio,
                     save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
     run_sft(cfg)
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-task", type=int, default=50, help="held-out test samples per family (0: skip)")
     p.add_argument("--eval-k", type=int, default=4, help="sampled responses per held-out sample at T=1")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="held-out responses' cap (explain=1 traces need ~100)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-steps", default="", help="comma-separated steps at which to also write DIR/step-N")
     p.add_argument("--masked-share", type=float, default=0.0, help="share of samples shown PAPO's masked image")

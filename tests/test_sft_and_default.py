@@ -98,3 +98,17 @@ def test_sft_shows_masked_and_blank_views_in_their_shares():
     for bad in ({"masked_share": 0.8, "blank_share": 0.3}, {"blank_share": -0.1}, {"mask_ratio": 0.0}):
         with pytest.raises(UserError):
             SFTConfig(out="unused", **bad)
+
+
+def test_sft_heldout_check_keeps_the_training_knobs():
+    from papo.training.sft import SFTConfig, _heldout
+
+    cfg = SFTConfig(out="unused", data="synthetic:count+closest?explain=1&shortcut=60&split=train&n=9", eval_per_task=3,
+                    max_new_tokens=128)
+    samples = _heldout(cfg, ["count", "closest"])
+    assert len(samples) == 6 and {s.meta["split"] for s in samples} == {"test"}
+    plain = _heldout(SFTConfig(out="unused", data="synthetic:count+closest", eval_per_task=3), ["count", "closest"])
+    # the same questions (the shortcut knob never acts on the test split), with explain=1's traces in words
+    assert [s.id for s in plain] == [s.id for s in samples]
+    assert [s.answer for s in plain] == [s.answer for s in samples]
+    assert all(len(e.meta["solution"]) > 2 * len(p.meta["solution"]) for e, p in zip(samples, plain))

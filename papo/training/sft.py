@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 import yaml
@@ -134,7 +135,10 @@ def _workers(requested: int) -> int:
 
 
 def _heldout(cfg: SFTConfig, tasks: list[str]):
-    spec = f"{SPEC_PREFIX}{'+'.join(tasks)}"
+    """The test split of the trained families, with the training spec's knobs (``explain=1`` traces, say; the
+    ``shortcut`` knob leaves the test split alone)."""
+    knobs = [(k, v) for k, v in parse_qsl(cfg.data.partition("?")[2]) if k not in ("split", "n", "seed")]
+    spec = f"{SPEC_PREFIX}{'+'.join(tasks)}" + (f"?{urlencode(knobs)}" if knobs else "")
     return list(dataset_from_spec(spec, split="test", n=cfg.eval_per_task * len(tasks), seed=cfg.seed, size=cfg.image_size))
 
 
