@@ -40,7 +40,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     cfg = SFTConfig(out=args.out, model=args.model, data=data, image_size=args.image_size, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
                     eval_k=args.eval_k, max_new_tokens=args.max_new_tokens, device=args.device, masked_share=args.masked_share,
-                    blank_share=args.blank_share, mask_ratio=args.mask_ratio,
+                    blank_share=args.blank_share, mask_ratio=args.mask_ratio, compute_dtype=args.compute_dtype,
                     save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
     run_sft(cfg)
     return 0
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked-share", type=float, default=0.0, help="share of samples shown PAPO's masked image")
     p.add_argument("--blank-share", type=float, default=0.0, help="share of samples shown a black image")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="black-cell probability of the masked images")
+    p.add_argument("--compute-dtype", default="auto", help="auto (bfloat16 on CUDA over fp32 weights) | float32 | bfloat16")
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("score", help="score a PAPO-Eval inference JSONL exactly as PAPO-Eval does (avg@k, pass@k)")

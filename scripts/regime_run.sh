@@ -18,7 +18,7 @@ if [ "$stage" = sft ]; then
   data="synthetic:$families?explain=1&size=224"
   python3 benchmarks/sft_step.py --model "${MODEL:-100m}" --batch-size 64 --steps 10 --device "${DEVICE:-cuda}" --data "$data" \
       > "$out/sft_step.txt" 2>&1
-  ms=$(grep -o 'model step [0-9]* ms' "$out/sft_step.txt" | grep -o '[0-9]*')
+  ms=$(grep -o "sft's default: [0-9]* ms" "$out/sft_step.txt" | grep -o '[0-9]*')  # the step papo sft runs
   steps=$(( ${SFT_SECONDS:-400} * 1000 / (${ms:-300} + 30) ))  # +30 ms: logging, the loader's hand-off
   echo "model step ${ms} ms -> $steps SFT steps" | tee "$out/sft_plan.txt"
   timeout $(( ${SFT_SECONDS:-400} + 150 )) python3 -m papo sft --model "${MODEL:-100m}" --data "$data" --steps $steps \

@@ -112,3 +112,17 @@ def test_sft_heldout_check_keeps_the_training_knobs():
     assert [s.id for s in plain] == [s.id for s in samples]
     assert [s.answer for s in plain] == [s.answer for s in samples]
     assert all(len(e.meta["solution"]) > 2 * len(p.meta["solution"]) for e, p in zip(samples, plain))
+
+
+def test_sft_compute_dtype_is_checked_and_bf16_autocast_trains(tmp_path):
+    import pytest
+
+    from papo.errors import UserError
+    from papo.training.sft import SFTConfig, run_sft
+
+    with pytest.raises(UserError, match="compute_dtype"):
+        SFTConfig(out="unused", compute_dtype="float8")
+    result = run_sft(SFTConfig(out=str(tmp_path / "m"), model="tiny", data="synthetic:count", steps=3, batch_size=4,
+                               eval_per_task=0, compute_dtype="bfloat16", workers=0))
+    assert math.isfinite(result["final_loss"])
+    assert "compute_dtype: bfloat16" in (tmp_path / "m" / "sft_config.yaml").read_text()

@@ -34,6 +34,7 @@ from papo.errors import UserError
 from papo.models.inputs import encode_prompts, tokenize_completions
 from papo.models.loading import resolve_device
 from papo.models.policy import Policy
+from papo.models.precision import Precision, dtype_of
 from papo.models.tiny import SIZES, build_tiny
 from papo.rollout.graded import generate_and_score, summarize, summary_table
 from papo.rollout.sampler import Sampler
@@ -64,6 +65,7 @@ class SFTConfig:
     masked_share: float = 0.0  # share of training samples shown PAPO's masked image (same target text)
     blank_share: float = 0.0  # share shown a black image
     mask_ratio: float = 0.6  # black-cell probability of those masked images (PAPO's 0.6)
+    compute_dtype: str = "auto"  # matmuls under autocast: auto = bfloat16 on CUDA (fp32 weights), fp32 elsewhere
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every"):
@@ -71,6 +73,11 @@ class SFTConfig:
                 raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"sft lr must be > 0, got {self.lr}")
+        if self.compute_dtype != "auto":
+            try:
+                dtype_of(self.compute_dtype)
+            except ValueError as err:
+                raise UserError(f"sft compute_dtype: {err}") from None
         if not (self.masked_share >= 0 and self.blank_share >= 0 and self.masked_share + self.blank_share <= 1):  # NaN too
             raise UserError(f"sft masked_share and blank_share must be >= 0 with a sum <= 1, got "
                             f"{self.masked_share} and {self.blank_share}")
@@ -162,20 +169,23 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     console = console or Console()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    compute = Precision.resolve("float32", cfg.compute_dtype, device).compute_dtype
     if cfg.model in SIZES:
         model, processor = build_tiny(cfg.model, seed=cfg.seed)
-        policy = Policy(model.to(device), processor)
+        policy = Policy(model.to(device), processor, compute_dtype=compute)
     else:
-        policy = Policy.from_pretrained(cfg.model, device=device)
+        policy = Policy.from_pretrained(cfg.model, device=device, compute_dtype=compute)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     train = _train_samples(cfg)
     tasks = sorted({train[i].task for i in range(min(len(train), 64))} - {""}) if cfg.data.startswith(SPEC_PREFIX) else []
     n_params = sum(p.numel() for p in policy.model.parameters())
-    console.print(f"SFT of {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data} for {cfg.steps} steps x {cfg.batch_size}, {device}")
+    console.print(f"SFT of {cfg.model} ({n_params / 1e6:.2f}M parameters, {policy.precision.describe()}) on {cfg.data} "
+                  f"for {cfg.steps} steps x {cfg.batch_size}, {device}")
 
-    optim = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              fused=torch.device(device).type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
     policy.model.train()
     history, t0, tokens = [], time.time(), 0
