@@ -31,7 +31,7 @@ from papo.data.loaders import load_samples
 from papo.data.masking import MaskingConfig, blacken, corrupt_images, mask_rng
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
 from papo.errors import UserError
-from papo.models.inputs import encode_prompts, tokenize_completions
+from papo.models.inputs import encode_prompts, to_device, tokenize_completions
 from papo.models.loading import resolve_device
 from papo.models.policy import Policy
 from papo.models.precision import Precision, dtype_of
@@ -197,22 +197,30 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
         workers = _workers(cfg.workers)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
+        pending = []  # (step, loss, grad norm, lr) not yet read back: the GPU is waited for once per log_every steps
         for step, (prompts, ids, mask) in enumerate(loader):
             logp, _ = policy.logprobs(prompts, ids, mask)
-            loss = -(logp * mask.to(logp)).sum() / mask.sum()
+            weight = to_device(mask, logp.device).to(logp.dtype)  # pinned: a pageable copy would wait for the GPU
+            loss = -(logp * weight).sum() / weight.sum()
             optim.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.grad_clip)
             optim.step()
             sched.step()
-            tokens += int(mask.sum())
-            row = {"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 2), "target_tokens_per_s": round(tokens / (time.time() - t0), 1)}
-            history.append(row)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            progress.update(bar, advance=1, loss=row["loss"])
+            tokens += int(mask.sum())  # a host tensor: no wait
+            pending.append((step + 1, loss.detach(), grad_norm.detach(), sched.get_last_lr()[0]))
+            progress.update(bar, advance=1)
+            logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+            if logged or step + 1 in cfg.save_steps:
+                values = torch.stack([torch.stack((l, g.to(l))) for _, l, g, _ in pending]).tolist()
+                history += [{"step": s, "loss": l, "grad_norm": g, "lr": lr} for (s, *_, lr), (l, g) in zip(pending, values)]
+                pending.clear()
+                elapsed = time.time() - t0
+                history[-1].update(elapsed_s=round(elapsed, 2), target_tokens_per_s=round(tokens / elapsed, 1))
+                progress.update(bar, loss=history[-1]["loss"])
+                if logged:
+                    log.write(json.dumps(history[-1]) + "\n")
+                    log.flush()
             if step + 1 in cfg.save_steps and step + 1 != cfg.steps:
                 _checkpoint(policy, cfg, out / f"step-{step + 1}", tasks, console)
 
