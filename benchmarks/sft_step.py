@@ -16,7 +16,7 @@ import torch
 
 from papo.data.synthetic import dataset_from_spec
 from papo.models.attention import PACKED_VISION_ATTENTION
-from papo.models.inputs import encode_prompts, tokenize_completions
+from papo.models.inputs import encode_prompts, to_device, tokenize_completions
 from papo.models.policy import Policy
 from papo.models.precision import Precision
 from papo.models.tiny import build_tiny
@@ -52,7 +52,8 @@ def main() -> None:
 
     def step() -> None:
         logp, _ = policy.logprobs(prompts, ids, mask)
-        loss = -(logp * mask.to(logp)).sum() / mask.sum()
+        weight = to_device(mask, logp.device).to(logp.dtype)  # as papo sft does
+        loss = -(logp * weight).sum() / weight.sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
