@@ -143,6 +143,20 @@ def test_released_engines_reallocate_and_give_the_same_tokens(policy):
     assert torch.equal(first.ids, again.ids)
 
 
+def test_new_sampling_settings_drop_the_graphs_with_their_memory_pool(policy):
+    # CUDA's caching allocator asserts when a capture reuses a pool whose graphs are all gone (seen on an H200:
+    # an evaluation's greedy pass after its sampled one fell back to eager); here the bookkeeping, on the CPU
+    batch = _batch(policy, n=2)
+    engine = _engine(policy)
+    sampled, greedy = SamplingParams(6, temperature=1.0), SamplingParams(6, greedy=True)
+    engine.generate(batch, sampled)
+    engine._graphs, engine._pool = {(2, 0): "a captured graph"}, "its pool"
+    engine.generate(batch, sampled)  # the same settings keep both
+    assert engine._graphs and engine._pool == "its pool"
+    engine.generate(batch, greedy)
+    assert engine._graphs == {} and engine._pool is None
+
+
 def test_compiled_engine_gives_the_eager_tokens(policy):
     """torch.compile'd vision blocks, prefill layer and decode step (the CUDA default) on the CPU, fp32 (~35 s)."""
     batch = _batch(policy)

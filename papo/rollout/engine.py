@@ -213,7 +213,10 @@ class RolloutEngine:
         self._allocate(N, -(-(P + T) // 16) * 16, T)  # masked attention kernels want the key length aligned
         buf = self._buf
         if self._graph_key != (params.greedy, params.temperature, params.top_p, params.top_k):
-            self._graphs = {}  # captured graphs bake in the sampling settings
+            # captured graphs bake in the sampling settings. Their memory pool goes with them: once its last graph
+            # is gone, CUDA's caching allocator refuses to capture into it again (an internal assert), which
+            # used to send an evaluation's greedy pass after its sampled one to eager decode steps
+            self._graphs, self._pool = {}, None
         self._graph_key = (params.greedy, params.temperature, params.top_p, params.top_k)
         buf.done.zero_()
         buf.out.fill_(self.pad_id)
