@@ -92,3 +92,22 @@ def test_steps_are_sized_from_the_slowest_probe_run(tmp_path, monkeypatch):
     assert plan["step_s"] == 2.0 and plan["steps"] == 181
     args.jobs = 1  # two waves of runs: each gets half the time
     assert reproduce.size_steps(jobs, args, t0=1000.0)["steps"] < 100
+
+
+def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, monkeypatch):
+    reproduce = _load()
+    calls = []
+    monkeypatch.setattr(reproduce, "_call", lambda cmd, log, args: calls.append(cmd))
+    model = tmp_path / "run" / "final"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    args = type("Args", (), {"eval_data": "synthetic:count+closest?split=test&explain=1&n={n}", "eval_n": 30,
+                             "eval_k": 4, "eval_max_new_tokens": 160, "mask_ratio": 0.6, "device": "cpu"})
+    reproduce.evaluate(model, tmp_path / "ev", tmp_path / "ev.log", args)
+    cmd = calls[0]
+    assert cmd[cmd.index("--data") + 1] == "synthetic:count+closest?split=test&explain=1&n=30"
+    assert cmd[cmd.index("--max-new-tokens") + 1] == "160"
+    defaults = type("Args", (), {"eval_data": reproduce.TEST, "eval_n": 140, "eval_k": 8, "eval_max_new_tokens": 48,
+                                 "mask_ratio": 0.6, "device": "cpu"})
+    reproduce.evaluate(model, tmp_path / "ev2", tmp_path / "ev2.log", defaults)
+    assert calls[1][calls[1].index("--data") + 1] == "synthetic:all?split=test&size=224&n=140"
