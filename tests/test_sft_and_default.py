@@ -22,6 +22,7 @@ def test_papo_sft_writes_a_model_that_learned_something(tmp_path):
     rows = [json.loads(line) for line in (out / "sft_metrics.jsonl").read_text().splitlines()]
     # a random init predicts ~uniformly over the 576-row vocabulary: cross-entropy ln(576) = 6.36
     assert rows[-1]["step"] == 14 and rows[-1]["loss"] < 0.75 * math.log(576)
+    assert 0 <= rows[-1]["data_wait_share"] <= 1  # the share of the run spent waiting for the data loader
     result = json.loads((out / "sft_result.json").read_text())
     assert set(result["heldout"]["sampled_t1"]["per_task"]) == {"count", "clock"}
     assert Image.open(out / "sft_loss.png").size[0] > 100

@@ -198,7 +198,11 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
         pending = []  # (step, loss, grad norm, lr) not yet read back: the GPU is waited for once per log_every steps
-        for step, (prompts, ids, mask) in enumerate(loader):
+        batches_iter, waited = iter(loader), 0.0
+        for step in range(cfg.steps):
+            t_wait = time.perf_counter()
+            prompts, ids, mask = next(batches_iter)
+            waited += time.perf_counter() - t_wait  # the main process idle for data: the loader is the bottleneck
             logp, _ = policy.logprobs(prompts, ids, mask)
             weight = to_device(mask, logp.device).to(logp.dtype)  # pinned: a pageable copy would wait for the GPU
             loss = -(logp * weight).sum() / weight.sum()
@@ -216,7 +220,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
                 history += [{"step": s, "loss": l, "grad_norm": g, "lr": lr} for (s, *_, lr), (l, g) in zip(pending, values)]
                 pending.clear()
                 elapsed = time.time() - t0
-                history[-1].update(elapsed_s=round(elapsed, 2), target_tokens_per_s=round(tokens / elapsed, 1))
+                history[-1].update(elapsed_s=round(elapsed, 2), target_tokens_per_s=round(tokens / elapsed, 1),
+                                   data_wait_share=round(waited / elapsed, 3))
                 progress.update(bar, loss=history[-1]["loss"])
                 if logged:
                     log.write(json.dumps(history[-1]) + "\n")
