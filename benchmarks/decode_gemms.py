@@ -102,12 +102,16 @@ class SplitK(NamedTuple):
 def choose(m: int, n: int, k: int, sms: int) -> SplitK:
     """A launch shape for x (m, k) @ W^T (k -> n) on ``sms`` multiprocessors: enough (column block, split)
     programs to give every SM about two, whole K steps per split."""
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    block_n, block_k = 64, 128
+    block_m, block_n, block_k = _rows_per_program(m), 64, 128
     columns = -(-n // block_n)
     steps = k // block_k
     splits = max(1, min(steps, -(-2 * sms // columns)))
     return SplitK(block_m, block_n, block_k, splits)
+
+
+def _rows_per_program(m: int) -> int:
+    """One row block for up to 64 rows (tl.dot's smallest M is 16), blocks of 64 beyond."""
+    return min(64, max(16, triton.next_power_of_2(m)))
 
 
 def split_k_linear(x: Tensor, w: Tensor, block_m: int, block_n: int, block_k: int, splits: int, warps: int,
@@ -163,7 +167,7 @@ def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
             ref = F.linear(x, weights[0]).float()
             cublas_ms, _ = graph_ms(lambda: [F.linear(x, w) for w in weights], reps=10)
             bound_us = n * k * 2 / bandwidth * 1e6
-            block_ms = sorted({min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set()))
+            block_ms = sorted({_rows_per_program(m)} | ({128} if m >= 128 else set()))
             shapes = [SplitK(bm, bn, bk, s, w, st) for bm in block_ms for bn in (32, 64, 128) for bk in (64, 128, 256)
                       for s in (1, 2, 4, 8, 16) for w, st in ((4, 3), (4, 5), (8, 4)) if s <= k // bk]
             chosen = choose(m, n, k, sms)
@@ -172,10 +176,10 @@ def split_k_sweep(bandwidth: float, row_counts: tuple[int, ...]) -> list[dict]:
             timed = []
             for shape in shapes:
                 try:
-                    split_k_linear(x, weights[0], *shape)
+                    partials = split_k_linear(x, weights[0], *shape)
                 except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
                     continue
-                err = float((split_k_linear(x, weights[0], *shape).sum(0) - ref).abs().max())
+                err = float((partials.sum(0) - ref).abs().max())
                 alone, _ = graph_ms(lambda: [split_k_linear(x, w, *shape) for w in weights], reps=10)
                 summed, _ = graph_ms(lambda: [split_k_linear(x, w, *shape).sum(0).to(x.dtype) for w in weights], reps=10)
                 timed.append((alone, summed, err, shape))
@@ -253,7 +257,7 @@ def main() -> None:
     ap.add_argument("--rows", default="160,64,16,2", help="M values of the GEMM table")
     ap.add_argument("--blas", default="cublas", help="torch's preferred BLAS libraries to compare: cublas, cublaslt")
     ap.add_argument("--no-concurrency", action="store_true")
-    ap.add_argument("--split-k", action="store_true", help="also sweep papo.rollout.split_k's launch shapes")
+    ap.add_argument("--split-k", action="store_true", help="also sweep the split-K kernel's launch shapes")
     ap.add_argument("--no-cublas", action="store_true", help="leave out the cuBLAS table")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import qwen25_vl_config  # noqa: E402
+from decode_gemms import graph_ms  # noqa: E402
 
 from papo.rollout import Sampler  # noqa: E402
 from papo.rollout.decode_step import sample  # noqa: E402
@@ -131,21 +132,9 @@ def race_check(top_p: float, columns: int = 64) -> list[dict]:
             column = torch.full((rows,), c, device="cuda")
             differ += int((searched_all(logits, keys, column) != searched_few(logits, keys, column)).sum())
         column = torch.zeros(rows, dtype=torch.long, device="cuda")
-        times = {}
-        for name, fn in (("every_row_searched_ms", searched_all), ("few_rows_searched_ms", searched_few)):
-            fn(logits, keys, column)  # compiled; then timed as the engine runs it, in a CUDA graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn(logits, keys, column)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = round(start.elapsed_time(end) / 20, 3)
+        # timed as the engine runs them, in a CUDA graph (compiled already, above)
+        times = {name: round(graph_ms(lambda: fn(logits, keys, column), reps=20)[0], 3)
+                 for name, fn in (("every_row_searched_ms", searched_all), ("few_rows_searched_ms", searched_few))}
         out.append({"rows": rows, "draws": rows * columns, "tokens_differing": differ, **times})
     return out
 
