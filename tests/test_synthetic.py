@@ -1,4 +1,5 @@
 import hashlib
+import json
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -8,6 +9,7 @@ from papo.data.images import MAX_PIXELS, MIN_PIXELS
 from papo.data.sample import IMAGE_PLACEHOLDER, PAPO_FORMAT_SUFFIX
 from papo.data.synthetic import FAMILIES, SyntheticDataset, dataset_from_spec, make_sample, make_scene
 from papo.data.synthetic.common import COLOURS
+from papo.errors import UserError
 
 TASKS = list(FAMILIES)
 
@@ -158,26 +160,33 @@ def test_maze_start_and_goal_cells_are_coloured():
     assert n == 6
 
 
-@pytest.mark.parametrize("task", ["count", "count_subtract", "closest"])
+CUED = {"bar_chart", "clock"}  # one question text for every image unless cue=1 names the colour
+
+
+def _cue(task):
+    return {"cue": 1} if task in CUED else {}
+
+
+@pytest.mark.parametrize("task", ["count", "count_subtract", "closest", "bar_chart", "clock"])
 def test_shortcut_knob_makes_the_question_predict_train_answers_but_not_held_out_ones(task):
     """The vision gate's text-only predictor, fitted on train samples with shortcut=70: about 70% plus chance's
     share of the rest on train, chance on val (val and test ignore the knob and stay flat)."""
     by_question = defaultdict(Counter)
-    train = [make_scene(task, "train", 0, i, shortcut=70) for i in range(2000)]
+    train = [make_scene(task, "train", 0, i, shortcut=70, **_cue(task)) for i in range(2000)]
     for sc in train:
         by_question[sc.question][sc.answer] += 1
     prior = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
     chance = 1 / len(FAMILIES[task].answers)
     on_train = np.mean([prior[sc.question] == sc.answer for sc in train])
     assert abs(on_train - (0.7 + 0.3 * chance)) < 0.05, on_train
-    val = [make_scene(task, "val", 0, i, shortcut=70) for i in range(2000)]
-    assert [sc.answer for sc in val[:50]] == [make_scene(task, "val", 0, i).answer for i in range(50)]
+    val = [make_scene(task, "val", 0, i, shortcut=70, **_cue(task)) for i in range(2000)]
+    assert [sc.answer for sc in val[:50]] == [make_scene(task, "val", 0, i, **_cue(task)).answer for i in range(50)]
     assert np.mean([prior.get(sc.question) == sc.answer for sc in val]) <= 1.5 * chance
     # the scene still shows its answer: the facts (what the image holds) agree with it
     assert all(str(sc.answer) in sc.reasoning for sc in train[:200])
 
 
-@pytest.mark.parametrize("task", ["count", "count_subtract", "closest"])
+@pytest.mark.parametrize("task", ["count", "count_subtract", "closest", "bar_chart", "clock"])
 def test_explain_knob_writes_the_reasoning_out_after_the_same_facts(task):
     from papo.evaluation.analysis import stated_facts
 
@@ -188,3 +197,32 @@ def test_explain_knob_writes_the_reasoning_out_after_the_same_facts(task):
         assert long.reasoning.startswith(facts + ".") and long.reasoning.endswith(f"The answer is {terse.answer}.")
         assert len(long.reasoning) > 2 * len(terse.reasoning)  # most of the trace is now reasoning
         assert stated_facts(long.solution) == stated_facts(terse.solution)  # error analysis reads the same facts
+
+
+@pytest.mark.parametrize("task,pinned", [("bar_chart", "12cbfc550ca826239fad6dd4c44f4b120840790e"),
+                                         ("clock", "d7aee8e6d644385d74ebe79f777ace2a0a73f685")])
+def test_cue_shortcut_and_explain_knobs_at_zero_leave_samples_as_they_were(task, pinned):
+    """Scenes and a rendered image as generated before these families had the knobs (the embedded default's
+    data and every result measured on it stay valid)."""
+    digest = hashlib.sha1()
+    for i in range(30):
+        sc = make_scene(task, "train", 0, i)
+        digest.update(json.dumps([sc.question, sc.answer, sc.reasoning, sc.layout], sort_keys=True).encode())
+    digest.update(np.asarray(make_sample(task, "test", 1, 5, size=224).images[0]).tobytes())
+    assert digest.hexdigest() == pinned
+
+
+@pytest.mark.parametrize("task", sorted(CUED))
+def test_cue_names_the_colour_the_image_is_drawn_in(task):
+    for i in range(6):
+        s = make_sample(task, "test", 0, i, size=224, cue=1)
+        colour = make_scene(task, "test", 0, i, cue=1).layout["colour"]
+        assert f" {colour} " in s.prompt
+        pixels = np.asarray(s.images[0]).astype(int)
+        assert (np.abs(pixels - np.array(COLOURS[colour])).sum(-1) < 10).sum() > 200  # rim or bars in that colour
+
+
+def test_shortcut_without_cue_is_refused_where_the_question_never_varies():
+    with pytest.raises(UserError, match="shortcut needs cue=1"):
+        dataset_from_spec("synthetic:count+clock?shortcut=60")
+    assert len(dataset_from_spec("synthetic:count+clock?shortcut=60&cue=1&n=4")) == 4

@@ -77,6 +77,11 @@ class SyntheticDataset(Sequence):
             known = {t: FAMILIES[t].knobs for t in self.tasks}
             raise UserError(f"unknown knob(s) {sorted(unused)} for tasks {self.tasks}; knobs: {known}")
         self.knobs = {t: {k: v for k, v in knobs.items() if k in FAMILIES[t].knobs} for t in self.tasks}
+        for t in self.tasks:
+            try:
+                FAMILIES[t].check_knobs(self.knobs[t])
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
     def __len__(self) -> int:
         return self.n

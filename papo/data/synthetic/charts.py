@@ -1,36 +1,63 @@
-"""Read-a-value families: bar chart without value labels, triangle angles drawn only in the figure, clock."""
+"""Read-a-value families: bar chart without value labels, triangle angles drawn only in the figure, clock.
+
+Bar charts and clocks ask the same question of every image. ``cue=1`` makes the question name the chart's or
+the clock's colour (drawn in that colour), which gives the ``shortcut`` knob something in the text to key on;
+``explain=1`` writes the reading out in words. With the three knobs at 0 every sample is unchanged.
+"""
 
 from __future__ import annotations
 
 import math
 
-from papo.data.synthetic.common import COLOURS, Scene, canvas, font, pick, seen
+from papo.data.synthetic.common import COLOURS, Scene, canvas, draw_answer, font, pick, seen
 from papo.data.synthetic.scenes import Family
 
 BAR_LABELS = "ABCDEF"
 
 
-class BarChart(Family):
+class CuedFamily(Family):
+    """A family whose question text is the same for every image unless ``cue=1`` names the image's colour."""
+
+    def check_knobs(self, knobs):
+        k = super().check_knobs(knobs)
+        if k["shortcut"] and not k["cue"]:
+            raise ValueError(f"task {self.name!r}: shortcut needs cue=1 (without it every question has the same text, "
+                             f"so nothing in it could suggest an answer)")
+        return k
+
+
+class BarChart(CuedFamily):
     """Bars on a 0-10 grid, labelled A.. under the axis, no value labels: read two bars, subtract."""
 
     name = "bar_chart"
     answers = tuple(str(d) for d in range(1, 9))  # tallest - shortest = 1..8
-    knobs = {"min_bars": 3, "max_bars": 5}
+    knobs = {"min_bars": 3, "max_bars": 5, "cue": 0, "shortcut": 0, "explain": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
+        # with the cue the colour is drawn first, since the shortcut's answer depends on it
+        colour = pick(rng, COLOURS) if k["cue"] else None
         n = int(rng.integers(k["min_bars"], k["max_bars"] + 1))
-        diff = int(rng.integers(1, 9))
+        diff = int(draw_answer(rng, self.answers, f"bar_chart {colour}", k["shortcut"]))
         low = int(rng.integers(1, 11 - diff))
         values = [low, low + diff] + [int(v) for v in rng.integers(low, low + diff + 1, size=n - 2)]
         values = [values[i] for i in rng.permutation(n)]
         facts = {BAR_LABELS[i]: v for i, v in enumerate(values)}
+        bars = f"{colour} bar" if colour else "bar"
         return Scene(
-            question="What is the difference between the tallest bar and the shortest bar?",
+            question=f"What is the difference between the tallest {bars} and the shortest {bars}?",
             answer=str(diff), answer_type="int", facts=facts,
-            reasoning=f"{seen(facts)} {max(values)}-{min(values)}={diff}.",
-            layout={"values": values, "colour": pick(rng, COLOURS)},
+            reasoning=f"{seen(facts)} {self._explained(facts) if k['explain'] else ''}{max(values)}-{min(values)}={diff}."
+            + (f" The answer is {diff}." if k["explain"] else ""),
+            layout={"values": values, "colour": colour or pick(rng, COLOURS)},
         )
+
+    @staticmethod
+    def _explained(facts: dict[str, int]) -> str:
+        tallest, shortest = max(facts, key=facts.get), min(facts, key=facts.get)
+        return (f"Each bar's height is read against the grid lines, one unit per line. The tallest bar is {tallest} at "
+                f"{facts[tallest]} and the shortest is {shortest} at {facts[shortest]}, so the difference is the first "
+                f"height minus the second: ")
 
     def render(self, scene, size, rng):
         img, draw, s = canvas(size)
@@ -102,30 +129,42 @@ class TriangleAngle(Family):
         return img
 
 
-class Clock(Family):
+class Clock(CuedFamily):
     """An analogue clock: read the hour hand (which sits between two numbers when minutes are not 0)."""
 
     name = "clock"
     answers = tuple(str(h) for h in range(1, 13))
-    knobs = {"minute_step": 5}
+    knobs = {"minute_step": 5, "cue": 0, "shortcut": 0, "explain": 0}
 
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
-        hour = int(rng.integers(1, 13))
+        colour = pick(rng, COLOURS) if k["cue"] else None
+        hour = int(draw_answer(rng, self.answers, f"clock {colour}", k["shortcut"]))
         minute = int(pick(rng, range(0, 60, k["minute_step"])))
         facts = {"hour hand": hour, "minute hand": minute}
+        clock = f"the {colour} clock" if colour else "the clock"
         return Scene(
-            question="What hour is shown on the clock? Answer with a number from 1 to 12.",
+            question=f"What hour is shown on {clock}? Answer with a number from 1 to 12.",
             answer=str(hour), answer_type="int", facts=facts,
-            reasoning=f"{seen(facts)} The hour is {hour}.",
+            reasoning=f"{seen(facts)} {self._explained(hour, minute) if k['explain'] else ''}The hour is {hour}."
+            + (f" The answer is {hour}." if k["explain"] else ""),
             layout={"hour": hour, "minute": minute, "numbers": bool(rng.random() < 0.5),
-                    "radius": float(rng.uniform(150, 200)), "centre": [float(v) for v in rng.uniform(-20, 20, size=2)]},
+                    "radius": float(rng.uniform(150, 200)), "centre": [float(v) for v in rng.uniform(-20, 20, size=2)],
+                    **({"colour": colour} if colour else {})},
         )
+
+    @staticmethod
+    def _explained(hour: int, minute: int) -> str:
+        after = hour % 12 + 1
+        return (f"The short thick hand is the hour hand and the long thin one the minute hand. At {minute} minutes "
+                f"past, the hour hand has moved {minute}/60 of the way from {hour} toward {after}, so it still "
+                f"belongs to {hour}. ")
 
     def render(self, scene, size, rng):
         img, draw, s = canvas(size)
         (cx, cy), r = (size / 2 + d * s for d in scene.layout["centre"]), scene.layout["radius"] * s
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=(30, 30, 30), width=max(1, round(5 * s)))
+        rim = COLOURS[scene.layout["colour"]] if "colour" in scene.layout else (30, 30, 30)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=rim, width=max(1, round(12 * s if "colour" in scene.layout else 5 * s)))
         f = font(round(28 * s))
         for h in range(1, 13):
             ang = math.radians(h * 30 - 90)
