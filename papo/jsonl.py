@@ -4,6 +4,7 @@ atomically. The training metrics and the evaluation records both resume from suc
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,3 +32,8 @@ def write_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf become null: a metrics file stays strict JSON for every reader."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}

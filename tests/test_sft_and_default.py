@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
@@ -127,3 +128,47 @@ def test_sft_compute_dtype_is_checked_and_bf16_autocast_trains(tmp_path):
                                eval_per_task=0, compute_dtype="bfloat16", workers=0))
     assert math.isfinite(result["final_loss"])
     assert "compute_dtype: bfloat16" in (tmp_path / "m" / "sft_config.yaml").read_text()
+
+
+def _poison_steps(monkeypatch, bad_steps):
+    """Makes the loss NaN (so the gradient is too) at the given 0-based steps of papo sft."""
+    from papo.models.policy import Policy
+
+    real, calls = Policy.logprobs, {"n": 0}
+
+    def logprobs(self, *args, **kwargs):
+        logp, entropy = real(self, *args, **kwargs)
+        step, calls["n"] = calls["n"], calls["n"] + 1
+        return (logp * float("nan") if step in bad_steps else logp), entropy
+
+    monkeypatch.setattr(Policy, "logprobs", logprobs)
+
+
+def test_sft_skips_an_update_whose_gradient_is_not_finite(tmp_path, monkeypatch):
+    from papo.training.sft import SFTConfig, run_sft
+
+    def run(name, bad_steps, steps):
+        _poison_steps(monkeypatch, bad_steps)
+        cfg = SFTConfig(out=str(tmp_path / name), model="tiny", data="synthetic:count", steps=steps, batch_size=2,
+                        eval_per_task=0, log_every=1, workers=0, warmup_steps=1)
+        result = run_sft(cfg)
+        return result, [json.loads(line) for line in (tmp_path / name / "sft_metrics.jsonl").read_text().splitlines()]
+
+    result, rows = run("skip", {1}, 3)
+    assert result["skipped_steps"] == 1 and [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert rows[1]["loss"] is None and rows[1]["grad_norm"] is None  # strict JSON: NaN is written as null
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "skip" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the poisoned step never reached the weights
+
+
+def test_sft_stops_with_a_clear_message_when_it_diverges(tmp_path, monkeypatch):
+    from papo.errors import TrainingStopped
+    from papo.training.sft import SFTConfig, run_sft
+
+    _poison_steps(monkeypatch, set(range(2, 100)))
+    cfg = SFTConfig(out=str(tmp_path / "d"), model="tiny", data="synthetic:count", steps=12, batch_size=2,
+                    eval_per_task=0, log_every=4, workers=0, warmup_steps=1, max_bad_steps=3)
+    with pytest.raises(TrainingStopped, match="3 steps in a row, up to step 5, had a non-finite gradient.*lower --lr"):
+        run_sft(cfg)

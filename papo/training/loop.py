@@ -18,7 +18,7 @@ from papo.config.schema import ConfigError, TrainConfig, load_config
 from papo.data.loaders import load_samples
 from papo.data.synthetic import SPEC_PREFIX
 from papo.errors import TrainingStopped, UserError
-from papo.jsonl import read_records, write_records
+from papo.jsonl import json_safe, read_records, write_records
 from papo.models.loading import resolve_device
 from papo.rollout.graded import generate_and_score, paired_change, summarize_scores, summary_table
 from papo.rollout.sampling import SamplingParams
@@ -147,7 +147,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             elif not is_finite_row(row):
                 console.print(f"[yellow]step {step}: non-finite metrics {row}")
             failpoint("metrics")
-            log.write(json.dumps(_json_safe(row)) + "\n")
+            log.write(json.dumps(json_safe(row)) + "\n")
             log.flush()
             loggers.log(row)
             rows.append(row)
@@ -198,11 +198,6 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """NaN and inf become null: metrics.jsonl stays strict JSON for every reader."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def train_from_args(preset: str, model: str | None, data: str | None, overrides: list[str], max_steps: int | None,

@@ -30,7 +30,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from papo.data.loaders import load_samples
 from papo.data.masking import MaskingConfig, blacken, corrupt_images, mask_rng
 from papo.data.synthetic import SPEC_PREFIX, dataset_from_spec
-from papo.errors import UserError
+from papo.errors import TrainingStopped, UserError
+from papo.jsonl import json_safe
 from papo.models.inputs import encode_prompts, to_device, tokenize_completions
 from papo.models.loading import resolve_device
 from papo.models.policy import Policy
@@ -66,9 +67,10 @@ class SFTConfig:
     blank_share: float = 0.0  # share shown a black image
     mask_ratio: float = 0.6  # black-cell probability of those masked images (PAPO's 0.6)
     compute_dtype: str = "auto"  # matmuls under autocast: auto = bfloat16 on CUDA (fp32 weights), fp32 elsewhere
+    max_bad_steps: int = 10  # stop after this many updates in a row skipped for a non-finite gradient
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every"):
+        for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -184,8 +186,10 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     console.print(f"SFT of {cfg.model} ({n_params / 1e6:.2f}M parameters, {policy.precision.describe()}) on {cfg.data} "
                   f"for {cfg.steps} steps x {cfg.batch_size}, {device}")
 
+    # fused: it can skip an update on a device-side flag (found_inf below), so a non-finite gradient never
+    # reaches the weights and the loop still does not wait for the GPU each step
     optim = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              fused=torch.device(device).type == "cuda")
+                              fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
     policy.model.train()
     history, t0, tokens = [], time.time(), 0
@@ -199,6 +203,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
                                              prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
         pending = []  # (step, loss, grad norm, lr) not yet read back: the GPU is waited for once per log_every steps
         batches_iter, waited = iter(loader), 0.0
+        skipped = in_a_row = 0  # updates dropped for a non-finite gradient: in all, and the current run of them
         for step in range(cfg.steps):
             t_wait = time.perf_counter()
             prompts, ids, mask = next(batches_iter)
@@ -209,6 +214,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
             optim.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.grad_clip)
+            optim.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW's skip flag (GradScaler's protocol)
             optim.step()
             sched.step()
             tokens += int(mask.sum())  # a host tensor: no wait
@@ -218,13 +224,21 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
             if logged or step + 1 in cfg.save_steps:
                 values = torch.stack([torch.stack((l, g.to(l))) for _, l, g, _ in pending]).tolist()
                 history += [{"step": s, "loss": l, "grad_norm": g, "lr": lr} for (s, *_, lr), (l, g) in zip(pending, values)]
+                for (at, *_, lr), (_, g) in zip(pending, values):
+                    in_a_row = 0 if math.isfinite(g) else in_a_row + 1
+                    skipped += in_a_row > 0
+                    if in_a_row >= cfg.max_bad_steps:
+                        raise TrainingStopped(
+                            f"sft: {in_a_row} steps in a row, up to step {at}, had a non-finite gradient and were "
+                            f"skipped (lr {lr:.3g}): the run diverged; lower --lr or raise --warmup-steps. "
+                            f"Checkpoints written so far in {out} are untouched.")
                 pending.clear()
                 elapsed = time.time() - t0
                 history[-1].update(elapsed_s=round(elapsed, 2), target_tokens_per_s=round(tokens / elapsed, 1),
-                                   data_wait_share=round(waited / elapsed, 3))
+                                   data_wait_share=round(waited / elapsed, 3), skipped_steps=skipped)
                 progress.update(bar, loss=history[-1]["loss"])
                 if logged:
-                    log.write(json.dumps(history[-1]) + "\n")
+                    log.write(json.dumps(json_safe(history[-1])) + "\n")
                     log.flush()
             if step + 1 in cfg.save_steps and step + 1 != cfg.steps:
                 _checkpoint(policy, cfg, out / f"step-{step + 1}", tasks, console)
@@ -232,7 +246,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     policy.model.eval()
     policy.save(out)
     _plot_loss(history, out / "sft_loss.png")
-    result = {"steps": cfg.steps, "final_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 1)}
+    result = {"steps": cfg.steps, "final_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 1),
+              "skipped_steps": skipped}
     if tasks and cfg.eval_per_task > 0:
         console.print(f"held-out check: {cfg.eval_per_task} test samples per family, k={cfg.eval_k} at T=1, and greedy")
         result["heldout"] = heldout_report(policy, _heldout(cfg, tasks), cfg)
