@@ -41,6 +41,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_per_task=args.eval_per_task,
                     eval_k=args.eval_k, max_new_tokens=args.max_new_tokens, device=args.device, masked_share=args.masked_share,
                     blank_share=args.blank_share, mask_ratio=args.mask_ratio, compute_dtype=args.compute_dtype,
+                    warmup_steps=args.warmup_steps, max_bad_steps=args.max_bad_steps,
                     save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
     run_sft(cfg)
     return 0
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blank-share", type=float, default=0.0, help="share of samples shown a black image")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="black-cell probability of the masked images")
     p.add_argument("--compute-dtype", default="auto", help="auto (bfloat16 on CUDA over fp32 weights) | float32 | bfloat16")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear learning-rate warm-up before the cosine decay")
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many updates in a row skipped for a non-finite gradient")
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("score", help="score a PAPO-Eval inference JSONL exactly as PAPO-Eval does (avg@k, pass@k)")

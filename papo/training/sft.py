@@ -75,6 +75,8 @@ class SFTConfig:
                 raise UserError(f"sft {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"sft lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"sft warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.compute_dtype != "auto":
             try:
                 dtype_of(self.compute_dtype)
