@@ -225,8 +225,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
             if logged or step + 1 in cfg.save_steps:
                 values = torch.stack([torch.stack((l, g.to(l))) for _, l, g, _ in pending]).tolist()
-                history += [{"step": s, "loss": l, "grad_norm": g, "lr": lr} for (s, *_, lr), (l, g) in zip(pending, values)]
-                for (at, *_, lr), (_, g) in zip(pending, values):
+                for (at, *_, lr), (l, g) in zip(pending, values):
+                    history.append({"step": at, "loss": l, "grad_norm": g, "lr": lr})
                     in_a_row = 0 if math.isfinite(g) else in_a_row + 1
                     skipped += in_a_row > 0
                     if in_a_row >= cfg.max_bad_steps:
