@@ -16,7 +16,7 @@ mkdir -p "$out" "$work"
 if [ "$stage" = sft ]; then
   python3 benchmarks/sft_step.py --model 20m --batch-size 64 --steps 20 --device cuda --profile > "$out/sft_step.txt" 2>&1
   ms=$(grep -o "sft's default: [0-9]* ms" "$out/sft_step.txt" | grep -o '[0-9]*')  # the step papo sft runs
-  # in bf16 the loop's host work weighs more: a 100m step took 241 ms in papo sft's loop against 124 ms alone (H200)
+  # in bf16 the loop's host work weighs more: a 100m step takes 215-231 ms in papo sft's loop against 124 ms alone (H200)
   steps=$(( ${SFT_SECONDS:-340} * 1000 / (2 * ${ms:-200} + 20) ))
   echo "model step ${ms} ms -> $steps SFT steps" | tee "$out/sft_plan.txt"
   timeout 520 python3 -m papo sft --model "${FROM:-20m}" --steps $steps --batch-size 64 --lr ${LR:-1e-3} --seed $seed \
