@@ -1,11 +1,13 @@
 """Summarise the held-out checks of a `papo sft --save-steps ...` run and pack the best checkpoint.
 
 Criterion (room for RL): most families with sampled T=1 accuracy inside [0.2, 0.8], format followed on at
-least 80% of responses, then the highest mean accuracy.
+least 80% of responses, then the highest mean accuracy, or with ``--target A`` the mean accuracy nearest A
+(a start that RL can still move: a later training leg raises it further).
 
-    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR            # ranks, and packs the best as best.tar.gz
-    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --no-pack  # ranks only
-    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --bf16     # packs with bf16 weights (half the bytes)
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR               # ranks, and packs the best as best.tar.gz
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --no-pack     # ranks only
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --bf16        # packs with bf16 weights (half the bytes)
+    python scripts/pick_checkpoint.py RUN_DIR RESULTS_DIR --target 0.35 # the mean accuracy nearest 0.35 breaks ties
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ import tarfile
 from pathlib import Path
 
 
-def key(report: dict) -> tuple:
+def key(report: dict, target: float | None = None) -> tuple:
     s = report["sampled_t1"]
-    return (sum(0.2 <= a <= 0.8 for a in s["per_task"].values()), s["format_rate"] >= 0.8, s["avg_at_k"])
+    last = s["avg_at_k"] if target is None else -abs(s["avg_at_k"] - target)
+    return (sum(0.2 <= a <= 0.8 for a in s["per_task"].values()), s["format_rate"] >= 0.8, last)
 
 
-def main(run: Path, results: Path) -> None:
+def main(run: Path, results: Path, target: float | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     found = {}
     for path in sorted(run.glob("step-*/sft_result.json")) + [run / "sft_result.json"]:
         if path.exists() and "heldout" in (data := json.loads(path.read_text())):
             found[path.parent.name if path.parent != run else "final"] = data["heldout"]
-    ranking = sorted(found, key=lambda n: key(found[n]), reverse=True)
+    ranking = sorted(found, key=lambda n: key(found[n], target), reverse=True)
     (results / "checkpoints.json").write_text(json.dumps({"ranking": ranking, "heldout": found}, indent=1))
     for name in ranking:
         s = found[name]["sampled_t1"]
@@ -51,4 +54,5 @@ def main(run: Path, results: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    target = float(sys.argv[sys.argv.index("--target") + 1]) if "--target" in sys.argv else None
+    main(Path(sys.argv[1]), Path(sys.argv[2]), target)
