@@ -163,8 +163,9 @@ class Clock(CuedFamily):
     def render(self, scene, size, rng):
         img, draw, s = canvas(size)
         (cx, cy), r = (size / 2 + d * s for d in scene.layout["centre"]), scene.layout["radius"] * s
-        rim = COLOURS[scene.layout["colour"]] if "colour" in scene.layout else (30, 30, 30)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=rim, width=max(1, round(12 * s if "colour" in scene.layout else 5 * s)))
+        # a cued clock's rim is drawn thick in its colour, so the colour the question names is plain to see
+        rim, rim_width = (COLOURS[scene.layout["colour"]], 12) if "colour" in scene.layout else ((30, 30, 30), 5)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=rim, width=max(1, round(rim_width * s)))
         f = font(round(28 * s))
         for h in range(1, 13):
             ang = math.radians(h * 30 - 90)
