@@ -7,7 +7,8 @@
 
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
 with equal steps and rollouts per step; tiny models leave a GPU mostly idle, so `--jobs` of them share it.
-`--budget-s` sizes the step count from a measured probe instead of `--steps`. Each finished run is then
+`--budget-s` sizes the step count from a measured probe instead of `--steps`; `--extend` continues the runs of
+an earlier call (their directories kept) by as many steps as the new budget allows. Each finished run is then
 evaluated on the synthetic test split with `papo eval` (avg@k, perception gap with masked images,
 perception/reasoning error breakdown). Results: `docs/results/reproduction.json` (one entry per run) and
 `docs/RESULTS.md` (mean ± std over seeds per method, curves of reward, KL_prcp and entropies).
@@ -92,8 +93,12 @@ def _sets(settings: list[str]) -> list[str]:
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
-def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace) -> None:
-    """Held-out avg@k on the test split, the perception gap at --mask-ratio and the error breakdown."""
+def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace, steps: int | None = None) -> None:
+    """Held-out avg@k on the test split, the perception gap at --mask-ratio and the error breakdown. `steps`: how
+    far the run has trained; an evaluation of fewer steps (the run was extended since) moves to eval-step{N}."""
+    done = ev / "trained_steps.txt"
+    if steps is not None and done.exists() and int(done.read_text()) < steps:
+        ev.rename(ev.parent / f"eval-step{int(done.read_text())}")
     if (ev / "summary.json").exists() or (isinstance(model, Path) and not (model / "config.json").exists()):
         return  # done already, or the run never finished
     t0 = time.time()
@@ -102,6 +107,8 @@ def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace) -
            args.device, "--out", str(ev)], log, args)
     if (ev / "summary.json").exists():
         (ev / "eval_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+        if steps is not None:
+            done.write_text(f"{steps}\n")
 
 
 def _call(cmd: list[str], log_path: Path, args: argparse.Namespace) -> None:
@@ -129,6 +136,20 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
             "runs": len(jobs), "probe_steps": args.probe_steps, "budget_s": args.budget_s}
 
 
+def extend_plan(plan: dict, n_jobs: int, args: argparse.Namespace) -> dict:
+    """The step count for continuing an earlier call's runs: to --steps if given, else by as many steps as fit
+    in --budget-s at the step time and start-up that call's probe measured (the runs keep their concurrency)."""
+    if args.budget_s is None:
+        return {**plan, "steps": args.steps, "extended_from": plan["steps"]}
+    if "step_s" not in plan:
+        raise SystemExit("--extend with --budget-s needs the step time of a probe, and the first call was given --steps: "
+                         "pass --extend --steps N instead")
+    waves = -(-n_jobs // args.jobs)
+    left = args.budget_s - args.eval_reserve_s - waves * plan["startup_s"]
+    more = max(0, int(left / (waves * plan["step_s"] * 1.1)))
+    return {**plan, "steps": plan["steps"] + more, "extended_from": plan["steps"], "budget_s": args.budget_s}
+
+
 def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int) -> dict:
     row = {"method": method, "preset": preset, "overrides": overrides, "seed": seed, "run": run.name}
     if (run / "config.yaml").exists():  # what actually ran
@@ -149,9 +170,16 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
         row["first_hacking_warning_step"] = flagged[0] if flagged else None
         times = [m["step_s"] for m in metrics if m.get("step_s")]
         row["median_step_s"] = statistics.median(times) if times else None
+    # held-out avg@k after each call of an extended run (earlier evaluations in eval-step{N})
+    by_step = {int(ev.name.removeprefix("eval-step")): ev for ev in run.glob("eval-step*")}
+    if (run / "eval" / "trained_steps.txt").exists():
+        by_step[int((run / "eval" / "trained_steps.txt").read_text())] = run / "eval"
+    curve = {n: _bench(ev)["avg_at_k"] for n, ev in sorted(by_step.items()) if (ev / "summary.json").exists()}
+    if len(curve) > 1:
+        row["heldout_by_steps"] = curve
     summary = run / "eval" / "summary.json"
     if summary.exists():
-        bench = next(iter(json.loads(summary.read_text())["benchmarks"].values()))
+        bench = _bench(run / "eval")
         row["eval_k"] = bench["k"]
         row[f"heldout_avg_at_{bench['k']}"] = bench["avg_at_k"]
         row["heldout_per_task"] = bench.get("per_task", {})
@@ -163,6 +191,10 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
             row["perception_share_of_errors"] = errors["perception_share_of_errors"]
             row["error_rates"] = errors["shares"]  # per response: correct, lucky_guess, perception, reasoning, format
     return row
+
+
+def _bench(ev: Path) -> dict:
+    return next(iter(json.loads((ev / "summary.json").read_text())["benchmarks"].values()))
 
 
 def heldout(row: dict) -> float | None:
@@ -291,6 +323,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="size --steps from a probe so that all runs and their evaluation finish in this many seconds")
     ap.add_argument("--probe-steps", type=int, default=6)
+    ap.add_argument("--extend", action="store_true",
+                    help="continue the runs in --out to --steps, or by what fits in --budget-s; earlier evaluations are kept")
     ap.add_argument("--eval-reserve-s", type=float, default=120.0, help="time kept for evaluation when sizing steps")
     ap.add_argument("--jobs", type=int, default=6, help="runs at once (they share the GPU)")
     ap.add_argument("--model", default=None, help="starting model (default: the embedded one)")
@@ -318,7 +352,11 @@ def main() -> None:
     t0 = time.time()
     if not args.report_only:
         sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
-        if not sizing.exists():
+        if args.extend:
+            if not sizing.exists():
+                raise SystemExit(f"--extend continues earlier runs, and {sizing} does not exist: run without --extend first")
+            sizing.write_text(json.dumps(extend_plan(json.loads(sizing.read_text()), len(jobs), args), indent=1) + "\n")
+        elif not sizing.exists():
             chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
             sizing.write_text(json.dumps(chosen, indent=1) + "\n")
         chosen = json.loads(sizing.read_text())
@@ -327,10 +365,11 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
             print(f"trained in {time.time() - t0:.0f} s; evaluating", flush=True)
-            evals = [(run / "final", run / "eval", out / f"{run.name}.log") for run in runs]
+            evals = [(run / "final", run / "eval", out / f"{run.name}.log", len(read_metrics(run / "metrics.jsonl")))
+                     for run in runs]
             if not args.no_start_eval:
-                evals.append((args.model or "default", out / START / "eval", out / f"{START}.log"))
-            list(pool.map(lambda e: evaluate(*e, args), evals))
+                evals.append((args.model or "default", out / START / "eval", out / f"{START}.log", None))
+            list(pool.map(lambda e: evaluate(*e[:3], args, steps=e[3]), evals))
     rows = [collect(d, *_describe(d)) for d in sorted(out.iterdir()) if (d / "config.yaml").exists()]
     if (out / START / "eval" / "summary.json").exists():
         rows.insert(0, collect(out / START, START_METHOD, "", [], 0))

@@ -1,37 +1,41 @@
 #!/usr/bin/env bash
-# The controlled regime of docs/RESULTS.md ("a regime like the paper's starting point") on one GPU, in two
-# stages that each fit a 10-minute call; WORK (default ${TMPDIR:-/tmp}/papo-regime) must survive between them:
+# The controlled regime of docs/RESULTS.md ("a regime like the paper's starting point") on one GPU, in stages
+# that each fit a 10-minute call; WORK (default ${TMPDIR:-/tmp}/papo-regime) must survive between them:
 #   bash scripts/regime_run.sh warmstart OUT   # a 100m model learns to read the images, then sees masked and black ones
-#   bash scripts/regime_run.sh rl OUT          # reproduce.py's plan from it, on train data with a language-prior shortcut
+#   bash scripts/regime_run.sh rl OUT          # reproduce.py's plan from it, with and without a language-prior shortcut
+#   bash scripts/regime_run.sh extend OUT      # the same runs, continued for another RL_SECONDS (evaluated again)
 # OUT collects logs and results (tar it where a machine returns few files).
 #
-# The family is clock reading, which a from-scratch model learns to read within a call (object scenes stayed
-# at chance for 4,000 steps; bar charts, also learnt, reached 0.99 before clocks left chance and then gave RL
-# no signal: docs/RESULTS.md), with cue=1: the question names the colour the clock is drawn in, which the
-# shortcut keys on, and explain=1: most of a response is reasoning. The warm start has two legs:
+# RL trains and is evaluated on clock reading (FAMILIES), with cue=1: the question names the colour the clock
+# is drawn in, which the shortcut keys on, and explain=1: most of a response is reasoning. The warm start
+# also sees bar charts (WARM_FAMILIES): on clocks alone leg 1 stayed at chance for 900 steps, while with bar
+# charts beside them it read clocks from about step 500 (docs/RESULTS.md). It has two legs:
 #   1. full images only, unbiased data, with held-out checks every STEPS/9 steps; the checkpoint with the
 #      most families inside [0.2, 0.8], then the mean accuracy nearest PICK_TARGET (0.35: leg 2 raises it
 #      further), is kept (scripts/pick_checkpoint.py);
 #   2. from it, 30% masked and 10% black images at half the learning rate, so that the model answers those
 #      views with prior-driven text and KL_prcp starts small. A blackened view still trains the full answer,
 #      so views from the first step would teach answering without looking: they come second.
-# RL trains on the train split with shortcut=$SHORTCUT (the question's colour suggests that answer that often;
-# 0 is the control), and the held-out test split ignores the shortcut, so only reading the image pays there.
+# RL trains on the train split with shortcut=S for each S in SHORTCUTS (the question's colour suggests that
+# answer on S% of prompts; 0 is the control), all at once, each in its own runs folder, the CPU threads split
+# between them; the held-out test split ignores the shortcut, so only reading the image pays there.
 # The passes run eagerly (model.compile_layers=false): compiling them took about 130 s of a 110M run's first
-# step, more than it saves in a call. Knobs (environment): MODEL, FAMILIES, SFT_STEPS (leg 1), VIEW_STEPS
-# (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (held-out checks), START (the RL start; default the warm
-# start), SHORTCUT, RL_SECONDS, RL_LR, METHODS, SEEDS, JOBS, PROMPTS (per step), PLAN, DEVICE (cuda).
+# step, more than it saves in a call. Knobs (environment): MODEL, WARM_FAMILIES, FAMILIES, SFT_STEPS (leg 1),
+# VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (held-out checks), START (the RL start; default the
+# warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty
+# for the whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), PLAN, DEVICE (cuda).
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
 work=${WORK:-${TMPDIR:-/tmp}/papo-regime}
 families=${FAMILIES:-clock}
+warm_families=${WARM_FAMILIES:-clock+bar_chart}
 knobs="cue=1&explain=1&size=224"
 device=${DEVICE:-cuda}
 mkdir -p "$out" "$work"
 
 sft() {  # name, from, steps, lr, masked share, black share, save steps
-  timeout 480 python3 -m papo sft --model "$2" --data "synthetic:$families?$knobs" --steps "$3" --batch-size 64 --lr "$4" \
+  timeout 480 python3 -m papo sft --model "$2" --data "synthetic:$warm_families?$knobs" --steps "$3" --batch-size 64 --lr "$4" \
       --masked-share "$5" --blank-share "$6" ${7:+--save-steps "$7"} --eval-per-task "${EVAL_PER_TASK:-100}" --eval-k 2 --max-new-tokens 160 \
       --out "$work/$1" --device "$device" > "$out/$1.log" 2>&1
   cp "$work/$1/sft_metrics.jsonl" "$out/$1_metrics.jsonl" 2>/dev/null
@@ -48,22 +52,32 @@ if [ "$stage" = warmstart ]; then
   echo "leg 2 from $from" | tee -a "$out/pick.txt"
   sft start "$from" "${VIEW_STEPS:-250}" "$(python3 -c "print($lr / 2)")" 0.3 0.1 ""
   cp "$work/start/sft_result.json" "$out/start_result.json" 2>/dev/null
-elif [ "$stage" = rl ]; then
+elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   start=${START:-$work/start}
   echo "RL from $start"
-  prompts=${PROMPTS:-32}
-  timeout $(( ${RL_SECONDS:-480} + 60 )) python3 experiments/reproduce.py --plan "${PLAN:-main}" ${METHODS:+--methods "$METHODS"} --seeds "${SEEDS:-2}" \
-      --jobs "${JOBS:-4}" --budget-s "${RL_SECONDS:-480}" --eval-reserve-s 120 --model "$start" --device "$device" \
-      --set "data.train=synthetic:$families?$knobs&shortcut=${SHORTCUT:-60}" \
-      --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \
-      --set trainer.rollout_batch_size=$prompts --set trainer.mini_batch_size=$((prompts / 2)) \
-      --set trainer.log_kl_prcp=true --set optim.lr="${RL_LR:-2e-5}" --set model.compile_layers=false \
-      --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n 300 --eval-k 4 \
-      --eval-max-new-tokens 160 --out "$work/runs" --results "$out/reproduction.json" --markdown "$out/RESULTS.md" \
-      > "$out/rl.log" 2>&1
-  # metrics and evaluations only (the runs' checkpoints stay in WORK): one archive
-  (cd "$work/runs" && tar czf "$out/runs.tar.gz" --exclude='checkpoints' --exclude='final' --exclude='*.safetensors' .)
-  tail -c 2500 "$out/rl.log"; cat "$out/RESULTS.md" 2>/dev/null | head -40
+  prompts=${PROMPTS:-64} shortcuts=${SHORTCUTS:-0 60} jobs=${JOBS:-2} methods=${METHODS-GRPO,PAPO-G}
+  arms=$(wc -w <<< "$shortcuts")
+  # every run's image processing and host work shares the cores: oversubscribed, a step's encode took 4 s, not 0.4
+  threads=$(( $(nproc) / (jobs * arms) > 0 ? $(nproc) / (jobs * arms) : 1 ))
+  for sc in $shortcuts; do
+    mkdir -p "$out/sc$sc"
+    timeout $(( ${RL_SECONDS:-480} + 60 )) python3 experiments/reproduce.py --plan "${PLAN:-main}" ${methods:+--methods "$methods"} \
+        --seeds "${SEEDS:-1}" --jobs "$jobs" --threads "$threads" --budget-s "${RL_SECONDS:-480}" --eval-reserve-s 120 \
+        $([ "$stage" = extend ] && echo --extend) --model "$start" --device "$device" \
+        --set "data.train=synthetic:$families?$knobs&shortcut=$sc" \
+        --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \
+        --set trainer.rollout_batch_size=$prompts --set trainer.mini_batch_size=$((prompts / 2)) \
+        --set trainer.log_kl_prcp=true --set optim.lr="${RL_LR:-2e-5}" --set model.compile_layers=false \
+        --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n 300 --eval-k 4 \
+        --eval-max-new-tokens 160 --out "$work/runs-sc$sc" --results "$out/sc$sc/reproduction.json" \
+        --markdown "$out/sc$sc/RESULTS.md" --section "shortcut-$sc" > "$out/sc$sc/rl.log" 2>&1 &
+  done
+  wait
+  for sc in $shortcuts; do
+    # metrics and evaluations only (the runs' checkpoints stay in WORK): one archive per arm
+    (cd "$work/runs-sc$sc" && tar czf "$out/sc$sc/runs.tar.gz" --exclude='checkpoints' --exclude='final' --exclude='*.safetensors' .)
+    echo "== shortcut $sc"; tail -c 1200 "$out/sc$sc/rl.log"; head -8 "$out/sc$sc/RESULTS.md" 2>/dev/null
+  done
 else
-  echo "usage: regime_run.sh warmstart|rl OUT" >&2; exit 2
+  echo "usage: regime_run.sh warmstart|rl|extend OUT" >&2; exit 2
 fi

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
 
 
@@ -111,3 +113,75 @@ def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, mo
                                  "mask_ratio": 0.6, "device": "cpu"})
     reproduce.evaluate(model, tmp_path / "ev2", tmp_path / "ev2.log", defaults)
     assert calls[1][calls[1].index("--data") + 1] == "synthetic:all?split=test&size=224&n=140"
+
+
+def test_extending_runs_sizes_more_steps_and_keeps_the_earlier_evaluation(tmp_path, monkeypatch):
+    reproduce = _load()
+    plan = {"steps": 17, "step_s": 9.0, "startup_s": 50.0, "jobs": 2, "runs": 2, "probe_steps": 6, "budget_s": 455.0}
+    args = type("Args", (), {"budget_s": 500.0, "eval_reserve_s": 120.0, "jobs": 2, "steps": 100})
+    # (500 s - 120 s for evaluation - 50 s start-up) / (9 s * 1.1 margin) = 33.3 more steps
+    assert reproduce.extend_plan(plan, 2, args) == {**plan, "steps": 50, "extended_from": 17, "budget_s": 500.0}
+    args.budget_s = None
+    assert reproduce.extend_plan(plan, 2, args)["steps"] == 100  # or to --steps
+    args.budget_s = 500.0
+    with pytest.raises(SystemExit, match="--extend --steps"):
+        reproduce.extend_plan({"steps": 17}, 2, args)
+
+    calls = []
+    monkeypatch.setattr(reproduce, "_call", lambda cmd, log, args: calls.append(cmd))
+    run = _run(tmp_path, "grpo-x-s0", 0.30, 0.1, 0.0)
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    (run / "eval" / "trained_steps.txt").write_text("17\n")
+    ev_args = type("Args", (), {"eval_data": reproduce.TEST, "eval_n": 30, "eval_k": 8, "eval_max_new_tokens": 48,
+                                "mask_ratio": 0.6, "device": "cpu"})
+    reproduce.evaluate(run / "final", run / "eval", tmp_path / "log", ev_args, steps=17)
+    assert not calls  # evaluated at this step count already
+    reproduce.evaluate(run / "final", run / "eval", tmp_path / "log", ev_args, steps=50)
+    assert len(calls) == 1 and (run / "eval-step17" / "summary.json").is_file() and not (run / "eval").exists()
+    # the new evaluation (written here by hand) and the earlier one make a held-out curve
+    _run(tmp_path, "grpo-x-s0-later", 0.42, 0.1, 0.0)
+    (tmp_path / "grpo-x-s0-later" / "eval").rename(run / "eval")
+    (run / "eval" / "trained_steps.txt").write_text("50\n")
+    row = reproduce.collect(run, "GRPO", "grpo", [], 0)
+    assert row["heldout_by_steps"] == {17: 0.30, 50: 0.42} and row["heldout_avg_at_8"] == 0.42
+
+
+def test_a_second_call_extends_the_runs_and_evaluates_them_again(tmp_path, monkeypatch):
+    reproduce = _load()
+    trained = {}
+
+    def fake_train(method, preset, overrides, seed, steps, args):
+        run = reproduce.run_dir(method, preset, overrides, seed, Path(args.out))
+        trained[run.name] = steps
+        _metrics(run, [1.0] * steps)
+        (run / "config.yaml").write_text(f"preset: {preset}\ntrainer: {{seed: {seed}}}\nalgorithm: {{}}\n")
+        (run / "method.txt").write_text(method + "\n")
+        (run / "final").mkdir(exist_ok=True)
+        (run / "final" / "config.json").write_text("{}")
+        return run
+
+    def fake_eval(cmd, log, args):  # a held-out accuracy that grows with the steps trained
+        ev = Path(cmd[cmd.index("--out") + 1])
+        model = Path(cmd[cmd.index("--model") + 1])
+        steps = len(reproduce.read_metrics(model.parent / "metrics.jsonl")) if model.name == "final" else 0
+        ev.mkdir(parents=True, exist_ok=True)
+        bench = {"k": 4, "avg_at_k": (30 + steps) / 100, "masked": {}}
+        (ev / "summary.json").write_text(json.dumps({"benchmarks": {"clock": bench}}))
+
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(reproduce, "_call", fake_eval)
+    out, results = tmp_path / "runs", tmp_path / "reproduction.json"
+    argv = ["reproduce.py", "--methods", "GRPO", "--seeds", "1", "--jobs", "1", "--device", "cpu", "--out", str(out),
+            "--results", str(results), "--markdown", str(tmp_path / "RESULTS.md")]
+    monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--steps", "3"])
+    reproduce.main()
+    monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--extend", "--steps", "8"])
+    reproduce.main()
+    run = next(r for r in json.loads(results.read_text())["runs"] if r["method"] == "GRPO")
+    assert run["steps"] == 8 and run["heldout_by_steps"] == {"3": 0.33, "8": 0.38}
+    assert json.loads((out / "plan.json").read_text()) == {"steps": 8, "extended_from": 3}
+    monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--extend", "--steps", "9"])
+    (out / "plan.json").unlink()
+    with pytest.raises(SystemExit, match="run without --extend first"):
+        reproduce.main()
