@@ -21,9 +21,10 @@
 # between them; the held-out test split ignores the shortcut, so only reading the image pays there.
 # The passes run eagerly (model.compile_layers=false): compiling them took about 130 s of a 110M run's first
 # step, more than it saves in a call. Knobs (environment): MODEL, WARM_FAMILIES, FAMILIES, SFT_STEPS (leg 1),
-# VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (held-out checks), START (the RL start; default the
-# warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty
-# for the whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), PLAN, DEVICE (cuda).
+# VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (warm-start checks), START (the RL start; default the
+# warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty for the
+# whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out
+# questions, 300), PLAN, DEVICE (cuda).
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
@@ -68,7 +69,7 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
         --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \
         --set trainer.rollout_batch_size=$prompts --set trainer.mini_batch_size=$((prompts / 2)) \
         --set trainer.log_kl_prcp=true --set optim.lr="${RL_LR:-2e-5}" --set model.compile_layers=false \
-        --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n 300 --eval-k 4 \
+        --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n "${EVAL_N:-300}" --eval-k 4 \
         --eval-max-new-tokens 160 --out "$work/runs-sc$sc" --results "$out/sc$sc/reproduction.json" \
         --markdown "$out/sc$sc/RESULTS.md" --section "shortcut-$sc" > "$out/sc$sc/rl.log" 2>&1 &
   done
