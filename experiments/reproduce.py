@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from papo.rollout.graded import paired_change
 from papo.training.loop import read_metrics
 from papo.training.monitor import HackingMonitor
 
@@ -44,6 +45,9 @@ PLANS = {
            ("PAPO-G noise masking", "papo_g", ["algorithm.masking_strategy=noise"])]
     ),
 }
+# what each method is compared with, seed by seed on the same held-out questions: the paper's pairs, and every
+# ablation of PAPO-G against PAPO-G at its defaults
+BASELINES = {"PAPO-G": "GRPO", "PAPO-D": "DAPO"}
 TEST = "synthetic:all?split=test&size=224&n={n}"
 START, START_METHOD = "start", "start (no RL)"  # evaluation of the starting model, which every method is compared with
 
@@ -186,11 +190,55 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
         masked = next(iter(bench.get("masked", {}).values()), None)
         row["masked_avg_at_k"] = masked["avg_at_k"] if masked else None
         row["perception_gap"] = masked["perception_gap"] if masked else None
+        if cued := bench.get("cued"):  # data with a language-prior shortcut: answers that follow the text
+            row["cued_answer_share"], row["cued_truth_share"] = cued["answers"], cued["truth"]
         errors = bench.get("errors")
         if errors:
             row["perception_share_of_errors"] = errors["perception_share_of_errors"]
             row["error_rates"] = errors["shares"]  # per response: correct, lucky_guess, perception, reasoning, format
     return row
+
+
+def baseline(method: str) -> str | None:
+    return BASELINES.get(method) or ("PAPO-G" if method.startswith("PAPO-G ") else None)
+
+
+def question_accuracies(ev: Path) -> dict[str, float]:
+    """Each held-out question's accuracy over its k responses (full images), by question id."""
+    accs = {}
+    for f in sorted((ev / "samples").glob("*.jsonl")):
+        if ".masked-" not in f.name:
+            for line in f.read_text().splitlines():
+                r = json.loads(line)
+                accs[f"{f.stem}/{r['id']}"] = sum(map(bool, r["correct"])) / len(r["correct"])
+    return accs
+
+
+def paired(before: Path, after: Path) -> dict | None:
+    """after - before over the held-out questions both evaluations share, with the standard error of that paired
+    difference (papo.rollout.graded.paired_change); None where either lacks its per-question samples."""
+    a, b = question_accuracies(before), question_accuracies(after)
+    ids = sorted(a.keys() & b.keys())
+    if len(ids) < 2:
+        return None
+    mean = lambda accs: sum(accs[i] for i in ids) / len(ids)  # noqa: E731
+    return paired_change({"accuracies": [a[i] for i in ids], "avg_at_k": mean(a)},
+                         {"accuracies": [b[i] for i in ids], "avg_at_k": mean(b)})
+
+
+def add_pairs(rows: list[dict], runs: Path) -> None:
+    """Give each evaluated run its paired change against the starting model (`change_vs_start`) and against its
+    baseline method's run of the same seed (`change_vs_baseline`, e.g. PAPO-G seed 1 - GRPO seed 1)."""
+    ev = {(r["method"], r["seed"]): runs / r["run"] / "eval" for r in rows}
+    start = runs / START / "eval"
+    for r in rows:
+        if r["method"] == START_METHOD or heldout(r) is None:
+            continue
+        if (start / "samples").exists() and (change := paired(start, ev[(r["method"], r["seed"])])):
+            r["change_vs_start"] = change
+        base = baseline(r["method"])
+        if base and (base, r["seed"]) in ev and (change := paired(ev[(base, r["seed"])], ev[(r["method"], r["seed"])])):
+            r["change_vs_baseline"] = {"baseline": base, **change}
 
 
 def _bench(ev: Path) -> dict:
@@ -239,12 +287,52 @@ def tables(rows: list[dict]) -> str:
     for m, rs in by_method.items():
         cells = [_mean_std([r.get("error_rates", {}).get(c) for r in rs]) for c in classes]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_mean_std([r.get('perception_share_of_errors') for r in rs])} |")
+    lines += pair_table(by_method)
+    cued = {m: rs for m, rs in by_method.items() if any("cued_answer_share" in r for r in rs)}
+    if cued:
+        truth = next(r["cued_truth_share"] for rs in cued.values() for r in rs if "cued_truth_share" in r)
+        lines += ["", "Held-out answers equal to the answer the question's text suggests (the train split's shortcut), "
+                  f"% of responses, mean ± std over seeds; {100 * truth:.1f}% of the questions really have it:", "",
+                  "| method | answers that follow the text |", "|---|---|"]
+        lines += [f"| {m} | {_mean_std([r.get('cued_answer_share') for r in rs])} |" for m, rs in cued.items()]
     tasks = sorted({t for r in evaluated for t in r.get("heldout_per_task", {})})
     lines += ["", f"Held-out avg@{k} (%) per task family, mean ± std over seeds:", "",
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m, rs in by_method.items():
         lines.append(f"| {m} | " + " | ".join(_mean_std([r["heldout_per_task"].get(t) for r in rs]) for t in tasks) + " |")
     return "\n".join(lines)
+
+
+def _points(change: dict) -> str:
+    return f"{100 * change['change']:+.1f} ± {100 * change['se']:.1f}"
+
+
+def _mean_se(values: list[float]) -> str:
+    mean = f"{100 * statistics.mean(values):+.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values) / len(values) ** 0.5:.1f}"
+
+
+def pair_table(by_method: dict[str, list[dict]]) -> list[str]:
+    """Every seed's paired held-out change (points, ± the standard error over questions) against the start and
+    against its baseline method's run of the same seed, and the mean over seeds ± its standard error."""
+    lines = []
+    for key, against in (("change_vs_start", lambda m: "the start"), ("change_vs_baseline", baseline)):
+        chosen = {m: sorted((r for r in rs if key in r), key=lambda r: r["seed"]) for m, rs in by_method.items()}
+        chosen = {m: rs for m, rs in chosen.items() if rs}
+        if not chosen:
+            continue
+        seeds = sorted({r["seed"] for rs in chosen.values() for r in rs})
+        if not lines:
+            lines += ["", "Paired held-out changes in points over the same questions, each ± its standard error over "
+                      "questions; the last column is the mean over seeds ± its standard error:", ""]
+        lines += ["| method | against | " + " | ".join(f"seed {s}" for s in seeds) + " | mean over seeds |",
+                  "|---|---|" + "---|" * (len(seeds) + 1)]
+        for m, rs in chosen.items():
+            by_seed = {r["seed"]: r[key] for r in rs}
+            cells = [_points(by_seed[s]) if s in by_seed else "–" for s in seeds]
+            lines.append(f"| {m} | {against(m)} | " + " | ".join(cells) + f" | {_mean_se([c['change'] for c in by_seed.values()])} |")
+        lines.append("")
+    return lines[:-1] if lines else lines
 
 
 # figures of RESULTS.md: (file name, methods named exactly, methods whose names start with, metrics.jsonl keys)
@@ -373,6 +461,7 @@ def main() -> None:
     rows = [collect(d, *_describe(d)) for d in sorted(out.iterdir()) if (d / "config.yaml").exists()]
     if (out / START / "eval" / "summary.json").exists():
         rows.insert(0, collect(out / START, START_METHOD, "", [], 0))
+    add_pairs(rows, out)
     report(rows, Path(args.markdown), Path(args.results), out, args.section)
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s; wrote {args.results} and {args.markdown}")
 

@@ -162,3 +162,13 @@ def test_visual_dependency_is_zero_without_a_mask_and_summarised_by_hand():
     assert len(blank[0][1]) == len(same[0][1]) and sum(blank[0][1]) > 0 and "".join(blank[0][0]) == texts[0]
     # tokens 0.05, 0.2, 0.1 and 0.0: mean 0.0875; at or above 0.1: two of four
     assert dependency_summary([[0.05, 0.2], [0.1, 0.0]], 0.1) == {"mean": 0.0875, "share_high": 0.5, "threshold": 0.1, "tokens": 4}
+
+
+def test_cued_shares_count_answers_that_follow_the_question_text():
+    from papo.evaluation.run import cued_shares
+
+    records = [{"answer": "3", "cued_answer": "6", "extracted": ["6", "3", None, "6"]},
+               {"answer": "red", "cued_answer": "Red", "extracted": ["red", "blue", "red", "red"]}]
+    # 2 + 3 of 8 responses give the text's answer (case-blind; an unparsed answer counts as not following it);
+    # 1 of 2 questions really has it
+    assert cued_shares(records) == {"answers": 5 / 8, "truth": 0.5}

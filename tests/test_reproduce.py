@@ -185,3 +185,53 @@ def test_a_second_call_extends_the_runs_and_evaluates_them_again(tmp_path, monke
     (out / "plan.json").unlink()
     with pytest.raises(SystemExit, match="run without --extend first"):
         reproduce.main()
+
+
+def _samples(ev, correct_by_id):
+    (ev / "samples").mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "correct": c} for i, c in correct_by_id.items()]
+    (ev / "samples" / "clock.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the masked copy of the same questions is not part of the held-out accuracy
+    (ev / "samples" / "clock.masked-0.6.jsonl").write_text(json.dumps({"id": "q0", "correct": [0, 0]}) + "\n")
+
+
+def test_seed_pairs_are_paired_over_the_same_questions(tmp_path):
+    reproduce = _load()
+    start = tmp_path / "start" / "eval"
+    _samples(start, {"q0": [0, 0], "q1": [1, 0], "q2": [0, 0]})
+    runs = {("GRPO", 0): {"q0": [1, 0], "q1": [1, 0], "q2": [0, 0]},   # per question +0.5, 0, 0
+            ("PAPO-G", 0): {"q0": [1, 1], "q1": [1, 1], "q2": [0, 0]},  # +1, +0.5, 0
+            ("GRPO", 1): {"q0": [0, 0], "q1": [1, 0], "q2": [0, 0]},
+            ("PAPO-G", 1): {"q0": [0, 0], "q1": [1, 1], "q2": [1, 0]}}  # +0, +0.5, +0.5
+    rows = [{"method": reproduce.START_METHOD, "seed": 0, "run": "start", "eval_k": 2, "heldout_avg_at_2": 1 / 6}]
+    for (method, seed), correct in runs.items():
+        name = f"{method}-s{seed}"
+        _samples(tmp_path / name / "eval", correct)
+        rows.append({"method": method, "seed": seed, "run": name, "eval_k": 2, "heldout_avg_at_2": 0.3})
+    reproduce.add_pairs(rows, tmp_path)
+    by = {(r["method"], r["seed"]): r for r in rows}
+    # GRPO seed 0 - start: differences (0.5, 0, 0): mean 1/6, sd sqrt(1/12), se sqrt(1/12)/sqrt(3) = 1/6
+    assert by[("GRPO", 0)]["change_vs_start"]["change"] == pytest.approx(1 / 6)
+    assert by[("GRPO", 0)]["change_vs_start"]["se"] == pytest.approx(1 / 6)
+    # PAPO-G seed 0 - GRPO seed 0: (0.5, 0.5, 0): mean 1/3, se 1/6; seed 1: (0, 0.5, 0.5)
+    pair = by[("PAPO-G", 0)]["change_vs_baseline"]
+    assert pair["baseline"] == "GRPO" and pair["change"] == pytest.approx(1 / 3) and pair["se"] == pytest.approx(1 / 6)
+    assert "change_vs_baseline" not in by[("GRPO", 1)] and "change_vs_start" not in rows[0]
+    lines = "\n".join(reproduce.pair_table({m: [r for r in rows if r["method"] == m] for m in ("GRPO", "PAPO-G")}))
+    assert "| PAPO-G | GRPO | +33.3 ± 16.7 | +33.3 ± 16.7 | +33.3 ± 0.0 |" in lines
+    assert "| GRPO | the start | +16.7 ± 16.7 | +0.0 ± 0.0 | +8.3 ± 8.3 |" in lines
+    assert reproduce.baseline("PAPO-G mask 0.8") == "PAPO-G" and reproduce.baseline("GRPO") is None
+
+
+def test_answers_that_follow_the_question_text_get_their_own_table(tmp_path):
+    reproduce = _load()
+    rows = []
+    for i, share in enumerate([0.30, 0.20]):
+        run = _run(tmp_path, f"grpo-c-s{i}", 0.3, 0.1, 0.0)
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        summary["benchmarks"]["synthetic-all"]["cued"] = {"answers": share, "truth": 0.08}
+        (run / "eval" / "summary.json").write_text(json.dumps(summary))
+        rows.append(reproduce.collect(run, "GRPO", "grpo", [], i))
+    assert rows[0]["cued_answer_share"] == 0.30 and rows[0]["cued_truth_share"] == 0.08
+    text = reproduce.tables(rows)
+    assert "8.0% of the questions really have it" in text and "| GRPO | 25.0 ± 7.1 |" in text

@@ -226,3 +226,18 @@ def test_shortcut_without_cue_is_refused_where_the_question_never_varies():
     with pytest.raises(UserError, match="shortcut needs cue=1"):
         dataset_from_spec("synthetic:count+clock?shortcut=60")
     assert len(dataset_from_spec("synthetic:count+clock?shortcut=60&cue=1&n=4")) == 4
+
+
+@pytest.mark.parametrize("task", ["count", "count_subtract", "closest", "bar_chart", "clock"])
+def test_every_split_names_the_answer_its_question_text_suggests(task):
+    """``cued``: what shortcut=100 makes every train answer, recorded on the held-out splits too (where the knob
+    does not act) so that an evaluation can count answers that follow the text; None where the text never varies."""
+    for i in range(30):
+        train = make_scene(task, "train", 0, i, shortcut=100, **_cue(task))
+        assert train.answer == train.cued
+        test = make_sample(task, "test", 0, i, size=224, shortcut=100, **_cue(task))
+        assert test.meta["cued_answer"] == make_scene(task, "test", 0, i, **_cue(task)).cued
+    held_out = [make_scene(task, "test", 0, i, **_cue(task)) for i in range(300)]
+    assert np.mean([sc.answer == sc.cued for sc in held_out]) < 0.35  # right only by chance there
+    if task in CUED:
+        assert make_scene(task, "test", 0, 0).cued is None and "cued_answer" not in make_sample(task, "test", 0, 0, size=224).meta

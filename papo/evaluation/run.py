@@ -90,6 +90,8 @@ def _record(r: SampleResult) -> dict[str, Any]:
     rec = {"id": s.id, "task": s.task, "prompt": s.prompt, "answer": s.answer, "answer_type": s.answer_type,
            "responses": r.responses, "extracted": [x.get("answer") for x in r.scores],
            "correct": [x["accuracy"] for x in r.scores], "format": [x["format"] for x in r.scores]}
+    if "cued_answer" in s.meta:  # the answer the question's text suggests (synthetic shortcut knob)
+        rec["cued_answer"] = s.meta["cued_answer"]
     if isinstance(s.meta.get("facts"), dict):  # ground truth known: classify each response's error exactly
         rec["errors"] = [classify(text, s.meta["facts"], x["accuracy"] > 0.5, x["format"] > 0.5)
                          for text, x in zip(r.responses, r.scores)]
@@ -141,7 +143,19 @@ def _summary(records: list[dict], k: int) -> dict[str, Any]:
         out["per_task"] = summary.per_task
     if records and all("errors" in r for r in records):
         out["errors"] = breakdown(c for r in records for c in r["errors"])
+    if records and all("cued_answer" in r for r in records):
+        out["cued"] = cued_shares(records)
     return out
+
+
+def cued_shares(records: list[dict]) -> dict[str, float]:
+    """How far answers follow the question's text: the share of responses whose answer is the one the text
+    suggests under the synthetic ``shortcut`` knob (``answers``), beside the share of questions whose true
+    answer it is (``truth``, what an image reader would match)."""
+    same = lambda a, b: str(a).strip().lower() == str(b).strip().lower()  # noqa: E731
+    answers = [same(x, r["cued_answer"]) for r in records for x in r["extracted"] if x is not None]
+    n = sum(len(r["extracted"]) for r in records)
+    return {"answers": sum(answers) / n, "truth": sum(same(r["answer"], r["cued_answer"]) for r in records) / len(records)}
 
 
 def _dependency(policy: Policy, samples, records: list[dict], cfg: EvalConfig, out: Path, name: str) -> dict[str, Any]:

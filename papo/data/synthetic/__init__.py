@@ -51,6 +51,8 @@ def make_sample(task: str, split: str = "train", seed: int = 0, index: int = 0, 
     meta: dict[str, Any] = {"solution": scene.solution, "facts": scene.facts, "split": split, "seed": seed, "index": index}
     if scene.vocabulary:
         meta["vocabulary"] = list(scene.vocabulary)
+    if scene.cued is not None:
+        meta["cued_answer"] = scene.cued
     return Sample(
         id=f"{task}-{split}-s{seed}-{index:06d}",
         prompt=IMAGE_PLACEHOLDER + scene.question,

@@ -40,6 +40,9 @@ class Scene:
     reasoning: str  # the <think> body: "seen: k=v, k=v. <computation>."
     layout: dict[str, Any] = field(default_factory=dict)  # everything ``render`` needs
     vocabulary: tuple[str, ...] = ()  # closed answer set for word / choice answers
+    # the answer the question's text suggests under the ``shortcut`` knob (shortcut_answer), on every split, so
+    # that an evaluation can count answers that follow the text instead of the image; None: nothing to key on
+    cued: str | None = None
 
     @property
     def solution(self) -> str:

@@ -15,7 +15,18 @@ import math
 import numpy as np
 from PIL import Image
 
-from papo.data.synthetic.common import COLOURS, SHAPES, Scene, canvas, draw_answer, draw_shape, pick, plural, seen
+from papo.data.synthetic.common import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    canvas,
+    draw_answer,
+    draw_shape,
+    pick,
+    plural,
+    seen,
+    shortcut_answer,
+)
 
 
 class Family:
@@ -79,7 +90,8 @@ class Count(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour, shape = pick(rng, COLOURS), pick(rng, SHAPES)
-        count = int(draw_answer(rng, self.answers, f"count {colour} {shape}", k["shortcut"]))
+        cue = f"count {colour} {shape}"
+        count = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
         # distractors share the colour or the shape half of the time: counting needs both attributes
         others = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) != (colour, shape)]
         n_other = int(rng.integers(2, k["max_distractors"] + 1))
@@ -89,7 +101,7 @@ class Count(ObjectFamily):
             question=f"How many {colour} {plural(shape)} are there in the image?",
             answer=str(count), answer_type="int", facts=facts,
             reasoning=f"{seen(facts)} {self._explained(colour, shape, count) if k['explain'] else ''}The answer is {count}.",
-            layout={"objects": _objects(rng, kinds)},
+            layout={"objects": _objects(rng, kinds)}, cued=shortcut_answer(cue, self.answers),
         )
 
     @staticmethod
@@ -107,7 +119,8 @@ class CountSubtract(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour = pick(rng, COLOURS)
-        left = int(draw_answer(rng, self.answers, f"count_subtract {colour}", k["shortcut"]))
+        cue = f"count_subtract {colour}"
+        left = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
         removed = int(rng.integers(1, k["max_removed"] + 1))
         other_colours = [c for c in COLOURS if c != colour]
         kinds = [(colour, pick(rng, SHAPES)) for _ in range(removed)]
@@ -120,7 +133,7 @@ class CountSubtract(ObjectFamily):
             reasoning=(f"{seen(facts)} Removing every {colour} object leaves the objects of the other colours, so the "
                        f"count left is the total minus the {colour} ones: {total}-{removed}={left}. Check: "
                        f"{left}+{removed}={total}. The answer is {left}." if k["explain"] else f"{seen(facts)} {total}-{removed}={left}."),
-            layout={"objects": _objects(rng, kinds)},
+            layout={"objects": _objects(rng, kinds)}, cued=shortcut_answer(cue, self.answers),
         )
 
 
@@ -136,7 +149,8 @@ class Closest(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         anchor_shape = pick(rng, SHAPES)
-        answer = draw_answer(rng, self.answers, f"closest {anchor_shape}", k["shortcut"])
+        cue = f"closest {anchor_shape}"
+        answer = draw_answer(rng, self.answers, cue, k["shortcut"])
         other_shapes = [sh for sh in SHAPES if sh != anchor_shape]
         for _ in range(1000):  # rejection sampling; each try succeeds with high probability
             objs = self._place(rng, anchor_shape, answer, other_shapes, k["objects"])
@@ -153,7 +167,7 @@ class Closest(ObjectFamily):
                        f"the {target['colour']} {target['shape']}, so the nearest object is the {target['colour']} "
                        f"{target['shape']}, and its colour is the answer. The answer is {answer}." if k["explain"]
                        else f"{seen(facts)} The answer is {answer}."),
-            layout={"objects": objs}, vocabulary=tuple(COLOURS),
+            layout={"objects": objs}, vocabulary=tuple(COLOURS), cued=shortcut_answer(cue, self.answers),
         )
 
     @staticmethod
