@@ -24,7 +24,7 @@
 # VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (warm-start checks), START (the RL start; default the
 # warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty for the
 # whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out
-# questions, 300), PLAN, DEVICE (cuda).
+# questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
@@ -58,6 +58,20 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   echo "RL from $start"
   prompts=${PROMPTS:-64} shortcuts=${SHORTCUTS:-0 60} jobs=${JOBS:-2} methods=${METHODS-GRPO,PAPO-G}
   arms=$(wc -w <<< "$shortcuts")
+  # CUDA MPS lets the runs' kernels overlap instead of time-slicing the GPU (16 small runs on an H100: 2.27 s a
+  # step against 7.75 s, docs/RESULTS.md); its daemon lives for this stage only. MPS=0 leaves it off.
+  if [ "${MPS:-1}" = 1 ] && [ "$device" = cuda ] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY="$work/mps/pipe" CUDA_MPS_LOG_DIRECTORY="$work/mps/log"
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+      trap 'echo quit | nvidia-cuda-mps-control' EXIT
+      echo "CUDA MPS daemon started"
+    else  # no daemon, or a client cannot reach the GPU through it
+      echo quit | nvidia-cuda-mps-control 2> /dev/null
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+      echo "CUDA MPS unavailable here; the runs time-slice the GPU"
+    fi
+  fi
   # every run's image processing and host work shares the cores: oversubscribed, a step's encode took 4 s, not 0.4
   threads=$(( $(nproc) / (jobs * arms) > 0 ? $(nproc) / (jobs * arms) : 1 ))
   for sc in $shortcuts; do
