@@ -101,8 +101,8 @@ def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace, s
     """Held-out avg@k on the test split, the perception gap at --mask-ratio and the error breakdown. `steps`: how
     far the run has trained; an evaluation of fewer steps (the run was extended since) moves to eval-step{N}."""
     done = ev / "trained_steps.txt"
-    if steps is not None and done.exists() and int(done.read_text()) < steps:
-        ev.rename(ev.parent / f"eval-step{int(done.read_text())}")
+    if steps is not None and done.exists() and (evaluated := int(done.read_text())) < steps:
+        ev.rename(ev.parent / f"eval-step{evaluated}")
     if (ev / "summary.json").exists() or (isinstance(model, Path) and not (model / "config.json").exists()):
         return  # done already, or the run never finished
     t0 = time.time()
@@ -214,10 +214,9 @@ def question_accuracies(ev: Path) -> dict[str, float]:
     return accs
 
 
-def paired(before: Path, after: Path) -> dict | None:
-    """after - before over the held-out questions both evaluations share, with the standard error of that paired
-    difference (papo.rollout.graded.paired_change); None where either lacks its per-question samples."""
-    a, b = question_accuracies(before), question_accuracies(after)
+def paired(a: dict[str, float], b: dict[str, float]) -> dict | None:
+    """b - a over the held-out questions both evaluations share (question_accuracies), with the standard error of
+    that paired difference (papo.rollout.graded.paired_change); None where they share fewer than two."""
     ids = sorted(a.keys() & b.keys())
     if len(ids) < 2:
         return None
@@ -229,15 +228,17 @@ def paired(before: Path, after: Path) -> dict | None:
 def add_pairs(rows: list[dict], runs: Path) -> None:
     """Give each evaluated run its paired change against the starting model (`change_vs_start`) and against its
     baseline method's run of the same seed (`change_vs_baseline`, e.g. PAPO-G seed 1 - GRPO seed 1)."""
-    ev = {(r["method"], r["seed"]): runs / r["run"] / "eval" for r in rows}
-    start = runs / START / "eval"
+    accs = {(r["method"], r["seed"]): question_accuracies(runs / r["run"] / "eval")  # each run's samples read once
+            for r in rows if r["method"] != START_METHOD}
+    start = question_accuracies(runs / START / "eval")
     for r in rows:
         if r["method"] == START_METHOD or heldout(r) is None:
             continue
-        if (start / "samples").exists() and (change := paired(start, ev[(r["method"], r["seed"])])):
+        own = accs[(r["method"], r["seed"])]
+        if change := paired(start, own):
             r["change_vs_start"] = change
         base = baseline(r["method"])
-        if base and (base, r["seed"]) in ev and (change := paired(ev[(base, r["seed"])], ev[(r["method"], r["seed"])])):
+        if base and (base, r["seed"]) in accs and (change := paired(accs[(base, r["seed"])], own)):
             r["change_vs_baseline"] = {"baseline": base, **change}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from papo.data.synthetic.common import COLOURS, Scene, canvas, draw_answer, font, pick, seen, shortcut_answer
+from papo.data.synthetic.common import COLOURS, Scene, canvas, draw_answer, font, pick, seen
 from papo.data.synthetic.scenes import Family
 
 BAR_LABELS = "ABCDEF"
@@ -38,8 +38,8 @@ class BarChart(CuedFamily):
         # with the cue the colour is drawn first, since the shortcut's answer depends on it
         colour = pick(rng, COLOURS) if k["cue"] else None
         n = int(rng.integers(k["min_bars"], k["max_bars"] + 1))
-        cue = f"bar_chart {colour}"
-        diff = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
+        diff, cued = draw_answer(rng, self.answers, f"bar_chart {colour}", k["shortcut"])
+        diff = int(diff)
         low = int(rng.integers(1, 11 - diff))
         values = [low, low + diff] + [int(v) for v in rng.integers(low, low + diff + 1, size=n - 2)]
         values = [values[i] for i in rng.permutation(n)]
@@ -51,7 +51,7 @@ class BarChart(CuedFamily):
             reasoning=f"{seen(facts)} {self._explained(facts) if k['explain'] else ''}{max(values)}-{min(values)}={diff}."
             + (f" The answer is {diff}." if k["explain"] else ""),
             layout={"values": values, "colour": colour or pick(rng, COLOURS)},
-            cued=shortcut_answer(cue, self.answers) if colour else None,
+            cued=cued if colour else None,
         )
 
     @staticmethod
@@ -141,8 +141,8 @@ class Clock(CuedFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour = pick(rng, COLOURS) if k["cue"] else None
-        cue = f"clock {colour}"
-        hour = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
+        hour, cued = draw_answer(rng, self.answers, f"clock {colour}", k["shortcut"])
+        hour = int(hour)
         minute = int(pick(rng, range(0, 60, k["minute_step"])))
         facts = {"hour hand": hour, "minute hand": minute}
         clock = f"the {colour} clock" if colour else "the clock"
@@ -154,7 +154,7 @@ class Clock(CuedFamily):
             layout={"hour": hour, "minute": minute, "numbers": bool(rng.random() < 0.5),
                     "radius": float(rng.uniform(150, 200)), "centre": [float(v) for v in rng.uniform(-20, 20, size=2)],
                     **({"colour": colour} if colour else {})},
-            cued=shortcut_answer(cue, self.answers) if colour else None,
+            cued=cued if colour else None,
         )
 
     @staticmethod

@@ -121,9 +121,11 @@ def shortcut_answer(question_key: str, answers: Any) -> str:
     return options[int.from_bytes(digest, "little") % len(options)]
 
 
-def draw_answer(rng: np.random.Generator, answers: Any, question_key: str, shortcut_percent: int) -> str:
-    """Uniform over ``answers``; with the ``shortcut`` knob, that percent of the time the question's shortcut
-    answer instead. No extra draw when the knob is 0, so default samples do not change."""
+def draw_answer(rng: np.random.Generator, answers: Any, question_key: str, shortcut_percent: int) -> tuple[str, str]:
+    """(answer, cued): the answer, uniform over ``answers``, or with the ``shortcut`` knob that percent of the time
+    the question's shortcut answer instead; and that shortcut answer (``Scene.cued``). No extra draw when the knob
+    is 0, so default samples do not change."""
+    cued = shortcut_answer(question_key, answers)
     if shortcut_percent and rng.random() < shortcut_percent / 100:
-        return shortcut_answer(question_key, answers)
-    return pick(rng, answers)
+        return cued, cued
+    return pick(rng, answers), cued

@@ -15,18 +15,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from papo.data.synthetic.common import (
-    COLOURS,
-    SHAPES,
-    Scene,
-    canvas,
-    draw_answer,
-    draw_shape,
-    pick,
-    plural,
-    seen,
-    shortcut_answer,
-)
+from papo.data.synthetic.common import COLOURS, SHAPES, Scene, canvas, draw_answer, draw_shape, pick, plural, seen
 
 
 class Family:
@@ -90,8 +79,8 @@ class Count(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour, shape = pick(rng, COLOURS), pick(rng, SHAPES)
-        cue = f"count {colour} {shape}"
-        count = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
+        count, cued = draw_answer(rng, self.answers, f"count {colour} {shape}", k["shortcut"])
+        count = int(count)
         # distractors share the colour or the shape half of the time: counting needs both attributes
         others = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) != (colour, shape)]
         n_other = int(rng.integers(2, k["max_distractors"] + 1))
@@ -101,7 +90,7 @@ class Count(ObjectFamily):
             question=f"How many {colour} {plural(shape)} are there in the image?",
             answer=str(count), answer_type="int", facts=facts,
             reasoning=f"{seen(facts)} {self._explained(colour, shape, count) if k['explain'] else ''}The answer is {count}.",
-            layout={"objects": _objects(rng, kinds)}, cued=shortcut_answer(cue, self.answers),
+            layout={"objects": _objects(rng, kinds)}, cued=cued,
         )
 
     @staticmethod
@@ -119,8 +108,8 @@ class CountSubtract(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         colour = pick(rng, COLOURS)
-        cue = f"count_subtract {colour}"
-        left = int(draw_answer(rng, self.answers, cue, k["shortcut"]))
+        left, cued = draw_answer(rng, self.answers, f"count_subtract {colour}", k["shortcut"])
+        left = int(left)
         removed = int(rng.integers(1, k["max_removed"] + 1))
         other_colours = [c for c in COLOURS if c != colour]
         kinds = [(colour, pick(rng, SHAPES)) for _ in range(removed)]
@@ -133,7 +122,7 @@ class CountSubtract(ObjectFamily):
             reasoning=(f"{seen(facts)} Removing every {colour} object leaves the objects of the other colours, so the "
                        f"count left is the total minus the {colour} ones: {total}-{removed}={left}. Check: "
                        f"{left}+{removed}={total}. The answer is {left}." if k["explain"] else f"{seen(facts)} {total}-{removed}={left}."),
-            layout={"objects": _objects(rng, kinds)}, cued=shortcut_answer(cue, self.answers),
+            layout={"objects": _objects(rng, kinds)}, cued=cued,
         )
 
 
@@ -149,8 +138,7 @@ class Closest(ObjectFamily):
     def scene(self, rng, **knobs):
         k = self.check_knobs(knobs)
         anchor_shape = pick(rng, SHAPES)
-        cue = f"closest {anchor_shape}"
-        answer = draw_answer(rng, self.answers, cue, k["shortcut"])
+        answer, cued = draw_answer(rng, self.answers, f"closest {anchor_shape}", k["shortcut"])
         other_shapes = [sh for sh in SHAPES if sh != anchor_shape]
         for _ in range(1000):  # rejection sampling; each try succeeds with high probability
             objs = self._place(rng, anchor_shape, answer, other_shapes, k["objects"])
@@ -167,7 +155,7 @@ class Closest(ObjectFamily):
                        f"the {target['colour']} {target['shape']}, so the nearest object is the {target['colour']} "
                        f"{target['shape']}, and its colour is the answer. The answer is {answer}." if k["explain"]
                        else f"{seen(facts)} The answer is {answer}."),
-            layout={"objects": objs}, vocabulary=tuple(COLOURS), cued=shortcut_answer(cue, self.answers),
+            layout={"objects": objs}, vocabulary=tuple(COLOURS), cued=cued,
         )
 
     @staticmethod
