@@ -11,7 +11,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from papo.data.masking import MaskingConfig, PatchLayout, corrupt_images, image_pair, mask_rng, random_mask_pixel_values
 from papo.models.attention import PACKED_TEXT_ATTENTION, use_packed_text_attention
-from papo.models.inputs import PromptBatch, append_completions, concat_prompt_batches, with_images, with_pixel_values
+from papo.models.inputs import (
+    PromptBatch,
+    append_completions,
+    concat_prompt_batches,
+    split_prompt_batch,
+    with_images,
+    with_pixel_values,
+)
 from papo.models.loading import (
     ModelOptions,
     load_processor,
@@ -120,6 +127,29 @@ def test_concatenated_prompt_batches_score_each_row_as_alone():
         assert torch.equal(mixed.inputs[key], whole.inputs[key]), key
     with pytest.raises(ValueError, match="neither per-token nor an image tensor"):
         concat_prompt_batches([PromptBatch({**parts[0].inputs, "extra": torch.zeros(3)}, parts[0].image_keys)] * 2, 0)
+
+
+def test_a_split_prompt_batch_is_each_prompt_encoded_alone():
+    """A step's prompts go through the processor in one call and are cached one by one: each split row must be
+    exactly the prompt's own encoding, padding and image tensors included (a text-only row among them)."""
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    prompts, images = [prompts[0], "What is 2 + 2?", prompts[1]], [images[0], [], images[1]]
+    whole = policy.encode(prompts, images)
+    rows = split_prompt_batch(whole, [len(ims) for ims in images])
+    assert [r.image_ids for r in rows] == [whole.image_ids[:1], (), whole.image_ids[1:]]
+    for row, prompt, ims in zip(rows, prompts, images):
+        alone = policy.encode([prompt], [ims])
+        assert row.inputs.keys() == alone.inputs.keys() and row.image_keys == alone.image_keys
+        for key in alone.inputs:
+            assert torch.equal(row.inputs[key], alone.inputs[key]), key
+    merged = concat_prompt_batches(rows, policy.pad_id)
+    for key in whole.inputs:
+        assert torch.equal(merged.inputs[key], whole.inputs[key]), key
+    with pytest.raises(ValueError, match="2 image counts for 3 prompts"):
+        split_prompt_batch(whole, [1, 1])
+    with pytest.raises(ValueError, match="cannot split 'image_grid_thw' \\(2 entries\\) over 3 images"):
+        split_prompt_batch(whole, [1, 1, 1])
 
 
 def test_padding_free_forward_equals_the_padded_one(monkeypatch):

@@ -9,6 +9,8 @@ from PIL import Image
 from papo.algo import group_advantages
 from papo.cli import main
 from papo.config.schema import PRESETS, ConfigError, load_config
+from papo.models.inputs import concat_prompt_batches
+from papo.training import experience
 from papo.training.experience import MicroBatches
 from papo.training.loop import run_train
 from papo.training.monitor import HackingMonitor
@@ -325,22 +327,29 @@ def test_micro_batches_group_passes_within_mini_batches(tmp_path):
         MicroBatches(exp, trainer.policy, 2, 4, update_size=3)
 
 
-@pytest.mark.parametrize("extra,encodes", [([], 2 + 2), (["algorithm.mask_per_response=true"], 2 + 10)])
-def test_the_processor_runs_once_per_prompt_and_view(extra, encodes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("extra,masked", [([], 2), (["algorithm.mask_per_response=true"], 10)])
+def test_the_processor_runs_once_per_prompt_and_view(extra, masked, kept, tmp_path, monkeypatch):
     """The rollouts of a prompt share its image, and its masked image unless masks are drawn per response: each
-    is encoded once per step, and every pass holds exactly what encoding its sequences one by one would give."""
+    is encoded once per step (a kept step: one processor call per view for all its prompts), and every pass holds
+    exactly what encoding its sequences one by one would give."""
     torch.manual_seed(0)
     trainer = Trainer(small_cfg("grpo", ["rollout.n=5", "trainer.rollout_batch_size=2", *extra]), tmp_path, "cpu")
     exp, _ = trainer.collect({})
+    if not kept:
+        monkeypatch.setattr(experience, "ENCODING_CACHE_MAX_SEQUENCES", exp.size - 1)
     real, calls = trainer.policy.encode, []
     monkeypatch.setattr(trainer.policy, "encode", lambda prompts, images: (calls.append(len(prompts)), real(prompts, images))[1])
     batches = MicroBatches(exp, trainer.policy, size=2, per_update=5, scoring_size=4, update_size=6)
     passes = [*batches.scoring(), *(mb for i in range(len(batches.plan)) for mb in batches.update_passes(i))]
-    assert calls == [1] * encodes  # 2 prompts: their full images, then masked images per prompt or per rollout
+    if kept:
+        assert calls == [2, masked]  # 2 prompts: their full images, then masked images per prompt or per rollout
+    else:  # each encoding unit (2 sequences, of at most 2 prompts) again for every pass, one call a view
+        assert len(calls) > 2 and max(calls) <= 2
     for mb in passes:
         prompts = [exp.samples[r].formatted_prompt() for r in mb.rows]
         for got, views in ((mb.full, exp.images), (mb.masked, exp.masked_images)):
-            want = real(prompts, [views[r] for r in mb.rows])
+            want = concat_prompt_batches([real([p], [views[r]]) for p, r in zip(prompts, mb.rows)], trainer.policy.pad_id)
             assert got.inputs.keys() == want.inputs.keys()
             for key in want.inputs:
                 assert torch.equal(got.inputs[key], want.inputs[key]), key

@@ -136,6 +136,40 @@ def concat_prompt_batches(batches: Sequence[PromptBatch], pad_id: int) -> Prompt
     return PromptBatch(out, image_keys, tuple(i for b in batches for i in b.identified()))
 
 
+def split_prompt_batch(batch: PromptBatch, images_per_row: Sequence[int]) -> list[PromptBatch]:
+    """Each row of ``batch`` as a batch of its own, its left padding dropped: what encoding that prompt alone gives,
+    so that a step's prompts can go through the processor in one call and still be cached one by one. Image
+    tensors are split by image (one entry per image, e.g. ``image_grid_thw``) or, for Qwen's flat patches, by
+    each image's grid."""
+    counts = [int(c) for c in images_per_row]
+    if len(counts) != batch.size:
+        raise ValueError(f"{len(counts)} image counts for {batch.size} prompts")
+    n_images, ids = sum(counts), batch.identified()
+    grid = batch.inputs.get("image_grid_thw")
+    image_bounds = list(itertools.accumulate(counts, initial=0))
+    patch_bounds = None if grid is None else [int(grid[:i].prod(-1).sum()) for i in image_bounds]
+    lengths = batch.inputs["attention_mask"].sum(-1).tolist()
+    rows: list[dict[str, Tensor]] = [{} for _ in counts]
+    for key, value in batch.inputs.items():
+        if key in batch.image_keys:
+            if patch_bounds is not None and key != "image_grid_thw" and len(value) == patch_bounds[-1]:
+                bounds = patch_bounds
+            elif len(value) == n_images:
+                bounds = image_bounds
+            else:
+                raise ValueError(f"cannot split {key!r} ({len(value)} entries) over {n_images} images")
+            for i, row in enumerate(rows):
+                if counts[i]:  # a text-only prompt's encoding has no image tensors
+                    row[key] = value[bounds[i] : bounds[i + 1]]
+        elif is_per_token(value, batch.size, batch.prompt_len):
+            for i, row in enumerate(rows):
+                row[key] = value[i : i + 1, batch.prompt_len - int(lengths[i]) :]
+        else:
+            raise ValueError(f"cannot split prompt batches: {key!r} is neither per-token nor an image tensor")
+    return [PromptBatch(row, tuple(k for k in batch.image_keys if k in row), ids[image_bounds[i] : image_bounds[i + 1]])
+            for i, row in enumerate(rows)]
+
+
 def append_completions(batch: PromptBatch, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Inputs for prompt + completion: ids / mask (B, R) right-padded completions."""
     b, p = batch.inputs["input_ids"].shape

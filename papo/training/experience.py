@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from papo.data.sample import Sample
-from papo.models.inputs import PromptBatch, concat_prompt_batches
+from papo.models.inputs import PromptBatch, concat_prompt_batches, split_prompt_batch
 from papo.models.policy import Policy
 
 ENCODING_CACHE_MAX_SEQUENCES = 512
@@ -81,9 +81,11 @@ class MicroBatches:
     the update). Both are multiples of ``size``; sequences are encoded by the processor in units that both kinds
     of pass merge whole: steps up to ENCODING_CACHE_MAX_SEQUENCES keep their encodings instead of running the
     image processor for every pass (larger steps would hold every image tensor of the step in memory). The
-    processor runs once per prompt and view of its images, not once per rollout, and a kept view's pixels live
-    on the policy's device: every pass copies them there otherwise, and a large copy from pageable host memory
-    waits for the GPU's queue to drain. ``seconds``: time spent encoding."""
+    processor runs once per prompt and view of its images, not once per rollout, and a kept step encodes each
+    view of all its prompts in one call at its first pass (a call per prompt was most of a small model's step,
+    docs/training-at-scale.md). A kept view's pixels live on the policy's device: every pass copies them there
+    otherwise, and a large copy from pageable host memory waits for the GPU's queue to drain. ``seconds``: time
+    spent encoding."""
 
     def __init__(self, exp: Experience, policy: Policy, size: int, per_update: int, scoring_size: int = 0,
                  update_size: int = 0) -> None:
@@ -142,6 +144,11 @@ class MicroBatches:
 
     def _encode(self, idx: list[int]) -> MicroBatch:
         t0 = time.time()
+        if self.keep and not self.views:  # a kept step's first pass: each view of every prompt, one call a view
+            step_prompts = [s.formatted_prompt() for s in self.exp.samples]
+            for view in (self.exp.images, self.exp.masked_images, self.exp.noised_images):
+                if view is not None:
+                    self._encode_missing(self.views, step_prompts, view)
         sub = select(self.exp, idx)
         width = max(1, int(sub.mask.sum(-1).max()))
         prompts = [s.formatted_prompt() for s in sub.samples]
@@ -152,18 +159,28 @@ class MicroBatches:
         return mb
 
     def _encode_views(self, prompts: list[str], images: list[list[Any]]) -> PromptBatch:
-        """Prompts with one view of their images, the processor run once per distinct (prompt, image list): a
-        prompt's G rollouts share its image, and its masked image unless masks are drawn per response. The
-        same list object is the same view (the experience holds them all, so no two alive share an id)."""
+        """Prompts with one view of their images."""
         cache = self.views if self.keep else {}
-        parts = []
-        for prompt, ims in zip(prompts, images):
-            key = (prompt, id(ims))
-            if key not in cache:
-                view = self.policy.encode([prompt], [ims])
-                cache[key] = view.pixels_to(self.policy.device) if self.keep else view
-            parts.append(cache[key])
+        self._encode_missing(cache, prompts, images)
+        parts = [cache[(prompt, id(ims))] for prompt, ims in zip(prompts, images)]
         return parts[0] if len(parts) == 1 else concat_prompt_batches(parts, self.policy.pad_id)
+
+    def _encode_missing(self, cache: dict[tuple[str, int], PromptBatch], prompts: list[str],
+                        images: list[list[Any]]) -> None:
+        """Encodes each distinct (prompt, image list) not in ``cache``, all in one processor call: a prompt's G
+        rollouts share its image, and its masked image unless masks are drawn per response, and one call for
+        a step's prompts costs little more than one for a single prompt. The same list object is the same
+        view (the experience holds them all, so no two alive share an id)."""
+        todo: dict[tuple[str, int], tuple[str, list[Any]]] = {}
+        for prompt, ims in zip(prompts, images):
+            if (prompt, id(ims)) not in cache:
+                todo.setdefault((prompt, id(ims)), (prompt, ims))
+        if not todo:
+            return
+        batch = self.policy.encode([p for p, _ in todo.values()], [ims for _, ims in todo.values()])
+        if self.keep:
+            batch = batch.pixels_to(self.policy.device)  # one copy for all of them
+        cache.update(zip(todo, split_prompt_batch(batch, [len(ims) for _, ims in todo.values()])))
 
 
 def merge_micro_batches(group: list[MicroBatch], pad_id: int) -> MicroBatch:
