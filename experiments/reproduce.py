@@ -297,10 +297,11 @@ def tables(rows: list[dict]) -> str:
                   "| method | answers that follow the text |", "|---|---|"]
         lines += [f"| {m} | {_mean_std([r.get('cued_answer_share') for r in rs])} |" for m, rs in cued.items()]
     tasks = sorted({t for r in evaluated for t in r.get("heldout_per_task", {})})
-    lines += ["", f"Held-out avg@{k} (%) per task family, mean ± std over seeds:", "",
-              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for m, rs in by_method.items():
-        lines.append(f"| {m} | " + " | ".join(_mean_std([r["heldout_per_task"].get(t) for r in rs]) for t in tasks) + " |")
+    if tasks:  # a one-family evaluation has no split by family
+        lines += ["", f"Held-out avg@{k} (%) per task family, mean ± std over seeds:", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for m, rs in by_method.items():
+            lines.append(f"| {m} | " + " | ".join(_mean_std([r["heldout_per_task"].get(t) for r in rs]) for t in tasks) + " |")
     return "\n".join(lines)
 
 

@@ -10,9 +10,10 @@
 # is drawn in, which the shortcut keys on, and explain=1: most of a response is reasoning. The warm start
 # also sees bar charts (WARM_FAMILIES): on clocks alone leg 1 stayed at chance for 900 steps, while with bar
 # charts beside them it read clocks from about step 500 (docs/RESULTS.md). It has two legs:
-#   1. full images only, unbiased data, with held-out checks every STEPS/9 steps; the checkpoint with the
-#      most families inside [0.2, 0.8], then the mean accuracy nearest PICK_TARGET (0.35: leg 2 raises it
-#      further), is kept (scripts/pick_checkpoint.py);
+#   1. full images only, unbiased data, with held-out checks every STEPS/9 steps; the checkpoint whose RL
+#      families (FAMILIES) lie inside [0.2, 0.8], then with their mean accuracy nearest PICK_TARGET (0.35:
+#      leg 2 raises it further), is kept (scripts/pick_checkpoint.py); judged by all families, a checkpoint
+#      that read bar charts but not yet clocks was once picked, and RL started at chance;
 #   2. from it, 30% masked and 10% black images at half the learning rate, so that the model answers those
 #      views with prior-driven text and KL_prcp starts small. A blackened view still trains the full answer,
 #      so views from the first step would teach answering without looking: they come second.
@@ -46,7 +47,7 @@ sft() {  # name, from, steps, lr, masked share, black share, save steps
 if [ "$stage" = warmstart ]; then
   steps=${SFT_STEPS:-900} lr=${SFT_LR:-5e-4}
   sft leg1 "${MODEL:-100m}" "$steps" "$lr" 0 0 "$(seq -s, $((steps / 9)) $((steps / 9)) $((steps - 1)))"
-  python3 scripts/pick_checkpoint.py "$work/leg1" "$out/pick" --no-pack --target "${PICK_TARGET:-0.35}" | tee "$out/pick.txt"
+  python3 scripts/pick_checkpoint.py "$work/leg1" "$out/pick" --no-pack --families "$families" --target "${PICK_TARGET:-0.35}" | tee "$out/pick.txt"
   best=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['ranking'][0])" "$out/pick/checkpoints.json" 2>/dev/null) \
     || { echo "leg 1 wrote no held-out check to pick from: see $out/leg1.log" >&2; exit 1; }
   [ "$best" = final ] && from="$work/leg1" || from="$work/leg1/$best"

@@ -34,3 +34,18 @@ def test_most_families_in_band_first_then_highest_mean_or_nearest_target(tmp_pat
     })
     assert _ranking(tmp_path, run) == ["step-500", "step-400", "step-300", "final"]
     assert _ranking(tmp_path, run, "--target", "0.4") == ["step-400", "step-500", "step-300", "final"]
+
+
+def test_families_judges_by_the_rl_families_alone(tmp_path):
+    """A warm start that reads bar charts but not yet clocks must not be picked for RL on clocks."""
+    run = _run_with_checks(tmp_path, {
+        "step-400": {"clock": 0.07, "bar_chart": 0.68},  # bar charts in band, clocks at chance
+        "step-600": {"clock": 0.31, "bar_chart": 0.98},
+        "step-700": {"clock": 0.51, "bar_chart": 0.95},
+    })
+    assert _ranking(tmp_path, run, "--target", "0.35")[0] == "step-400"
+    assert _ranking(tmp_path, run, "--families", "clock", "--target", "0.4") == ["step-600", "step-700", "step-400"]
+    assert _ranking(tmp_path, run, "--families", "clock", "--target", "0.45")[0] == "step-700"
+    out = subprocess.run([sys.executable, str(SCRIPT), str(run), str(tmp_path / "pick"), "--no-pack", "--families", "maze"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "no held-out check of family 'maze' (checked: bar_chart, clock)" in out.stderr
