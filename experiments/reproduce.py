@@ -37,6 +37,7 @@ PLANS = {
     "ablations": (
         [(f"PAPO-G mask {r}", "papo_g", [f"algorithm.mask_ratio={r}"]) for r in (0.4, 0.8, 1.0)]
         + [(f"PAPO-G γ={g}", "papo_g", [f"algorithm.kl_prcp_coef={g}"]) for g in (0.01, 0.04, 0.08)]
+        + [("PAPO-G + double entropy", "papo_g", ["algorithm.entropy_coef=0.03", "algorithm.masked_entropy_coef=0.03"])]
         + [("PAPO-G γ=0.08 + double entropy", "papo_g", ["algorithm.kl_prcp_coef=0.08", "algorithm.entropy_coef=0.03",
                                                          "algorithm.masked_entropy_coef=0.03"])]
         + [("PAPO-G with-grad masked branch", "papo_g", ["algorithm.masked_grad=true"]),

@@ -26,6 +26,7 @@
 # warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty for the
 # whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out
 # questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
+# An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
