@@ -144,7 +144,7 @@ class MicroBatches:
 
     def _encode(self, idx: list[int]) -> MicroBatch:
         t0 = time.time()
-        if self.keep and not self.views:  # a kept step's first pass: each view of every prompt, one call a view
+        if self.keep and not self.views:  # a kept step's first pass encodes every prompt, one call per view
             step_prompts = [s.formatted_prompt() for s in self.exp.samples]
             for view in (self.exp.images, self.exp.masked_images, self.exp.noised_images):
                 if view is not None:
@@ -169,8 +169,8 @@ class MicroBatches:
                         images: list[list[Any]]) -> None:
         """Encodes each distinct (prompt, image list) not in ``cache``, all in one processor call: a prompt's G
         rollouts share its image, and its masked image unless masks are drawn per response, and one call for
-        a step's prompts costs little more than one for a single prompt. The same list object is the same
-        view (the experience holds them all, so no two alive share an id)."""
+        many prompts costs much less than a call each (benchmarks/encode_step.py). The same list object is the
+        same view (the experience holds them all, so no two alive share an id)."""
         todo: dict[tuple[str, int], tuple[str, list[Any]]] = {}
         for prompt, ims in zip(prompts, images):
             if (prompt, id(ims)) not in cache:
