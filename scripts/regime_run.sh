@@ -26,7 +26,8 @@
 # warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty for the
 # whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out
 # questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
-# An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3.
+# An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3. RL_SETS: more
+# config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
@@ -76,6 +77,7 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   fi
   # every run's image processing and host work shares the cores: oversubscribed, a step's encode took 4 s, not 0.4
   threads=$(( $(nproc) / (jobs * arms) > 0 ? $(nproc) / (jobs * arms) : 1 ))
+  extra=(); for set in ${RL_SETS:-}; do extra+=(--set "$set"); done
   for sc in $shortcuts; do
     mkdir -p "$out/sc$sc"
     timeout $(( ${RL_SECONDS:-480} + 60 )) python3 experiments/reproduce.py --plan "${PLAN:-main}" ${methods:+--methods "$methods"} \
@@ -84,7 +86,7 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
         --set "data.train=synthetic:$families?$knobs&shortcut=$sc" \
         --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \
         --set trainer.rollout_batch_size=$prompts --set trainer.mini_batch_size=$((prompts / 2)) \
-        --set trainer.log_kl_prcp=true --set optim.lr="${RL_LR:-2e-5}" --set model.compile_layers=false \
+        --set trainer.log_kl_prcp=true --set optim.lr="${RL_LR:-2e-5}" --set model.compile_layers=false ${extra[@]+"${extra[@]}"} \
         --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n "${EVAL_N:-300}" --eval-k 4 \
         --eval-max-new-tokens 160 --out "$work/runs-sc$sc" --results "$out/sc$sc/reproduction.json" \
         --markdown "$out/sc$sc/RESULTS.md" --section "shortcut-$sc" > "$out/sc$sc/rl.log" 2>&1 &
