@@ -95,6 +95,7 @@ class MicroBatches:
                 raise ValueError(f"{name} micro-batch size {value} is not a multiple of the micro-batch size {size}")
         unit = math.gcd(scoring_size, update_size)  # sequences encoded together
         self.exp, self.policy, self.size = exp, policy, size
+        self.prompts = [s.formatted_prompt() for s in exp.samples]  # per sequence
         self.scoring_merge, self.update_merge = scoring_size // unit, update_size // unit
         self.keep = exp.size <= ENCODING_CACHE_MAX_SEQUENCES
         self.cache: dict[tuple[int, ...], MicroBatch] = {}
@@ -145,13 +146,12 @@ class MicroBatches:
     def _encode(self, idx: list[int]) -> MicroBatch:
         t0 = time.time()
         if self.keep and not self.views:  # a kept step's first pass encodes every prompt, one call per view
-            step_prompts = [s.formatted_prompt() for s in self.exp.samples]
             for view in (self.exp.images, self.exp.masked_images, self.exp.noised_images):
                 if view is not None:
-                    self._encode_missing(self.views, step_prompts, view)
+                    self._encode_missing(self.views, self.prompts, view)
         sub = select(self.exp, idx)
         width = max(1, int(sub.mask.sum(-1).max()))
-        prompts = [s.formatted_prompt() for s in sub.samples]
+        prompts = [self.prompts[i] for i in idx]
         noised = None if sub.noised_images is None else self._encode_views(prompts, sub.noised_images)
         mb = MicroBatch(idx, self._encode_views(prompts, sub.images), self._encode_views(prompts, sub.masked_images),
                         sub.ids[:, :width], sub.mask[:, :width], noised)
