@@ -8,7 +8,9 @@
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
 with equal steps and rollouts per step; tiny models leave a GPU mostly idle, so `--jobs` of them share it.
 `--budget-s` sizes the step count from a measured probe instead of `--steps`; `--extend` continues the runs of
-an earlier call (their directories kept) by as many steps as the new budget allows. Each finished run is then
+an earlier call (their directories kept) by as many steps as the new budget allows. A SIGTERM or SIGUSR1 (from
+`timeout`, a scheduler) stops the call cleanly: every run saves its last step, nothing is evaluated, and the
+same command with `--extend` continues them; `--no-eval` leaves evaluation to a later call. Each finished run is then
 evaluated on the synthetic test split with `papo eval` (avg@k, perception gap with masked images,
 perception/reasoning error breakdown). Results: `docs/results/reproduction.json` (one entry per run) and
 `docs/RESULTS.md` (mean ± std over seeds per method, curves of reward, KL_prcp and entropies).
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +56,19 @@ TEST = "synthetic:all?split=test&size=224&n={n}"
 START, START_METHOD = "start", "start (no RL)"  # evaluation of the starting model, which every method is compared with
 
 
+_children: set[subprocess.Popen] = set()  # the papo processes running now
+_stopped: list[int] = []  # the signal that asked this call to stop, once one has
+finished: set[Path] = set()  # runs whose papo train ended well in this call (or earlier): final/ is current
+
+
+def _on_stop(signum: int, frame: object) -> None:
+    """Each `papo train` saves its last step and exits (a group signal from `timeout` reaches it anyway; a second
+    SIGTERM changes nothing); the runs not yet started are not started."""
+    _stopped[:] = _stopped or [signum]
+    for child in list(_children):
+        child.send_signal(signal.SIGTERM)
+
+
 def run_dir(method: str, preset: str, overrides: list[str], seed: int, out: Path) -> Path:
     digest = hashlib.sha1(json.dumps([method, overrides]).encode()).hexdigest()[:8]
     return out / f"{preset}-{digest}-s{seed}"
@@ -70,11 +86,13 @@ def job_env(threads: int) -> dict[str, str]:
 def train(method: str, preset: str, overrides: list[str], seed: int, steps: int, args: argparse.Namespace) -> Path:
     """Train one run to `steps` steps: start it, or continue it from its last checkpoint (also past an
     earlier, smaller `steps`: the learning rate is constant after warm-up, so a run extended from a probe
-    follows the same trajectory as one started with the larger count)."""
+    follows the same trajectory as one started with the larger count). A run whose `papo train` ended well is
+    added to `finished`: its final/ is the model after its last step."""
     run = run_dir(method, preset, overrides, seed, Path(args.out))
     run.mkdir(parents=True, exist_ok=True)
     (run / "method.txt").write_text(method + "\n")
     if len(read_metrics(run / "metrics.jsonl")) >= steps and (run / "final" / "config.json").exists():
+        finished.add(run)
         return run
     log = Path(args.out) / f"{run.name}.log"
     settings = [f"trainer.max_steps={steps}", f"trainer.save_every={max(1, steps // 2)}",
@@ -82,15 +100,17 @@ def train(method: str, preset: str, overrides: list[str], seed: int, steps: int,
     fresh = [sys.executable, "-m", "papo", "train", "--preset", preset, "--device", args.device, "--out", str(run),
              *(["--model", args.model] if args.model else [])]
     fresh_settings = [*args.set, *overrides, f"trainer.seed={seed}", "trainer.eval_before_after=false", "trainer.report_to=[none]"]
-    # a second attempt resumes a run that stopped early (out of memory while sharing the GPU, say)
+    # a second attempt resumes a run that failed (out of memory while sharing the GPU, say)
     for attempt in range(2):
-        if attempt and (len(read_metrics(run / "metrics.jsonl")) >= steps or not (run / "checkpoints").exists()):
+        if attempt and (not (run / "checkpoints").exists() or _stopped):
             break
         if (run / "config.yaml").exists():
             cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run), *_sets(settings)]
         else:
             cmd = [*fresh, *_sets(fresh_settings + settings)]
-        _call(cmd, log, args)
+        if _call(cmd, log, args) == 0:
+            finished.add(run)
+            break
     return run
 
 
@@ -116,10 +136,20 @@ def evaluate(model: Path | str, ev: Path, log: Path, args: argparse.Namespace, s
             done.write_text(f"{steps}\n")
 
 
-def _call(cmd: list[str], log_path: Path, args: argparse.Namespace) -> None:
+def _call(cmd: list[str], log_path: Path, args: argparse.Namespace) -> int | None:
+    """The command's exit status (None: not started, this call is stopping)."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if _stopped:
+        return None
     with open(log_path, "a") as log:
-        subprocess.run(cmd, env=job_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=job_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        _children.add(proc)
+        if _stopped:  # the signal came while it started
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait()
+        finally:
+            _children.discard(proc)
 
 
 def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
@@ -128,6 +158,8 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: train(*j, args.probe_steps, args), jobs))
     probe_wall = time.time() - t0
+    if _stopped:
+        _exit_stopped(runs, args.probe_steps)
     # the slowest run sets the pace (DAPO regenerates); the first step also captures CUDA graphs, so it is left out
     times = [[r["step_s"] for r in read_metrics(run / "metrics.jsonl")[1:] if r.get("step_s")] for run in runs]
     if not all(times):
@@ -139,6 +171,14 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
     steps = max(args.probe_steps, int(left / (waves * step_s * 1.1)))
     return {"steps": steps, "step_s": round(step_s, 3), "startup_s": round(startup_s, 1), "jobs": args.jobs,
             "runs": len(jobs), "probe_steps": args.probe_steps, "budget_s": args.budget_s}
+
+
+def _exit_stopped(runs: list[Path], steps: int) -> None:
+    done = sorted(len(read_metrics(run / "metrics.jsonl")) for run in runs)
+    print(f"{signal.Signals(_stopped[0]).name} received: the runs stopped at steps {done[0]}–{done[-1]} of {steps}, "
+          "each with its last step saved; nothing was evaluated. The same command with --extend continues them.",
+          flush=True)
+    sys.exit(128 + _stopped[0])
 
 
 def extend_plan(plan: dict, n_jobs: int, args: argparse.Namespace) -> dict:
@@ -402,6 +442,38 @@ def _plot(rows: list[dict], runs: Path, path: Path, keys: tuple[str, ...]) -> bo
     return drawn
 
 
+def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float) -> bool:
+    """Train every job to the plan's step count (sized, extended, or --steps), then evaluate the finished runs
+    and the start. False when nothing was evaluated (--no-eval); a stop signal ends the process here."""
+    sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
+    if args.extend:
+        if not sizing.exists():
+            raise SystemExit(f"--extend continues earlier runs, and {sizing} does not exist: "
+                             "run without --extend first")
+        sizing.write_text(json.dumps(extend_plan(json.loads(sizing.read_text()), len(jobs), args), indent=1) + "\n")
+    elif not sizing.exists():
+        chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
+        sizing.write_text(json.dumps(chosen, indent=1) + "\n")
+    chosen = json.loads(sizing.read_text())
+    steps = chosen["steps"]
+    print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
+        if _stopped:
+            _exit_stopped(runs, steps)
+        if args.no_eval:
+            print(f"trained in {time.time() - t0:.0f} s; not evaluated (--no-eval)", flush=True)
+            return False
+        print(f"trained in {time.time() - t0:.0f} s; evaluating", flush=True)
+        # a run that failed twice may keep an older final/ (from an earlier call): evaluating it would mislabel it
+        evals = [(run / "final", run / "eval", out / f"{run.name}.log", len(read_metrics(run / "metrics.jsonl")))
+                 for run in runs if run in finished]
+        if not args.no_start_eval:
+            evals.append((args.model or "default", out / START / "eval", out / f"{START}.log", None))
+        list(pool.map(lambda e: evaluate(*e[:3], args, steps=e[3]), evals))
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=[*PLANS, "all"], default="main")
@@ -410,6 +482,7 @@ def main() -> None:
     ap.add_argument("--seed-list", default=None, help="comma-separated seeds instead, e.g. 3,4 to add seeds")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / --jobs)")
     ap.add_argument("--no-start-eval", action="store_true", help="do not evaluate the starting model")
+    ap.add_argument("--no-eval", action="store_true", help="train only; a later call (--extend) evaluates")
     ap.add_argument("--steps", type=int, default=100, help="training steps of every run (see --budget-s)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="size --steps from a probe so that all runs and their evaluation finish in this many seconds")
@@ -442,25 +515,13 @@ def main() -> None:
     jobs = [(m, p, o, s) for m, p, o in plan for s in seeds]
     t0 = time.time()
     if not args.report_only:
-        sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
-        if args.extend:
-            if not sizing.exists():
-                raise SystemExit(f"--extend continues earlier runs, and {sizing} does not exist: run without --extend first")
-            sizing.write_text(json.dumps(extend_plan(json.loads(sizing.read_text()), len(jobs), args), indent=1) + "\n")
-        elif not sizing.exists():
-            chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
-            sizing.write_text(json.dumps(chosen, indent=1) + "\n")
-        chosen = json.loads(sizing.read_text())
-        steps = chosen["steps"]
-        print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
-            print(f"trained in {time.time() - t0:.0f} s; evaluating", flush=True)
-            evals = [(run / "final", run / "eval", out / f"{run.name}.log", len(read_metrics(run / "metrics.jsonl")))
-                     for run in runs]
-            if not args.no_start_eval:
-                evals.append((args.model or "default", out / START / "eval", out / f"{START}.log", None))
-            list(pool.map(lambda e: evaluate(*e[:3], args, steps=e[3]), evals))
+        previous = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            if not train_all(jobs, args, out, t0):
+                return
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     rows = [collect(d, *_describe(d)) for d in sorted(out.iterdir()) if (d / "config.yaml").exists()]
     if (out / START / "eval" / "summary.json").exists():
         rows.insert(0, collect(out / START, START_METHOD, "", [], 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +204,21 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "papo", *rest]
     print("papo: " + " ".join(cmd[1:]), file=sys.stderr)
-    return subprocess.call(cmd)
+    from papo.training.stop_signal import STOP_SIGNALS
+
+    # torchrun in a session of its own gets each stop signal once, from here (one sent to this process group
+    # would otherwise reach it twice); it passes SIGTERM on to every rank, but SIGUSR1 would end it
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,12 +229,17 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # papo draws its own progress bars
     from papo.errors import CheckpointError, TrainingStopped, UserError
+    from papo.training.stop_signal import Interrupted
 
     try:
         return args.func(args)
     except (UserError, FileNotFoundError) as err:  # bad input: one clear line; anything else keeps its traceback
         print(f"papo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # stopped on a scheduler's signal, checkpoint saved: report it as that signal's end
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so
+            print(f"papo {args.command}: stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (TrainingStopped, CheckpointError) as err:  # the run stopped; the message says what to do next
         print(f"papo {args.command}: stopped: {err}", file=sys.stderr)
         return 1

@@ -28,6 +28,9 @@
 # questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
 # An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3. RL_SETS: more
 # config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
+# RL_STEPS=N trains every run to step N without a probe (the probe's runs restart, which cost about a minute of
+# each rl call); at RL_SECONDS the runs get a SIGTERM, save their last step and stop, and the next call's
+# `extend` (RL_STEPS the new total) continues them. RL_EVAL=0 trains only and leaves evaluation to a later call.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}
@@ -78,10 +81,17 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   # every run's image processing and host work shares the cores: oversubscribed, a step's encode took 4 s, not 0.4
   threads=$(( $(nproc) / (jobs * arms) > 0 ? $(nproc) / (jobs * arms) : 1 ))
   extra=(); for set in ${RL_SETS:-}; do extra+=(--set "$set"); done
+  seconds=${RL_SECONDS:-480}
+  if [ -n "${RL_STEPS:-}" ]; then
+    sizing=(--steps "$RL_STEPS")  # a stop at the time limit saves every run's last step
+  else
+    sizing=(--budget-s "$seconds" --eval-reserve-s 120); seconds=$((seconds + 60))  # sized to end before it
+  fi
+  [ "${RL_EVAL:-1}" = 0 ] && sizing+=(--no-eval)
   for sc in $shortcuts; do
     mkdir -p "$out/sc$sc"
-    timeout $(( ${RL_SECONDS:-480} + 60 )) python3 experiments/reproduce.py --plan "${PLAN:-main}" ${methods:+--methods "$methods"} \
-        --seeds "${SEEDS:-1}" --jobs "$jobs" --threads "$threads" --budget-s "${RL_SECONDS:-480}" --eval-reserve-s 120 \
+    timeout -k 60 "$seconds" python3 experiments/reproduce.py --plan "${PLAN:-main}" ${methods:+--methods "$methods"} \
+        --seeds "${SEEDS:-1}" --jobs "$jobs" --threads "$threads" "${sizing[@]}" \
         $([ "$stage" = extend ] && echo --extend) --model "$start" --device "$device" \
         --set "data.train=synthetic:$families?$knobs&shortcut=$sc" \
         --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \

@@ -1,7 +1,11 @@
-"""experiments/reproduce.py: per-run collection, the mean ± std tables, and sizing runs from a probe."""
+"""experiments/reproduce.py: per-run collection, the mean ± std tables, sizing runs from a probe, and stopping."""
 
 import importlib.util
 import json
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -159,6 +163,7 @@ def test_a_second_call_extends_the_runs_and_evaluates_them_again(tmp_path, monke
         (run / "method.txt").write_text(method + "\n")
         (run / "final").mkdir(exist_ok=True)
         (run / "final" / "config.json").write_text("{}")
+        reproduce.finished.add(run)
         return run
 
     def fake_eval(cmd, log, args):  # a held-out accuracy that grows with the steps trained
@@ -185,6 +190,63 @@ def test_a_second_call_extends_the_runs_and_evaluates_them_again(tmp_path, monke
     (out / "plan.json").unlink()
     with pytest.raises(SystemExit, match="run without --extend first"):
         reproduce.main()
+
+
+def test_a_stop_signal_reaches_the_runs_and_ends_the_call_without_evaluating(tmp_path, monkeypatch):
+    reproduce = _load()
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"  # a papo train that saves and exits
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    args = type("Args", (), {"threads": 1, "jobs": 1})
+    log = tmp_path / "child.log"
+    with ThreadPoolExecutor(1) as pool:
+        status = pool.submit(reproduce._call, [sys.executable, "-c", child], log, args)
+        while "ready" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.05)
+        reproduce._on_stop(signal.SIGTERM, None)
+        assert status.result(timeout=30) == 143
+    assert reproduce._call([sys.executable, "-c", "pass"], log, args) is None  # nothing starts once stopping
+
+    reproduce = _load()  # a fresh module: the whole call, stopped while its runs train
+    evaluated = []
+
+    def fake_train(method, preset, overrides, seed, steps, args):
+        run = reproduce.run_dir(method, preset, overrides, seed, Path(args.out))
+        _metrics(run, [1.0] * 2)
+        reproduce._on_stop(signal.SIGTERM, None)
+        return run
+
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(reproduce, "evaluate", lambda *a, **k: evaluated.append(a))
+    monkeypatch.setattr(reproduce.sys, "argv", ["reproduce.py", "--methods", "GRPO", "--seeds", "1", "--steps", "5",
+                                                "--device", "cpu", "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main()
+    assert stop.value.code == 128 + signal.SIGTERM and not evaluated
+
+
+def test_no_eval_leaves_the_evaluation_to_the_next_call(tmp_path, monkeypatch):
+    reproduce = _load()
+    evaluated = []
+
+    def fake_train(method, preset, overrides, seed, steps, args):
+        run = reproduce.run_dir(method, preset, overrides, seed, Path(args.out))
+        _metrics(run, [1.0] * steps)
+        reproduce.finished.add(run)
+        return run
+
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(reproduce, "evaluate",
+                        lambda model, ev, log, args, steps=None: evaluated.append((ev.parent.name, steps)))
+    argv = ["reproduce.py", "--methods", "GRPO", "--seeds", "1", "--device", "cpu", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")]
+    monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--steps", "3", "--no-eval"])
+    reproduce.main()
+    assert not evaluated and not (tmp_path / "r.json").exists()
+    monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--extend", "--steps", "5"])
+    reproduce.main()
+    assert sorted(evaluated) == [(reproduce.run_dir("GRPO", "grpo", [], 0, tmp_path).name, 5), ("start", None)]
 
 
 def _samples(ev, correct_by_id):

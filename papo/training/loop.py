@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from papo.training.checkpoint import latest_checkpoint
 from papo.training.distributed import DistContext, init_from_env
 from papo.training.faults import failpoint
 from papo.training.report import write_report
+from papo.training.stop_signal import Interrupted, StopOnSignal
 from papo.training.trainer import Trainer
 
 
@@ -133,11 +135,19 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
                TimeElapsedColumn()]
     last_good = None
+    saved_at = trainer.step_no  # the step of the newest checkpoint (0: none, and nothing trained to save)
     plain_every = max(1, t.max_steps // 20)
     metrics_path = out_dir / "metrics.jsonl" if main else Path(os.devnull)
-    with metrics_path.open("a") as log, Progress(*columns, console=console) as progress:
+    with metrics_path.open("a") as log, Progress(*columns, console=console) as progress, StopOnSignal() as stop:
         bar = progress.add_task("train", total=t.max_steps, completed=trainer.step_no, reward=0.0, acc=0.0, kl=0.0, sec=0.0)
         while trainer.step_no < t.max_steps:
+            if signum := stop.requested(trainer.ctx):  # asked between steps: the last step is whole, and saved now
+                if trainer.step_no > saved_at:
+                    trainer.save()
+                loggers.close()
+                saved = f"saved checkpoints/step-{trainer.step_no}" if trainer.step_no else "nothing trained yet"
+                raise Interrupted(f"{signal.Signals(signum).name} received; stopped after step {trainer.step_no} of "
+                                  f"{t.max_steps} ({saved}); continue with papo train --resume {out_dir}", signum)
             row = trainer.step()
             step = row["step"]
             if t.val_every and step % t.val_every == 0:
@@ -168,6 +178,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                     break
             elif t.save_every and (step % t.save_every == 0 or step == t.max_steps):
                 last_good = trainer.save()
+                saved_at = step
             if trainer.bad_steps >= t.max_bad_steps:
                 loggers.close()
                 raise TrainingStopped(
