@@ -173,6 +173,19 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
             "runs": len(jobs), "probe_steps": args.probe_steps, "budget_s": args.budget_s}
 
 
+def measured_pace(runs: list[Path], steps_before: list[int], wall_s: float, waves: int) -> dict:
+    """Step time and start-up as this call's runs showed them: each run's median over the steps it trained here
+    after its first (which compiles and captures graphs), the slowest run's setting the pace; start-up is the
+    rest of a wave's wall time. Empty if no run trained two steps here."""
+    trained = [read_metrics(run / "metrics.jsonl")[n:] for run, n in zip(runs, steps_before)]
+    times = [statistics.median(t) for rows in trained if (t := [r["step_s"] for r in rows[1:] if r.get("step_s")])]
+    if not times:
+        return {}
+    step_s = max(times)
+    startup_s = max(0.0, wall_s / waves - max(len(rows) for rows in trained) * step_s)
+    return {"step_s": round(step_s, 3), "startup_s": round(startup_s, 1)}
+
+
 def _exit_stopped(runs: list[Path], steps: int) -> None:
     done = sorted(len(read_metrics(run / "metrics.jsonl")) for run in runs)
     print(f"{signal.Signals(_stopped[0]).name} received: the runs stopped at steps {done[0]}–{done[-1]} of {steps}, "
@@ -457,8 +470,13 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
     chosen = json.loads(sizing.read_text())
     steps = chosen["steps"]
     print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
+    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]
+    t_train = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
+        # the pace this call showed sizes a later --extend --budget-s, whether or not a probe sized this one
+        pace = measured_pace(runs, before, time.time() - t_train, -(-len(jobs) // args.jobs))
+        sizing.write_text(json.dumps({**chosen, **pace}, indent=1) + "\n")
         if _stopped:
             _exit_stopped(runs, steps)
         if args.no_eval:

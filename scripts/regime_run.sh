@@ -29,8 +29,9 @@
 # An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3. RL_SETS: more
 # config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
 # RL_STEPS=N trains every run to step N without a probe (the probe's runs restart, which cost about a minute of
-# each rl call); at RL_SECONDS the runs get a SIGTERM, save their last step and stop, and the next call's
-# `extend` (RL_STEPS the new total) continues them. RL_EVAL=0 trains only and leaves evaluation to a later call.
+# each rl call); at RL_SECONDS the runs get a SIGTERM, save their last step and stop. The next call's `extend`
+# continues them, to RL_STEPS (the new total) or, without it, as far as RL_SECONDS allows at the pace the last
+# call measured (plan.json). RL_EVAL=0 trains only and leaves evaluation to a later call.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}

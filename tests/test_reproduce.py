@@ -100,6 +100,19 @@ def test_steps_are_sized_from_the_slowest_probe_run(tmp_path, monkeypatch):
     assert reproduce.size_steps(jobs, args, t0=1000.0)["steps"] < 100
 
 
+def test_a_call_of_fixed_steps_measures_the_pace_that_sizes_its_extension(tmp_path):
+    reproduce = _load()
+    a, b = tmp_path / "a", tmp_path / "b"
+    _metrics(a, [9.0, 1.0, 1.0, 30.0, 5.0, 6.0, 5.0])  # two steps from an earlier call, then four in this one
+    _metrics(b, [9.0, 1.0, 40.0, 7.0, 7.0, 7.0])  # its first step in a call compiles: left out
+    pace = reproduce.measured_pace([a, b], [3, 2], wall_s=99.0, waves=1)
+    assert pace == {"step_s": 7.0, "startup_s": 71.0}  # the slowest run's median; 99 s - 4 steps x 7 s
+    args = type("Args", (), {"budget_s": 500.0, "eval_reserve_s": 120.0, "jobs": 2, "steps": 100})
+    # (500 s - 120 s for evaluation - 71 s start-up) / (7 s * 1.1 margin) = 40.1 more steps
+    assert reproduce.extend_plan({"steps": 6, **pace}, 2, args)["steps"] == 46
+    assert reproduce.measured_pace([a], [7], wall_s=5.0, waves=1) == {}  # nothing trained here
+
+
 def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, monkeypatch):
     reproduce = _load()
     calls = []
@@ -185,7 +198,9 @@ def test_a_second_call_extends_the_runs_and_evaluates_them_again(tmp_path, monke
     reproduce.main()
     run = next(r for r in json.loads(results.read_text())["runs"] if r["method"] == "GRPO")
     assert run["steps"] == 8 and run["heldout_by_steps"] == {"3": 0.33, "8": 0.38}
-    assert json.loads((out / "plan.json").read_text()) == {"steps": 8, "extended_from": 3}
+    # each call's measured pace (1 s a step here, no wall time left for start-up) is kept for a later --budget-s
+    assert json.loads((out / "plan.json").read_text()) == {"steps": 8, "extended_from": 3, "step_s": 1.0,
+                                                           "startup_s": 0.0}
     monkeypatch.setattr(reproduce.sys, "argv", [*argv, "--extend", "--steps", "9"])
     (out / "plan.json").unlink()
     with pytest.raises(SystemExit, match="run without --extend first"):
