@@ -194,18 +194,22 @@ def _exit_stopped(runs: list[Path], steps: int) -> None:
     sys.exit(128 + _stopped[0])
 
 
-def extend_plan(plan: dict, n_jobs: int, args: argparse.Namespace) -> dict:
+def extend_plan(plan: dict, n_jobs: int, args: argparse.Namespace, trained: list[int] | None = None) -> dict:
     """The step count for continuing an earlier call's runs: to --steps if given, else by as many steps as fit
-    in --budget-s at the step time and start-up that call's probe measured (the runs keep their concurrency)."""
+    in --budget-s at the step time and start-up an earlier call measured (the runs keep their concurrency).
+    `trained`: the steps each run has now; counted from the fewest (runs a stop signal cut short may stand at
+    different steps, below the plan's), so that every run ends at the same step within the budget."""
+    base = min(trained) if trained else plan["steps"]
     if args.budget_s is None:
-        return {**plan, "steps": args.steps, "extended_from": plan["steps"]}
+        return {**plan, "steps": args.steps, "extended_from": base}
     if "step_s" not in plan:
-        raise SystemExit("--extend with --budget-s needs the step time of a probe, and the first call was given --steps: "
-                         "pass --extend --steps N instead")
+        raise SystemExit("--extend with --budget-s needs the step time an earlier call measured, and its plan.json "
+                         "has none: pass --extend --steps N instead")
     waves = -(-n_jobs // args.jobs)
     left = args.budget_s - args.eval_reserve_s - waves * plan["startup_s"]
     more = max(0, int(left / (waves * plan["step_s"] * 1.1)))
-    return {**plan, "steps": plan["steps"] + more, "extended_from": plan["steps"], "budget_s": args.budget_s}
+    steps = max(base + more, max(trained) if trained else 0)
+    return {**plan, "steps": steps, "extended_from": base, "budget_s": args.budget_s}
 
 
 def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int) -> dict:
@@ -459,18 +463,20 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
     """Train every job to the plan's step count (sized, extended, or --steps), then evaluate the finished runs
     and the start. False when nothing was evaluated (--no-eval); a stop signal ends the process here."""
     sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
+    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]
     if args.extend:
         if not sizing.exists():
             raise SystemExit(f"--extend continues earlier runs, and {sizing} does not exist: "
                              "run without --extend first")
-        sizing.write_text(json.dumps(extend_plan(json.loads(sizing.read_text()), len(jobs), args), indent=1) + "\n")
+        plan = extend_plan(json.loads(sizing.read_text()), len(jobs), args, before)
+        sizing.write_text(json.dumps(plan, indent=1) + "\n")
     elif not sizing.exists():
         chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
         sizing.write_text(json.dumps(chosen, indent=1) + "\n")
     chosen = json.loads(sizing.read_text())
     steps = chosen["steps"]
     print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
-    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]
+    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]  # after a probe, if one ran
     t_train = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: train(*j, steps, args), jobs))

@@ -111,6 +111,12 @@ def test_a_call_of_fixed_steps_measures_the_pace_that_sizes_its_extension(tmp_pa
     # (500 s - 120 s for evaluation - 71 s start-up) / (7 s * 1.1 margin) = 40.1 more steps
     assert reproduce.extend_plan({"steps": 6, **pace}, 2, args)["steps"] == 46
     assert reproduce.measured_pace([a], [7], wall_s=5.0, waves=1) == {}  # nothing trained here
+    # runs a stop signal cut short of the plan's 200 steps, at 72 and 86: extended from the fewer, to one step count
+    plan = {"steps": 200, **pace}
+    assert reproduce.extend_plan(plan, 2, args, trained=[72, 86]) == {**plan, "steps": 112, "extended_from": 72,
+                                                                      "budget_s": 500.0}
+    args.budget_s = 100.0  # room for no step: the runs behind still catch up with the one ahead
+    assert reproduce.extend_plan(plan, 2, args, trained=[72, 86])["steps"] == 86
 
 
 def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, monkeypatch):
