@@ -42,6 +42,21 @@ def test_the_five_classes():
     assert breakdown([])["perception_share_of_errors"] == 0.0
 
 
+def test_a_clock_is_judged_by_its_hour_hand_alone():
+    s = make_sample("clock", "test", 0, 3, size=224)
+    hour, minute = s.meta["facts"]["hour hand"], s.meta["facts"]["minute hand"]
+    assert s.meta["answer_facts"] == ["hour hand"] and "answer_facts" not in make_sample("count", "test", 0, 3).meta
+    trace = "<think>seen: hour hand={}, minute hand={}. The hour is {}.</think> \\boxed{{{}}}"
+    wrong_minute = trace.format(hour, (minute + 5) % 60, hour, hour)
+    wrong_hour = trace.format(hour % 12 + 1, minute, hour, hour)
+    facts, judged = s.meta["facts"], s.meta["answer_facts"]
+    assert classify(wrong_minute, facts, True, True, judged) == "correct"
+    assert classify(wrong_minute, facts, True, True) == "lucky_guess"  # judged by every fact, as before
+    assert classify(wrong_minute, facts, False, True, judged) == "reasoning"  # read the hour, answered another
+    assert classify(wrong_hour, facts, True, True, judged) == "lucky_guess"
+    assert classify(wrong_hour, facts, False, True, judged) == "perception"
+
+
 def test_papo_eval_reports_the_breakdown_for_synthetic_data(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--data", "synthetic:count+bar_chart?split=test&n=6&size=224", "--k", "2",

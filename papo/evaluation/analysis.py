@@ -10,6 +10,10 @@ objects=4. 9-4=5.</think>``). A response's stated facts are parsed and compared 
   reasoning    wrong answer, every fact right (it read the image and then erred)
   format       no parseable ``seen:`` facts or no ``\\boxed{}`` answer
 
+"Every fact" means those the answer follows from (``meta["answer_facts"]``) where a scene names fewer than
+all: a clock's answer is its hour hand, and a misread minute hand beside it is neither a perception error
+nor a lucky guess.
+
 The paper's headline number is ``perception`` as a share of all wrong answers (67% for GRPO, by its judge).
 """
 
@@ -45,12 +49,15 @@ def _norm(text: Any) -> str:
     return " ".join(str(text).lower().split())
 
 
-def classify(response: str, facts: Mapping[str, Any], correct: bool, formatted: bool) -> str:
-    """One response's class (see the module doc); ``facts`` is the scene's ground truth."""
+def classify(response: str, facts: Mapping[str, Any], correct: bool, formatted: bool,
+             answer_facts: Iterable[str] = ()) -> str:
+    """One response's class (see the module doc); ``facts`` is the scene's ground truth, ``answer_facts`` the
+    keys of it the answer follows from (empty: all)."""
     stated = stated_facts(response)
     if not formatted or stated is None:
         return "format"
-    facts_right = all(stated.get(_norm(k)) == _norm(v) for k, v in facts.items())
+    judged = {k: facts[k] for k in answer_facts} if answer_facts else facts
+    facts_right = all(stated.get(_norm(k)) == _norm(v) for k, v in judged.items())
     if correct:
         return "correct" if facts_right else "lucky_guess"
     return "reasoning" if facts_right else "perception"

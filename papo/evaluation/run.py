@@ -93,7 +93,8 @@ def _record(r: SampleResult) -> dict[str, Any]:
     if "cued_answer" in s.meta:  # the answer the question's text suggests (synthetic shortcut knob)
         rec["cued_answer"] = s.meta["cued_answer"]
     if isinstance(s.meta.get("facts"), dict):  # ground truth known: classify each response's error exactly
-        rec["errors"] = [classify(text, s.meta["facts"], x["accuracy"] > 0.5, x["format"] > 0.5)
+        rec["errors"] = [classify(text, s.meta["facts"], x["accuracy"] > 0.5, x["format"] > 0.5,
+                                  s.meta.get("answer_facts", ()))
                          for text, x in zip(r.responses, r.scores)]
     return rec
 

@@ -53,6 +53,8 @@ def make_sample(task: str, split: str = "train", seed: int = 0, index: int = 0, 
         meta["vocabulary"] = list(scene.vocabulary)
     if scene.cued is not None:
         meta["cued_answer"] = scene.cued
+    if scene.answer_facts:
+        meta["answer_facts"] = list(scene.answer_facts)
     return Sample(
         id=f"{task}-{split}-s{seed}-{index:06d}",
         prompt=IMAGE_PLACEHOLDER + scene.question,

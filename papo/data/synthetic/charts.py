@@ -148,7 +148,7 @@ class Clock(CuedFamily):
         clock = f"the {colour} clock" if colour else "the clock"
         return Scene(
             question=f"What hour is shown on {clock}? Answer with a number from 1 to 12.",
-            answer=str(hour), answer_type="int", facts=facts,
+            answer=str(hour), answer_type="int", facts=facts, answer_facts=("hour hand",),
             reasoning=f"{seen(facts)} {self._explained(hour, minute) if k['explain'] else ''}The hour is {hour}."
             + (f" The answer is {hour}." if k["explain"] else ""),
             layout={"hour": hour, "minute": minute, "numbers": bool(rng.random() < 0.5),

@@ -43,6 +43,9 @@ class Scene:
     # the answer the question's text suggests under the ``shortcut`` knob (shortcut_answer), on every split, so
     # that an evaluation can count answers that follow the text instead of the image; None: nothing to key on
     cued: str | None = None
+    # the facts the answer follows from, where it is fewer than all of them (a clock's hour needs no minute hand):
+    # error analysis judges a response by these; empty: all facts
+    answer_facts: tuple[str, ...] = ()
 
     @property
     def solution(self) -> str:
