@@ -34,6 +34,22 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_values(text: str, flag: str) -> dict[str, float]:
+    """``clock=0.35,bar_chart=0.5`` as {family: value}."""
+    from papo.errors import UserError
+
+    values = {}
+    for part in filter(None, text.split(",")):
+        task, eq, value = part.partition("=")
+        try:
+            values[task.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"{flag} takes FAMILY=ACCURACY pairs joined by commas, got {part!r}") from None
+        if not eq or not task.strip() or not 0 <= values[task.strip()] <= 1:
+            raise UserError(f"{flag} takes FAMILY=ACCURACY pairs with an accuracy in [0, 1], got {part!r}")
+    return values
+
+
 def _cmd_sft(args: argparse.Namespace) -> int:
     from papo.training.sft import SFTConfig, run_sft
 
@@ -43,7 +59,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                     eval_k=args.eval_k, max_new_tokens=args.max_new_tokens, device=args.device, masked_share=args.masked_share,
                     blank_share=args.blank_share, mask_ratio=args.mask_ratio, compute_dtype=args.compute_dtype,
                     warmup_steps=args.warmup_steps, max_bad_steps=args.max_bad_steps,
-                    save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else ())
+                    save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else (),
+                    stop_at=_task_values(args.stop_at, "--stop-at"))
     run_sft(cfg)
     return 0
 
@@ -141,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default="auto", help="auto (bfloat16 on CUDA over fp32 weights) | float32 | bfloat16")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear learning-rate warm-up before the cosine decay")
     p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many updates in a row skipped for a non-finite gradient")
+    p.add_argument("--stop-at", default="", metavar="FAMILY=ACC,...",
+                   help="end at the first --save-steps check where each named family's held-out accuracy reaches ACC")
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("score", help="score a PAPO-Eval inference JSONL exactly as PAPO-Eval does (avg@k, pass@k)")

@@ -13,7 +13,8 @@
 #   1. full images only, unbiased data, with held-out checks every STEPS/9 steps; the checkpoint whose RL
 #      families (FAMILIES) lie inside [0.2, 0.8], then with their mean accuracy nearest PICK_TARGET (0.35:
 #      leg 2 raises it further), is kept (scripts/pick_checkpoint.py); judged by all families, a checkpoint
-#      that read bar charts but not yet clocks was once picked, and RL started at chance;
+#      that read bar charts but not yet clocks was once picked, and RL started at chance. The leg ends at
+#      the first check where every RL family reaches PICK_TARGET (EARLY_STOP=0 trains all STEPS);
 #   2. from it, 30% masked and 10% black images at half the learning rate, so that the model answers those
 #      views with prior-driven text and KL_prcp starts small. A blackened view still trains the full answer,
 #      so views from the first step would teach answering without looking: they come second.
@@ -42,9 +43,10 @@ knobs="cue=1&explain=1&size=224"
 device=${DEVICE:-cuda}
 mkdir -p "$out" "$work"
 
-sft() {  # name, from, steps, lr, masked share, black share, save steps
+sft() {  # name, from, steps, lr, masked share, black share, save steps, stop-at
   timeout 480 python3 -m papo sft --model "$2" --data "synthetic:$warm_families?$knobs" --steps "$3" --batch-size 64 --lr "$4" \
-      --masked-share "$5" --blank-share "$6" ${7:+--save-steps "$7"} --eval-per-task "${EVAL_PER_TASK:-100}" --eval-k 2 --max-new-tokens 160 \
+      --masked-share "$5" --blank-share "$6" ${7:+--save-steps "$7"} ${8:+--stop-at "$8"} \
+      --eval-per-task "${EVAL_PER_TASK:-100}" --eval-k 2 --max-new-tokens 160 \
       --out "$work/$1" --device "$device" > "$out/$1.log" 2>&1
   cp "$work/$1/sft_metrics.jsonl" "$out/$1_metrics.jsonl" 2>/dev/null
   tail -c 900 "$out/$1.log"
@@ -52,7 +54,9 @@ sft() {  # name, from, steps, lr, masked share, black share, save steps
 
 if [ "$stage" = warmstart ]; then
   steps=${SFT_STEPS:-900} lr=${SFT_LR:-5e-4}
-  sft leg1 "${MODEL:-100m}" "$steps" "$lr" 0 0 "$(seq -s, $((steps / 9)) $((steps / 9)) $((steps - 1)))"
+  # leg 1 ends at the first check where every RL family reaches PICK_TARGET: later checks lie further from it
+  stop_at=$([ "${EARLY_STOP:-1}" = 1 ] && tr '+' '\n' <<< "$families" | sed "s/\$/=${PICK_TARGET:-0.35}/" | paste -sd,)
+  sft leg1 "${MODEL:-100m}" "$steps" "$lr" 0 0 "$(seq -s, $((steps / 9)) $((steps / 9)) $((steps - 1)))" "$stop_at"
   python3 scripts/pick_checkpoint.py "$work/leg1" "$out/pick" --no-pack --families "$families" --target "${PICK_TARGET:-0.35}" | tee "$out/pick.txt"
   best=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['ranking'][0])" "$out/pick/checkpoints.json" 2>/dev/null) \
     || { echo "leg 1 wrote no held-out check to pick from: see $out/leg1.log" >&2; exit 1; }

@@ -172,3 +172,35 @@ def test_sft_stops_with_a_clear_message_when_it_diverges(tmp_path, monkeypatch):
                     eval_per_task=0, log_every=4, workers=0, warmup_steps=1, max_bad_steps=3)
     with pytest.raises(TrainingStopped, match="3 steps in a row, up to step 5, had a non-finite gradient.*lower --lr"):
         run_sft(cfg)
+
+
+def test_sft_stops_at_the_first_check_that_reaches_its_accuracy(tmp_path, monkeypatch):
+    from papo.training import sft
+
+    checks = iter([{"clock": 0.1, "count": 0.9}, {"clock": 0.4, "count": 0.9}])  # held-out accuracy at steps 2, 4
+
+    real = sft.heldout_report
+
+    def report(policy, samples, cfg):  # a real check, with the accuracy this test needs
+        result = real(policy, samples, cfg)
+        result["sampled_t1"]["per_task"].update(next(checks))
+        return result
+
+    monkeypatch.setattr(sft, "heldout_report", report)
+    out = tmp_path / "s"
+    assert main(["sft", "--task", "count+clock", "--model", "tiny", "--steps", "8", "--batch-size", "2",
+                 "--eval-per-task", "1", "--eval-k", "1", "--save-steps", "2,4,6", "--stop-at", "clock=0.35",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "sft_result.json").read_text())
+    assert result["steps"] == 4 and result["stopped_early"] and result["heldout"]["sampled_t1"]["per_task"]["clock"] == 0.4
+    assert (out / "step-4").is_dir() and not (out / "step-6").exists()
+    from safetensors.torch import load_file
+
+    final, at_stop = load_file(out / "model.safetensors"), load_file(out / "step-4" / "model.safetensors")
+    assert all(torch.equal(final[k], at_stop[k]) for k in final)  # the final model is the stopping check's
+    # a family the checks do not cover, or a malformed pair, is named
+    assert main(["sft", "--task", "count", "--model", "tiny", "--steps", "4", "--save-steps", "2",
+                 "--stop-at", "clock=0.35", "--out", str(tmp_path / "u")]) == 2
+    assert main(["sft", "--task", "count", "--steps", "4", "--save-steps", "2", "--stop-at", "clock",
+                 "--out", str(tmp_path / "v")]) == 2
+    assert main(["sft", "--task", "count", "--steps", "4", "--stop-at", "count=0.5", "--out", str(tmp_path / "w")]) == 2

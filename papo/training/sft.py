@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
@@ -68,6 +68,9 @@ class SFTConfig:
     mask_ratio: float = 0.6  # black-cell probability of those masked images (PAPO's 0.6)
     compute_dtype: str = "auto"  # matmuls under autocast: auto = bfloat16 on CUDA (fp32 weights), fp32 elsewhere
     max_bad_steps: int = 10  # stop after this many updates in a row skipped for a non-finite gradient
+    # end at the first save_steps check where every named family's held-out sampled accuracy reaches its value;
+    # that checkpoint is the final model (the learning-rate schedule stays the one planned for `steps`)
+    stop_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_k", "max_new_tokens", "log_every", "max_bad_steps"):
@@ -87,6 +90,8 @@ class SFTConfig:
                             f"{self.masked_share} and {self.blank_share}")
         if not 0 < self.mask_ratio <= 1:
             raise UserError(f"sft mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if self.stop_at and not (self.save_steps and self.eval_per_task > 0):
+            raise UserError("sft stop_at acts at the held-out checks of save_steps: give save_steps and eval_per_task > 0")
 
 
 def _train_samples(cfg: SFTConfig):
@@ -187,6 +192,9 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(f"SFT of {cfg.model} ({n_params / 1e6:.2f}M parameters, {policy.precision.describe()}) on {cfg.data} "
                   f"for {cfg.steps} steps x {cfg.batch_size}, {device}")
+    if unknown := sorted(set(cfg.stop_at) - set(tasks)):
+        raise UserError(f"sft stop_at names {', '.join(unknown)}, which the held-out checks do not cover "
+                        f"(families of {cfg.data}: {', '.join(tasks) or 'none'})")
 
     # fused: it can skip an update on a device-side flag (found_inf below), so a non-finite gradient never
     # reaches the weights and the loop still does not wait for the GPU each step
@@ -206,6 +214,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
         pending = []  # (step, loss, grad norm, lr) not yet read back: the GPU is waited for once per log_every steps
         batches_iter, waited = iter(loader), 0.0
         skipped = in_a_row = 0  # updates dropped for a non-finite gradient: in all, and the current run of them
+        steps_done, stop_report = cfg.steps, None
         for step in range(cfg.steps):
             t_wait = time.perf_counter()
             prompts, ids, mask = next(batches_iter)
@@ -243,16 +252,24 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
                     log.write(json.dumps(json_safe(history[-1])) + "\n")
                     log.flush()
             if step + 1 in cfg.save_steps and step + 1 != cfg.steps:
-                _checkpoint(policy, cfg, out / f"step-{step + 1}", tasks, console)
+                report = _checkpoint(policy, cfg, out / f"step-{step + 1}", tasks, console)
+                accuracy = report["sampled_t1"]["per_task"] if report else {}
+                if cfg.stop_at and all(accuracy.get(t, 0.0) >= v for t, v in cfg.stop_at.items()):
+                    console.print(f"step {step + 1}: held-out accuracy reached stop_at {cfg.stop_at}; stopping here")
+                    steps_done, stop_report = step + 1, report
+                    break
 
     policy.model.eval()
     policy.save(out)
     _plot_loss(history, out / "sft_loss.png")
-    result = {"steps": cfg.steps, "final_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 1),
+    result = {"steps": steps_done, "final_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 1),
               "skipped_steps": skipped}
-    if tasks and cfg.eval_per_task > 0:
+    if stop_report:  # the final model is that checkpoint's, already checked
+        result.update(stopped_early=True, heldout=stop_report)
+    elif tasks and cfg.eval_per_task > 0:
         console.print(f"held-out check: {cfg.eval_per_task} test samples per family, k={cfg.eval_k} at T=1, and greedy")
         result["heldout"] = heldout_report(policy, _heldout(cfg, tasks), cfg)
+    if "heldout" in result:
         console.print(summary_table("held-out accuracy (test split)", {"sampled T=1 (avg@k)": result["heldout"]["sampled_t1"],
                                                                         "greedy": result["heldout"]["greedy"]}))
     (out / "sft_result.json").write_text(json.dumps(result, indent=1))
@@ -260,14 +277,17 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict:
     return result
 
 
-def _checkpoint(policy: Policy, cfg: SFTConfig, path: Path, tasks: list[str], console: Console) -> None:
+def _checkpoint(policy: Policy, cfg: SFTConfig, path: Path, tasks: list[str], console: Console) -> dict | None:
+    """The model at this step in ``path``, with its held-out check (returned; None without one)."""
     policy.model.eval()
     policy.save(path)
+    report = None
     if tasks and cfg.eval_per_task > 0:
         report = heldout_report(policy, _heldout(cfg, tasks), cfg)
         (path / "sft_result.json").write_text(json.dumps({"heldout": report}, indent=1))
         console.print(f"{path.name}: held-out sampled {report['sampled_t1']['per_task']}")
     policy.model.train()
+    return report
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
