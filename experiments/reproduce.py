@@ -463,12 +463,15 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
     """Train every job to the plan's step count (sized, extended, or --steps), then evaluate the finished runs
     and the start. False when nothing was evaluated (--no-eval); a stop signal ends the process here."""
     sizing = out / "plan.json"  # a rerun (after a kill) keeps the step count of the first
-    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]
+
+    def trained() -> list[int]:  # the steps each job's run has logged so far
+        return [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]
+
     if args.extend:
         if not sizing.exists():
             raise SystemExit(f"--extend continues earlier runs, and {sizing} does not exist: "
                              "run without --extend first")
-        plan = extend_plan(json.loads(sizing.read_text()), len(jobs), args, before)
+        plan = extend_plan(json.loads(sizing.read_text()), len(jobs), args, trained())
         sizing.write_text(json.dumps(plan, indent=1) + "\n")
     elif not sizing.exists():
         chosen = size_steps(jobs, args, t0) if args.budget_s else {"steps": args.steps}
@@ -476,7 +479,7 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
     chosen = json.loads(sizing.read_text())
     steps = chosen["steps"]
     print(f"{len(jobs)} runs of {steps} steps, {args.jobs} at a time ({chosen})", flush=True)
-    before = [len(read_metrics(run_dir(*job, out) / "metrics.jsonl")) for job in jobs]  # after a probe, if one ran
+    before = trained()  # after the probe, if one ran
     t_train = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: train(*j, steps, args), jobs))

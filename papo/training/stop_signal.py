@@ -3,8 +3,8 @@ so that ``papo train --resume`` continues it with nothing lost.
 
 SIGTERM is what ``timeout``, Kubernetes, ``docker stop`` and Slurm's ``scancel`` send before they kill; SIGUSR1 is
 the warning Slurm sends ahead of a time limit with ``--signal=USR1@<seconds>``. SIGINT keeps Python's
-``KeyboardInterrupt``, an immediate stop. Repeated signals change nothing: ``timeout`` and torchrun both pass
-a SIGTERM on to the training processes, which may then receive it twice.
+``KeyboardInterrupt``, an immediate stop. Repeated signals change nothing: a process can receive one SIGTERM
+sent to its process group and another from a parent that passes it on.
 """
 
 from __future__ import annotations
