@@ -152,6 +152,11 @@ def _call(cmd: list[str], log_path: Path, args: argparse.Namespace) -> int | Non
             _children.discard(proc)
 
 
+def _waves(runs: int, jobs: int) -> int:
+    """How many rounds of --jobs concurrent runs it takes to run them all."""
+    return -(-runs // jobs)
+
+
 def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
     """Run every job for --probe-steps steps at the concurrency of the real runs, then size the step count so
     that training and evaluation fit in --budget-s (counted from the script's start)."""
@@ -160,23 +165,21 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
     probe_wall = time.time() - t0
     if _stopped:
         _exit_stopped(runs, args.probe_steps)
-    # the slowest run sets the pace (DAPO regenerates); the first step also captures CUDA graphs, so it is left out
-    times = [[r["step_s"] for r in read_metrics(run / "metrics.jsonl")[1:] if r.get("step_s")] for run in runs]
-    if not all(times):
+    if any(len(read_metrics(run / "metrics.jsonl")) < 2 for run in runs):
         raise SystemExit(f"a probe run logged fewer than 2 steps; see the logs in {args.out}")
-    step_s = max(statistics.median(t) for t in times)
-    waves = -(-len(jobs) // args.jobs)
-    startup_s = max(0.0, probe_wall / waves - args.probe_steps * step_s)  # process start, model load, graph capture, save
-    left = args.budget_s - probe_wall - args.eval_reserve_s - waves * startup_s
-    steps = max(args.probe_steps, int(left / (waves * step_s * 1.1)))
-    return {"steps": steps, "step_s": round(step_s, 3), "startup_s": round(startup_s, 1), "jobs": args.jobs,
-            "runs": len(jobs), "probe_steps": args.probe_steps, "budget_s": args.budget_s}
+    waves = _waves(len(jobs), args.jobs)
+    pace = measured_pace(runs, [0] * len(runs), probe_wall, waves)
+    left = args.budget_s - probe_wall - args.eval_reserve_s - waves * pace["startup_s"]
+    steps = max(args.probe_steps, int(left / (waves * pace["step_s"] * 1.1)))
+    return {"steps": steps, **pace, "jobs": args.jobs, "runs": len(jobs), "probe_steps": args.probe_steps,
+            "budget_s": args.budget_s}
 
 
 def measured_pace(runs: list[Path], steps_before: list[int], wall_s: float, waves: int) -> dict:
     """Step time and start-up as this call's runs showed them: each run's median over the steps it trained here
-    after its first (which compiles and captures graphs), the slowest run's setting the pace; start-up is the
-    rest of a wave's wall time. Empty if no run trained two steps here."""
+    after its first (which compiles and captures graphs), the slowest run's setting the pace (DAPO regenerates);
+    start-up (process start, model load, graph capture, saves) is the rest of a wave's wall time. Empty if no
+    run trained two steps here."""
     trained = [read_metrics(run / "metrics.jsonl")[n:] for run, n in zip(runs, steps_before)]
     times = [statistics.median(t) for rows in trained if (t := [r["step_s"] for r in rows[1:] if r.get("step_s")])]
     if not times:
@@ -205,7 +208,7 @@ def extend_plan(plan: dict, n_jobs: int, args: argparse.Namespace, trained: list
     if "step_s" not in plan:
         raise SystemExit("--extend with --budget-s needs the step time an earlier call measured, and its plan.json "
                          "has none: pass --extend --steps N instead")
-    waves = -(-n_jobs // args.jobs)
+    waves = _waves(n_jobs, args.jobs)
     left = args.budget_s - args.eval_reserve_s - waves * plan["startup_s"]
     more = max(0, int(left / (waves * plan["step_s"] * 1.1)))
     steps = max(base + more, max(trained) if trained else 0)
@@ -484,7 +487,7 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: train(*j, steps, args), jobs))
         # the pace this call showed sizes a later --extend --budget-s, whether or not a probe sized this one
-        pace = measured_pace(runs, before, time.time() - t_train, -(-len(jobs) // args.jobs))
+        pace = measured_pace(runs, before, time.time() - t_train, _waves(len(jobs), args.jobs))
         sizing.write_text(json.dumps({**chosen, **pace}, indent=1) + "\n")
         if _stopped:
             _exit_stopped(runs, steps)
