@@ -42,6 +42,8 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     assert row["reward"] == pytest.approx(float(overall.mean()))
     assert row["accuracy"] == pytest.approx(sum(float(s["accuracy"]) for s in exp.scores) / exp.size)
     assert row["response_length"] == pytest.approx(float(exp.mask.sum(-1).float().mean()))
+    at_cap = [int(n) >= cfg.rollout.max_new_tokens for n in exp.mask.sum(-1)]
+    assert row["response_clip_ratio"] == pytest.approx(sum(at_cap) / len(at_cap))
     assert row["tokens"] == exp.tokens == int(exp.prompt_tokens.sum() + exp.mask.sum())
     assert row["skipped_updates"] == 0 and row["skipped"] == ""
     assert abs(row["ppo_kl"]) < 1e-5  # one on-policy mini-batch: ratio 1

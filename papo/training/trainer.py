@@ -431,6 +431,9 @@ class Trainer:
             "accuracy": _finite_mean([float(s["accuracy"]) for s in exp.scores]),
             **({"format": _finite_mean([float(s["format"]) for s in exp.scores])} if all("format" in s for s in exp.scores) else {}),
             "response_length": float(lengths.mean()),
+            # verl's response_length/clip_ratio: responses the token cap cut off (one kind of KL_prcp hacking
+            # stops ending its responses, docs/RESULTS.md)
+            "response_clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
             "lr": self.sched.get_last_lr()[0],
             **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items() if k != "updates"},
             **extra,
