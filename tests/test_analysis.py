@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from papo.cli import main
 from papo.data.synthetic import FAMILIES, make_sample
 from papo.evaluation.analysis import breakdown, classify, stated_facts
@@ -36,10 +38,20 @@ def test_the_five_classes():
     assert classify(lucky, FACTS, True, True) == "lucky_guess"
     assert classify(missing, FACTS, True, True) == "lucky_guess"
     assert classify("no think, no box", FACTS, False, False) == "format"
-    b = breakdown(["correct", "perception", "perception", "reasoning", "format"])
+    b = breakdown(["correct", "perception", "perception", "reasoning", "format"], [True, False, False, False, False])
     assert b["counts"]["perception"] == 2 and b["responses"] == 5
     assert b["perception_share_of_errors"] == 2 / 4  # of the 4 wrong answers
-    assert breakdown([])["perception_share_of_errors"] == 0.0
+    assert breakdown([], [])["perception_share_of_errors"] == 0.0
+
+
+def test_a_garbled_trace_before_a_right_answer_is_not_a_wrong_answer():
+    garbled = "<think>se=2, C=10, minute hand=20. The answer is 5.</think> \\boxed{5}"
+    assert classify(garbled, FACTS, True, True) == "format"  # its facts cannot be read
+    b = breakdown(["format", "perception", "reasoning", "correct"], [True, False, False, True])
+    assert b["shares"]["format"] == 0.25
+    assert b["perception_share_of_errors"] == 1 / 2  # of the 2 wrong answers; the format response was right
+    with pytest.raises(ValueError, match="3 classes for 2 answers"):
+        breakdown(["format", "correct", "correct"], [True, True])
 
 
 def test_a_clock_is_judged_by_its_hour_hand_alone():

@@ -63,11 +63,17 @@ def classify(response: str, facts: Mapping[str, Any], correct: bool, formatted: 
     return "reasoning" if facts_right else "perception"
 
 
-def breakdown(classes: Iterable[str]) -> dict[str, Any]:
-    """Counts and shares of each class, and perception errors as a share of wrong answers."""
+def breakdown(classes: Iterable[str], correct: Iterable[bool]) -> dict[str, Any]:
+    """Counts and shares of each class, and perception errors as a share of wrong answers (``correct``: each
+    response's answer, in the same order). A ``format`` response may still box the right answer (its trace
+    unreadable), so wrong answers are counted from the answers, not from the classes."""
+    classes, correct = list(classes), list(correct)
+    if len(classes) != len(correct):
+        raise ValueError(f"{len(classes)} classes for {len(correct)} answers")
     counts = Counter(classes)
-    total = sum(counts.values())
-    wrong = counts["perception"] + counts["reasoning"] + counts["format"]
-    return {"responses": total, "counts": {c: counts[c] for c in CLASSES},
+    total = len(classes)
+    wrong = correct.count(False)
+    return {"responses": total, "wrong_answers": wrong, "counts": {c: counts[c] for c in CLASSES},
             "shares": {c: counts[c] / total if total else 0.0 for c in CLASSES},
-            "perception_share_of_errors": counts["perception"] / wrong if wrong else 0.0}
+            "perception_share_of_errors": counts["perception"] / wrong if wrong else 0.0,
+            "reasoning_share_of_errors": counts["reasoning"] / wrong if wrong else 0.0}

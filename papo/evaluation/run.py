@@ -143,7 +143,7 @@ def _summary(records: list[dict], k: int) -> dict[str, Any]:
     if len(summary.per_task) > 1:
         out["per_task"] = summary.per_task
     if records and all("errors" in r for r in records):
-        out["errors"] = breakdown(c for r in records for c in r["errors"])
+        out["errors"] = breakdown((c for r in records for c in r["errors"]), (x > 0.5 for r in records for x in r["correct"]))
     if records and all("cued_answer" in r for r in records):
         out["cued"] = cued_shares(records)
     return out
@@ -257,6 +257,6 @@ def summary_table(summary: dict[str, Any]):
 def _error_cell(errors: dict[str, Any] | None) -> str:
     if not errors:
         return "-"
-    c = errors["counts"]
-    wrong = c["perception"] + c["reasoning"] + c["format"]
-    return f"{100 * c['perception'] / wrong:.0f} / {100 * c['reasoning'] / wrong:.0f}" if wrong else "no errors"
+    if not errors["wrong_answers"]:
+        return "no errors"
+    return f"{100 * errors['perception_share_of_errors']:.0f} / {100 * errors['reasoning_share_of_errors']:.0f}"
