@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TORCHRUN_SHUTDOWN_ENV, TORCHRUN_SHUTDOWN_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 900
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """``python -m torch.distributed.run --nproc-per-node N -m papo <argv without --nproc-per-node>``."""
     rest, skip = [], False
@@ -226,8 +229,12 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     from papo.training.stop_signal import STOP_SIGNALS
 
     # torchrun in a session of its own gets each stop signal once, from here (one sent to this process group
-    # would otherwise reach it twice); it passes SIGTERM on to every rank, but SIGUSR1 would end it
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # would otherwise reach it twice); it passes SIGTERM on to every rank, but SIGUSR1 would end it. It kills
+    # ranks still running 30 s after that (torch >= 2.12 reads this variable; older versions keep the 30 s):
+    # a stopping rank finishes its step and writes a checkpoint, minutes at 3B
+    env = {**os.environ}
+    env.setdefault(TORCHRUN_SHUTDOWN_ENV, str(TORCHRUN_SHUTDOWN_S))
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum: int, frame: object) -> None:
         proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from papo.cli import TORCHRUN_SHUTDOWN_ENV
+from papo.training import faults
 from papo.training.distributed import DistContext
 from papo.training.loop import read_metrics
 from papo.training.stop_signal import StopOnSignal
@@ -28,12 +30,12 @@ def test_stop_signals_set_a_flag_and_the_handlers_come_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _start(out: Path, nproc: int, steps: int) -> subprocess.Popen:
+def _start(out: Path, nproc: int, steps: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "papo", "train", "--nproc-per-node", str(nproc), "--out", str(out),
            "--max-steps", str(steps), "--device", "cpu"]
     for s in SETTINGS:
         cmd += ["--set", s]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _stop_after(proc: subprocess.Popen, out: Path, steps: int, signum: int) -> tuple[int, str]:
@@ -68,3 +70,17 @@ def test_a_signal_to_the_launcher_stops_every_rank_at_the_same_step(tmp_path):
     assert rc != 0 and err.count("SIGTERM received; stopped after step") == 1, err[-3000:]  # rank 0 reports
     ckpt = out / "checkpoints" / f"step-{done}"
     assert (ckpt / "dcp").is_dir() and not (out / "final").exists(), sorted(p.name for p in out.rglob("*"))[:40]
+
+
+@pytest.mark.slow
+def test_the_launcher_gives_stopping_ranks_longer_than_torchruns_30_seconds(tmp_path):
+    """A checkpoint that takes longer than torchrun's default grace after a stop (30 s) still completes."""
+    assert faults.STALL_S > 30
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != TORCHRUN_SHUTDOWN_ENV}
+    env[faults.ENV] = "checkpoint.model=stall@1"  # every rank's stop checkpoint stalls STALL_S seconds
+    rc, err = _stop_after(_start(out, 2, 50, env), out, 1, signal.SIGTERM)
+    done = len(read_metrics(out / "metrics.jsonl"))
+    assert err.count("SIGTERM received; stopped after step") == 1, err[-3000:]
+    ckpt = out / "checkpoints" / f"step-{done}"
+    assert (ckpt / "trainer_state.pt").exists(), sorted(p.name for p in out.rglob("*"))[:40]

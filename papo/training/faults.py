@@ -14,6 +14,8 @@ that rank under torchrun (``rank1:update=oom@1``: one worker fails, the others d
   oom     raise torch.OutOfMemoryError, as CUDA does
   nan     make one element of the value at that point NaN (rewards, logprobs, grad), through ``Poison``,
           the trainer's hook object
+  stall   sleep STALL_S seconds, as a slow checkpoint write does: longer than torchrun's default 30-s grace
+          for its ranks after a stop signal
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from papo.errors import UserError
 
 ENV = "PAPO_FAILPOINTS"
-ACTIONS = ("kill", "enospc", "oom", "nan")
+ACTIONS = ("kill", "enospc", "oom", "nan", "stall")
+STALL_S = 40
 
 # every failpoint the package defines, where it sits
 POINTS = {
@@ -107,6 +111,8 @@ def failpoint(name: str) -> str | None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at failpoint {name})")
+    if rule.action == "stall":
+        time.sleep(STALL_S)
     return rule.action
 
 
