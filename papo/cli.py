@@ -6,6 +6,7 @@ Each command lives in a small ``_cmd_*`` function; heavy imports happen inside i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -214,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
 TORCHRUN_SHUTDOWN_ENV, TORCHRUN_SHUTDOWN_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 900
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's ranks), from /proc; [] where there is none."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:  # after "pid (comm)": state, ppid, ...
+                found.append(int(entry))
+    return found
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """``python -m torch.distributed.run --nproc-per-node N -m papo <argv without --nproc-per-node>``."""
     rest, skip = [], False
@@ -228,20 +243,31 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     print("papo: " + " ".join(cmd[1:]), file=sys.stderr)
     from papo.training.stop_signal import STOP_SIGNALS
 
-    # torchrun in a session of its own gets each stop signal once, from here (one sent to this process group
-    # would otherwise reach it twice); it passes SIGTERM on to every rank, but SIGUSR1 would end it. It kills
-    # ranks still running 30 s after that (torch >= 2.12 reads this variable; older versions keep the 30 s):
-    # a stopping rank finishes its step and writes a checkpoint, minutes at 3B
+    # torchrun in a session of its own gets each signal once, from here (one sent to this process group would
+    # otherwise reach it twice). A stop signal goes to the ranks themselves: torchrun would pass it on and then
+    # kill ranks still running 30 s later (torch >= 2.12 reads TORCHRUN_SHUTDOWN_ENV, older versions do not),
+    # while a stopping rank finishes its step and writes a checkpoint, minutes at 3B. SIGUSR1 would end torchrun.
     env = {**os.environ}
     env.setdefault(TORCHRUN_SHUTDOWN_ENV, str(TORCHRUN_SHUTDOWN_S))
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
+    stops: list[int] = []
+
     def forward(signum: int, frame: object) -> None:
-        proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        ranks = [] if signum == signal.SIGINT else _children(proc.pid)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if ranks:
+            stops.append(signum)
+        else:  # Ctrl-C, or no ranks started yet (or no /proc): torchrun handles it
+            proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, *STOP_SIGNALS)}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        # ranks that stopped on the signal exit 128 + it, which torchrun reports as a failure: report the stop
+        return 128 + stops[0] if stops and rc != 0 else rc
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
