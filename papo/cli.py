@@ -42,11 +42,12 @@ def _task_values(text: str, flag: str) -> dict[str, float]:
     values = {}
     for part in filter(None, text.split(",")):
         task, eq, value = part.partition("=")
+        task = task.strip()
         try:
-            values[task.strip()] = float(value)
+            values[task] = float(value)
         except ValueError:
             raise UserError(f"{flag} takes FAMILY=ACCURACY pairs joined by commas, got {part!r}") from None
-        if not eq or not task.strip() or not 0 <= values[task.strip()] <= 1:
+        if not eq or not task or not 0 <= values[task] <= 1:
             raise UserError(f"{flag} takes FAMILY=ACCURACY pairs with an accuracy in [0, 1], got {part!r}")
     return values
 
@@ -217,15 +218,16 @@ TORCHRUN_SHUTDOWN_ENV, TORCHRUN_SHUTDOWN_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 9
 
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (torchrun's ranks), from /proc; [] where there is none."""
+    if not os.path.isdir("/proc"):
+        return []
     found = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:  # ended meanwhile
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:  # after "pid (comm)": state, ppid, ...
-                found.append(int(entry))
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:  # after "pid (comm)": state, ppid, ...
+            found.append(int(entry))
     return found
 
 
