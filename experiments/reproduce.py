@@ -8,7 +8,9 @@
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
 with equal steps and rollouts per step; tiny models leave a GPU mostly idle, so `--jobs` of them share it.
 `--budget-s` sizes the step count from a measured probe instead of `--steps`; `--extend` continues the runs of
-an earlier call (their directories kept) by as many steps as the new budget allows. A SIGTERM or SIGUSR1 (from
+an earlier call (their directories kept) by as many steps as the new budget allows. Under a budget each run
+also gets a time limit (`trainer.max_time_s`) that ends it at its last whole step before the evaluation
+reserve, so a run slower than sized is still evaluated (at fewer steps, which the tables show). A SIGTERM or SIGUSR1 (from
 `timeout`, a scheduler) stops the call cleanly: every run saves its last step, nothing is evaluated, and the
 same command with `--extend` continues them; `--no-eval` leaves evaluation to a later call. Each finished run is then
 evaluated on the synthetic test split with `papo eval` (avg@k, perception gap with masked images,
@@ -104,14 +106,22 @@ def train(method: str, preset: str, overrides: list[str], seed: int, steps: int,
     for attempt in range(2):
         if attempt and (not (run / "checkpoints").exists() or _stopped):
             break
+        timed = [*settings, f"trainer.max_time_s={_time_left(args)}"]
         if (run / "config.yaml").exists():
-            cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run), *_sets(settings)]
+            cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run), *_sets(timed)]
         else:
-            cmd = [*fresh, *_sets(fresh_settings + settings)]
+            cmd = [*fresh, *_sets(fresh_settings + timed)]
         if _call(cmd, log, args) == 0:
             finished.add(run)
             break
     return run
+
+
+def _time_left(args: argparse.Namespace) -> float:
+    """Seconds a run started now may train: to --budget-s less --eval-reserve-s, so that a run slower than sized
+    (DAPO's steps grow) ends at its last whole step and is evaluated there; 0 (no limit) without a budget."""
+    deadline = getattr(args, "train_deadline", None)
+    return round(max(1.0, deadline - time.time()), 1) if deadline else 0
 
 
 def _sets(settings: list[str]) -> list[str]:
@@ -175,18 +185,21 @@ def size_steps(jobs: list[tuple], args: argparse.Namespace, t0: float) -> dict:
             "budget_s": args.budget_s}
 
 
+PACE_WINDOW = 10  # the last steps whose median is a run's pace: DAPO's steps grow as fewer groups pass its filter
+
+
 def measured_pace(runs: list[Path], steps_before: list[int], wall_s: float, waves: int) -> dict:
-    """Step time and start-up as this call's runs showed them: each run's median over the steps it trained here
-    after its first (which compiles and captures graphs), the slowest run's setting the pace (DAPO regenerates);
-    start-up (process start, model load, graph capture, saves) is the rest of a wave's wall time. Empty if no
-    run trained two steps here."""
-    trained = [read_metrics(run / "metrics.jsonl")[n:] for run, n in zip(runs, steps_before)]
-    times = [statistics.median(t) for rows in trained if (t := [r["step_s"] for r in rows[1:] if r.get("step_s")])]
+    """Step time and start-up as this call's runs showed them: each run's median over its last PACE_WINDOW steps
+    here, not counting the first (which compiles and captures graphs), the slowest run's setting the pace (a run
+    of DAPO went from 9 to 15 s a step in 60 steps, its filter regenerating more); start-up (process start,
+    model load, first steps, saves) is the rest of a wave's wall time. Empty if no run trained two steps here."""
+    trained = [[r["step_s"] for r in read_metrics(run / "metrics.jsonl")[n:][1:] if r.get("step_s")]
+               for run, n in zip(runs, steps_before)]
+    times = [statistics.median(t[-PACE_WINDOW:]) for t in trained if t]
     if not times:
         return {}
-    step_s = max(times)
-    startup_s = max(0.0, wall_s / waves - max(len(rows) for rows in trained) * step_s)
-    return {"step_s": round(step_s, 3), "startup_s": round(startup_s, 1)}
+    startup_s = max(0.0, wall_s / waves - max(sum(t) for t in trained))
+    return {"step_s": round(max(times), 3), "startup_s": round(startup_s, 1)}
 
 
 def _exit_stopped(runs: list[Path], steps: int) -> None:
@@ -337,7 +350,7 @@ def tables(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m, rs in by_method.items():
         lines.append(" | ".join([
-            f"| {m}", str(len(rs)), str(max(r["steps"] for r in rs)), _mean_std([heldout(r) for r in rs]),
+            f"| {m}", str(len(rs)), _range([r["steps"] for r in rs]), _mean_std([heldout(r) for r in rs]),
             _mean_std([r.get("masked_avg_at_k") for r in rs]), _mean_std([r.get("perception_gap") for r in rs]),
             *(_mean_std([r.get(f"final_{key}") for r in rs], 1.0, 3) for key in ("kl_prcp", "entropy", "masked_entropy")),
             _flagged(rs) + " |"]))
@@ -364,6 +377,10 @@ def tables(rows: list[dict]) -> str:
         for m, rs in by_method.items():
             lines.append(f"| {m} | " + " | ".join(_mean_std([r["heldout_per_task"].get(t) for r in rs]) for t in tasks) + " |")
     return "\n".join(lines)
+
+
+def _range(values: list[int]) -> str:
+    return f"{min(values)}–{max(values)}" if min(values) != max(values) else str(values[0])
 
 
 def _points(change: dict) -> str:
@@ -491,6 +508,9 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
         sizing.write_text(json.dumps({**chosen, **pace}, indent=1) + "\n")
         if _stopped:
             _exit_stopped(runs, steps)
+        if short := sorted(n for run in runs if run in finished and (n := len(read_metrics(run / "metrics.jsonl"))) < steps):
+            print(f"the time limit (--budget-s less --eval-reserve-s) ended {len(short)} of {len(runs)} runs at steps "
+                  f"{short[0]}–{short[-1]} of {steps}; they are evaluated there (--extend continues them)", flush=True)
         if args.no_eval:
             print(f"trained in {time.time() - t0:.0f} s; not evaluated (--no-eval)", flush=True)
             return False
@@ -544,6 +564,7 @@ def main() -> None:
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     jobs = [(m, p, o, s) for m, p, o in plan for s in seeds]
     t0 = time.time()
+    args.train_deadline = t0 + args.budget_s - args.eval_reserve_s if args.budget_s else None
     if not args.report_only:
         previous = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:

@@ -32,7 +32,8 @@
 # RL_STEPS=N trains every run to step N without a probe (the probe's runs restart, which cost about a minute of
 # each rl call); at RL_SECONDS the runs get a SIGTERM, save their last step and stop. The next call's `extend`
 # continues them, to RL_STEPS (the new total) or, without it, as far as RL_SECONDS allows at the pace the last
-# call measured (plan.json). RL_EVAL=0 trains only and leaves evaluation to a later call.
+# call measured over its last steps (plan.json); a run slower than that ends where the evaluation's 120 s begin
+# and is evaluated at the step it reached. RL_EVAL=0 trains only and leaves evaluation to a later call.
 set -uo pipefail
 stage=$1; out=$2
 export PYTHONUNBUFFERED=1 PAPO_SFT_WORKERS=${PAPO_SFT_WORKERS:-12}

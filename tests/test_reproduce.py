@@ -106,17 +106,55 @@ def test_a_call_of_fixed_steps_measures_the_pace_that_sizes_its_extension(tmp_pa
     _metrics(a, [9.0, 1.0, 1.0, 30.0, 5.0, 6.0, 5.0])  # two steps from an earlier call, then four in this one
     _metrics(b, [9.0, 1.0, 40.0, 7.0, 7.0, 7.0])  # its first step in a call compiles: left out
     pace = reproduce.measured_pace([a, b], [3, 2], wall_s=99.0, waves=1)
-    assert pace == {"step_s": 7.0, "startup_s": 71.0}  # the slowest run's median; 99 s - 4 steps x 7 s
+    # the slowest run's median; start-up: 99 s less the 21 s of b's steps after its first
+    assert pace == {"step_s": 7.0, "startup_s": 78.0}
     args = type("Args", (), {"budget_s": 500.0, "eval_reserve_s": 120.0, "jobs": 2, "steps": 100})
-    # (500 s - 120 s for evaluation - 71 s start-up) / (7 s * 1.1 margin) = 40.1 more steps
-    assert reproduce.extend_plan({"steps": 6, **pace}, 2, args)["steps"] == 46
+    # (500 s - 120 s for evaluation - 78 s start-up) / (7 s * 1.1 margin) = 39.2 more steps
+    assert reproduce.extend_plan({"steps": 6, **pace}, 2, args)["steps"] == 45
     assert reproduce.measured_pace([a], [7], wall_s=5.0, waves=1) == {}  # nothing trained here
     # runs a stop signal cut short of the plan's 200 steps, at 72 and 86: extended from the fewer, to one step count
     plan = {"steps": 200, **pace}
-    assert reproduce.extend_plan(plan, 2, args, trained=[72, 86]) == {**plan, "steps": 112, "extended_from": 72,
+    assert reproduce.extend_plan(plan, 2, args, trained=[72, 86]) == {**plan, "steps": 111, "extended_from": 72,
                                                                       "budget_s": 500.0}
     args.budget_s = 100.0  # room for no step: the runs behind still catch up with the one ahead
     assert reproduce.extend_plan(plan, 2, args, trained=[72, 86])["steps"] == 86
+
+
+def test_the_pace_is_that_of_the_last_steps_when_steps_grow(tmp_path):
+    reproduce = _load()
+    run = tmp_path / "dapo"
+    _metrics(run, [9.0] + [5.0] * 20 + [15.0] * reproduce.PACE_WINDOW)  # DAPO's filter regenerating more each step
+    assert reproduce.measured_pace([run], [0], wall_s=400.0, waves=1) == {"step_s": 15.0, "startup_s": 150.0}
+
+
+def test_a_budget_ends_slow_runs_where_the_evaluation_reserve_begins(tmp_path, monkeypatch, capsys):
+    reproduce = _load()
+    commands = []
+    monkeypatch.setattr(reproduce, "_call", lambda cmd, log, args: commands.append(cmd) or 0)
+    monkeypatch.setattr(reproduce.time, "time", lambda: 1000.0)
+    args = type("Args", (), {"out": str(tmp_path), "device": "cpu", "model": None, "set": [], "train_deadline": 1380.0})
+    reproduce.train("DAPO", "dapo", [], 0, 50, args)
+    args.train_deadline = None  # --steps without --budget-s: no time limit, also none a resumed run kept
+    reproduce.train("DAPO", "dapo", [], 1, 50, args)
+    assert [c[c.index("--set", len(c) - 2) + 1] for c in commands] == ["trainer.max_time_s=380.0", "trainer.max_time_s=0"]
+
+    reproduce = _load()  # the whole call: a run the limit ended short is evaluated at its last step
+    evaluated = []
+
+    def fake_train(method, preset, overrides, seed, steps, args):
+        run = reproduce.run_dir(method, preset, overrides, seed, Path(args.out))
+        _metrics(run, [1.0] * (steps if seed == 0 else 3))
+        reproduce.finished.add(run)
+        return run
+
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(reproduce, "evaluate", lambda model, ev, log, args, steps=None: evaluated.append(steps))
+    monkeypatch.setattr(reproduce.sys, "argv", ["reproduce.py", "--methods", "DAPO", "--seeds", "2", "--steps", "5",
+                                                "--device", "cpu", "--out", str(tmp_path / "runs"),
+                                                "--results", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
+    reproduce.main()
+    assert sorted(evaluated, key=str) == [3, 5, None]  # the start has no step count
+    assert "ended 1 of 2 runs at steps 3–3 of 5" in capsys.readouterr().out
 
 
 def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, monkeypatch):

@@ -615,6 +615,36 @@ def test_resume_with_max_steps_extends_a_finished_run(tmp_path, capsys):
         assert f"{flags[0]} cannot change on --resume" in capsys.readouterr().err
 
 
+def test_a_time_limit_ends_training_before_a_step_would_pass_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from papo.training import loop
+
+    clock = [1000.0]  # every step takes 10 s of this clock; nothing else advances it
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
+    step = Trainer.step
+
+    def ten_seconds(self):
+        clock[0] += 10.0
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", ten_seconds)
+    out = tmp_path / "run"
+    # before step 3: 20 s gone + 10 s for the step > 25 s, so it ends after step 2 and saves it (save_every 20 would not)
+    result = run_train(small_cfg("grpo", ["trainer.max_steps=4", "trainer.max_time_s=25"]), str(out))
+    assert result["steps"] == 2 and [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert (out / "final" / "config.json").is_file()
+    assert "trainer.max_time_s=25 ended training after step 2 of 4" in (out / "report.md").read_text()
+    assert main(["train", "--resume", str(out), "--set", "trainer.max_time_s=0"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    ctx = SimpleNamespace(any=bool)
+    clock[0] = 50.0
+    assert loop._out_of_time(0.0, 20.0, 60.0, ctx) and not loop._out_of_time(0.0, 20.0, 80.0, ctx)
+    assert not loop._out_of_time(0.0, 20.0, 0.0, ctx)  # 0: no limit
+    with pytest.raises(ConfigError, match="max_time_s must be >= 0"):
+        small_cfg("grpo", ["trainer.max_time_s=-1"])
+
+
 def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
     import io
 

@@ -136,6 +136,10 @@ class OptimSection:
 @dataclass
 class TrainerSection:
     max_steps: int = 100
+    # seconds from the start of `papo train` (model loading included) after which training ends, before a step
+    # that the last one's duration says would pass it; then checkpoint, held-out check, final/ and report as at
+    # max_steps. For a job slot or a call with a time limit (leave room for those last writes); 0: no limit
+    max_time_s: float = 0.0
     rollout_batch_size: int = 8  # prompts per step (official 384)
     # DAPO filter: prompts drawn per generation round, rounds repeating until rollout_batch_size groups are kept;
     # 0 = rollout_batch_size (official mini_rollout_batch_size 128, so a full batch needs at least 3 rounds)
@@ -235,6 +239,7 @@ class TrainConfig:
             (t.mini_batch_size >= 1 and t.rollout_batch_size % t.mini_batch_size == 0,
              "trainer.rollout_batch_size must be a multiple of trainer.mini_batch_size"),
             (t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every >= 0 and trainer.keep_last >= 1"),
+            (t.max_time_s >= 0, "trainer.max_time_s must be >= 0 (0: no time limit)"),
             (self.optim.lr > 0 and self.optim.grad_clip > 0, "optim.lr and optim.grad_clip must be > 0"),
             (set(t.report_to) <= {"tensorboard", "wandb", "none"}, "trainer.report_to: tensorboard, wandb or none"),
         ]

@@ -87,10 +87,17 @@ def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
                                 "reward": exp.scores[i]["overall"], "image": f"step-{step}-image.png"}) + "\n")
 
 
+def _out_of_time(started: float, last_step_s: float, limit_s: float, ctx: DistContext) -> bool:
+    """Whether a next step as long as the last would end past ``limit_s`` seconds after ``started`` (0: no
+    limit). Every rank decides together: their clocks differ, and a sharded checkpoint needs all at one step."""
+    return bool(limit_s) and ctx.any(time.monotonic() - started + last_step_s > limit_s)
+
+
 def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None, train_data: Any = None,
               reward: Any = None, ctx: DistContext | None = None) -> dict[str, Any]:
     """``train_data`` / ``reward``: Python objects in place of ``cfg.data.train`` / ``cfg.algorithm.reward``.
     ``ctx``: the distributed context; every rank runs this loop, the main rank alone writes."""
+    started = time.monotonic()  # trainer.max_time_s counts from here, model loading included
     console = console or Console()
     out_dir = Path(out)
     torch.manual_seed(cfg.trainer.seed)
@@ -135,6 +142,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
                TimeElapsedColumn()]
     last_good = None
+    last_step_s = 0.0  # wall time of the last step, saves and logging included: what the next one is expected to take
     saved_at = trainer.step_no  # the step of the newest checkpoint (0: none, and nothing trained to save)
     plain_every = max(1, t.max_steps // 20)
     metrics_path = out_dir / "metrics.jsonl" if main else Path(os.devnull)
@@ -148,6 +156,14 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                 saved = f"saved checkpoints/step-{trainer.step_no}" if trainer.step_no else "nothing trained yet"
                 raise Interrupted(f"{signal.Signals(signum).name} received; stopped after step {trainer.step_no} of "
                                   f"{t.max_steps} ({saved}); continue with papo train --resume {out_dir}", signum)
+            if _out_of_time(started, last_step_s, t.max_time_s, trainer.ctx):
+                warnings.append(f"trainer.max_time_s={t.max_time_s:g} ended training after step {trainer.step_no} of "
+                                f"{t.max_steps}; continue with papo train --resume {out_dir}")
+                console.print(f"[yellow]{warnings[-1]}")
+                if trainer.step_no > saved_at:  # the resume point
+                    trainer.save()
+                break
+            step_started = time.monotonic()
             row = trainer.step()
             step = row["step"]
             if t.val_every and step % t.val_every == 0:
@@ -179,6 +195,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             elif t.save_every and (step % t.save_every == 0 or step == t.max_steps):
                 last_good = trainer.save()
                 saved_at = step
+            last_step_s = time.monotonic() - step_started
             if trainer.bad_steps >= t.max_bad_steps:
                 loggers.close()
                 raise TrainingStopped(
