@@ -2,7 +2,7 @@ import logging
 
 import torch
 
-from papo.algo import dapo_group_filter
+from papo.algo import dapo_group_filter, group_outcomes
 
 
 def test_keeps_only_mixed_groups():
@@ -32,3 +32,9 @@ def test_official_keep_all_fallback_is_opt_in_and_logged(caplog):
         result = dapo_group_filter(acc, [0, 0, 1, 1], keep_all_if_empty=True)
     assert result.keep.all() and result.fallback_fired
     assert "kept 0 of 2 groups" in caplog.text
+
+
+def test_group_outcomes_count_the_groups_without_an_advantage():
+    acc = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    out = group_outcomes(acc, ["a", "a", "b", "b", "c", "c", "d", "d", "d"])
+    assert (out.groups, out.all_correct, out.all_wrong) == (4, 1, 1)  # a all right, b all wrong, c and d mixed

@@ -45,6 +45,11 @@ def test_one_step_of_every_preset_moves_the_weights(preset, tmp_path):
     at_cap = [int(n) >= cfg.rollout.max_new_tokens for n in exp.mask.sum(-1)]
     assert row["response_clip_ratio"] == pytest.approx(sum(at_cap) / len(at_cap))
     assert row["tokens"] == exp.tokens == int(exp.prompt_tokens.sum() + exp.mask.sum())
+    if not cfg.algorithm.online_filter:  # the filter's are counted over every round it drew (test_dapo_*)
+        by_group = exp.size // cfg.rollout.n
+        acc = torch.tensor([float(s["accuracy"]) for s in exp.scores]).view(by_group, -1)
+        assert row["groups_all_correct"] == pytest.approx(float((acc.min(1).values >= 1).float().mean()))
+        assert row["groups_all_wrong"] == pytest.approx(float((acc.max(1).values <= 0).float().mean()))
     assert row["skipped_updates"] == 0 and row["skipped"] == ""
     assert abs(row["ppo_kl"]) < 1e-5  # one on-policy mini-batch: ratio 1
     vppo = cfg.algorithm.vppo_token_ratio > 0  # visual dependency needs pi_old's and the masked log-probs first
@@ -374,6 +379,9 @@ def test_dapo_regenerates_until_the_batch_is_full(tmp_path):
     row = trainer.step()
     assert row["filter_rounds"] == 2 and row["filter_kept_groups"] >= 2
     assert trainer.last_experience.size == 2 * 4
+    # over both rounds' 4 groups: round 1's 2 all correct, round 2's mixed; accuracy 1 then 0.5
+    assert row["groups_all_correct"] == 0.5 and row["groups_all_wrong"] == 0.0
+    assert row["accuracy_before_filter"] == 0.75 and row["accuracy"] == 0.5
 
 
 def test_dapo_rounds_draw_gen_batch_size_prompts(tmp_path):
@@ -391,11 +399,12 @@ def test_dapo_rounds_draw_gen_batch_size_prompts(tmp_path):
 
     trainer.rollout = rollout
     exp, extra = trainer.collect({})
-    assert drawn == [[0], [1]] and extra == {"filter_rounds": 2, "filter_kept_groups": 2}
+    assert drawn == [[0], [1]] and extra == {"filter_rounds": 2, "filter_kept_groups": 2, "groups_all_correct": 0.0,
+                                             "groups_all_wrong": 0.0, "accuracy_before_filter": 0.5}
     assert exp.size == 2 * 4
     trainer.cfg.trainer.gen_batch_size = 3  # one round gives more groups than the batch: cut to exactly 2 groups
     exp, extra = trainer.collect({})
-    assert drawn[2:] == [[2, 3, 4]] and extra == {"filter_rounds": 1, "filter_kept_groups": 3}
+    assert drawn[2:] == [[2, 3, 4]] and (extra["filter_rounds"], extra["filter_kept_groups"]) == (1, 3)
     assert exp.size == 2 * 4 and exp.uids[0].startswith("2:") and exp.uids[-1].startswith("3:")
     for bad, message in [("-1", "gen_batch_size must be >= 0"), ("4", "needs algorithm.online_filter")]:
         with pytest.raises(ConfigError, match=message):
@@ -433,6 +442,30 @@ def test_dapo_gives_up_with_a_clear_error(tmp_path):
     trainer.rollout = rollout
     with pytest.raises(RuntimeError, match="max_filter_rounds"):
         trainer.step()
+
+
+def test_dapo_can_train_on_the_groups_kept_when_rounds_run_out(tmp_path):
+    torch.manual_seed(2)
+    trainer = Trainer(small_cfg("dapo", ["algorithm.max_filter_rounds=2", "algorithm.filter_fallback=kept"]), tmp_path, "cpu")
+    real = trainer.rollout
+    rounds = {"n": 0}
+
+    def rollout(draws):  # one mixed group in round 1 (of 2 wanted), then all wrong
+        exp = real(draws)
+        rounds["n"] += 1
+        for i, s in enumerate(exp.scores):
+            s["accuracy"] = float(rounds["n"] == 1 and i < 4 and i % 2 == 0)
+        return exp
+
+    trainer.rollout = rollout
+    row = trainer.step()
+    assert row["filter_rounds"] == 2 and row["filter_kept_groups"] == 1
+    assert trainer.last_experience.size == 4 and row["skipped_updates"] == 0 and row["groups_all_wrong"] == 0.75
+    rounds["n"] = 1  # every group all wrong: nothing to train on
+    with pytest.raises(RuntimeError, match="too few for every rank"):
+        trainer.step()
+    with pytest.raises(ConfigError, match="filter_fallback must be error or kept"):
+        small_cfg("dapo", ["algorithm.filter_fallback=skip"])
 
 
 def _strip(rows):

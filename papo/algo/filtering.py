@@ -48,3 +48,22 @@ def dapo_group_filter(
         log.warning("DAPO filter kept 0 of %d groups; keep_all_if_empty=True keeps all of them", n_groups)
         return FilterResult(torch.ones_like(v, dtype=torch.bool), n_groups, n_groups, True)
     return FilterResult(group_keep[index], kept, n_groups, False)
+
+
+@dataclass
+class GroupOutcomes:
+    groups: int
+    all_correct: int  # groups whose responses all scored 1: zero GRPO advantage, dropped by DAPO's filter
+    all_wrong: int  # groups whose responses all scored 0: the same
+
+
+def group_outcomes(
+    values: Tensor,  # (N,) per-response 0/1 key, e.g. accuracy
+    group_ids: Tensor | Sequence[Hashable],  # (N,) prompt uid of each response
+) -> GroupOutcomes:
+    index, n_groups = group_index(group_ids)
+    v = values.detach().float()
+    index = index.to(v.device)
+    lowest = torch.zeros(n_groups, device=v.device).scatter_reduce(0, index, v, "amin", include_self=False)  # (G,)
+    highest = torch.zeros(n_groups, device=v.device).scatter_reduce(0, index, v, "amax", include_self=False)  # (G,)
+    return GroupOutcomes(n_groups, int((lowest >= 1).sum()), int((highest <= 0).sum()))

@@ -90,7 +90,10 @@ class AlgorithmSection(LossConfig):
     filter_key: str = "accuracy"
     filter_low: float = 0.01
     filter_high: float = 0.99
-    max_filter_rounds: int = 20
+    max_filter_rounds: int = 20  # the authors' max_try_make_batch
+    # when max_filter_rounds leave the batch short: "error" (the authors', verl's) or "kept" (train on the groups
+    # kept; a model whose groups mostly agree needs ever more rounds, docs/RESULTS.md seventh run)
+    filter_fallback: str = "error"
     keep_all_if_empty: bool = False
     # reward: papo_math (0.9 accuracy + 0.1 format), math_only, or path/to/file.py:function (runs that file)
     reward: str = "papo_math"
@@ -202,6 +205,7 @@ class TrainConfig:
             (a.kl_prcp_apply_mode in APPLY_MODES, f"algorithm.kl_prcp_apply_mode must be one of {APPLY_MODES}"),
             (a.filter_key in ("accuracy", "overall", "format"), "algorithm.filter_key must be accuracy, overall or format"),
             (a.max_filter_rounds >= 1, "algorithm.max_filter_rounds must be >= 1"),
+            (a.filter_fallback in ("error", "kept"), f"algorithm.filter_fallback must be error or kept, not {a.filter_fallback!r}"),
             (a.reward in REWARDS or ":" in a.reward, f"algorithm.reward must be one of {', '.join(REWARDS)} or path/to/file.py:function"),
             (t.max_bad_steps >= 1, "trainer.max_bad_steps must be >= 1"),
             (r.engine in ENGINES, f"rollout.engine must be one of {', '.join(ENGINES)}"),

@@ -39,6 +39,7 @@ from papo.algo import (
     dapo_group_filter,
     dependency_range,
     group_advantages,
+    group_outcomes,
     kl_prcp_coef_at,
     kl_prcp_weights,
     masked_mean,
@@ -228,22 +229,33 @@ class Trainer:
         return self.cfg.trainer.gen_batch_size or self.cfg.trainer.rollout_batch_size
 
     def collect(self, timing: dict[str, float]) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-4: prompts -> rollouts -> rewards, with DAPO's filter-and-regenerate when enabled."""
+        """Steps 1-4: prompts -> rollouts -> rewards, with DAPO's filter-and-regenerate when enabled. The metrics
+        describe every group generated, filtered or not: those all correct or all wrong carry no advantage."""
         a, want = self.cfg.algorithm, self.cfg.trainer.rollout_batch_size
         t0 = time.time()
         if not a.online_filter:
             exp = self.rollout(self.stream.take(want))
             timing["rollout_s"] = time.time() - t0
-            return exp, {}
+            return exp, _outcome_metrics([exp])
         kept: list[Experience] = []
+        generated: list[Experience] = []
         quota = want // self.ctx.world_size  # each rank fills its own share; all ranks run the same rounds
         groups = rounds = 0
         while self.ctx.any(groups < quota):
             if rounds >= a.max_filter_rounds:
                 total = int(self.ctx.sum(groups)[0])
-                raise RuntimeError(f"DAPO filter kept {total} of {want} prompt groups after {rounds} rounds "
-                                   "(algorithm.max_filter_rounds); the task is too easy or too hard for this model")
+                if a.filter_fallback == "error":
+                    raise RuntimeError(f"DAPO filter kept {total} of {want} prompt groups after {rounds} rounds "
+                                       "(algorithm.max_filter_rounds); the task is too easy or too hard for this model "
+                                       "(algorithm.filter_fallback=kept trains on the groups kept)")
+                # every rank trains on as many groups as the rank that kept fewest: their updates must match
+                quota = min(quota, -int(self.ctx.max(-groups)[0]))
+                if quota == 0:
+                    raise RuntimeError(f"DAPO filter kept {total} of {want} prompt groups after {rounds} rounds, "
+                                       "too few for every rank to train on one; the task is too easy or too hard for this model")
+                break
             exp = self.rollout(self.stream.take(self.round_size))
+            generated.append(exp)
             rounds += 1
             result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
                                        a.filter_low, a.filter_high, a.keep_all_if_empty)
@@ -253,7 +265,8 @@ class Trainer:
         exp = concat(kept)
         exp = select(exp, list(range(quota * self.cfg.rollout.n)))  # truncate to exactly this rank's share
         timing["rollout_s"] = time.time() - t0
-        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups}
+        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, **_outcome_metrics(generated),
+                     "accuracy_before_filter": _finite_mean([float(s["accuracy"]) for e in generated for s in e.scores])}
 
     @torch.no_grad()
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
@@ -553,6 +566,15 @@ def nonfinite_gradients(model: torch.nn.Module) -> str:
 
 def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
+
+
+def _outcome_metrics(exps: list[Experience]) -> dict[str, float]:
+    """Shares of the prompt groups generated this step whose responses were all correct or all wrong: GRPO's
+    advantages are zero on them and DAPO's filter drops them, so their rise shows the step's signal thinning."""
+    counts = [group_outcomes(torch.tensor([float(s["accuracy"]) for s in e.scores]), e.uids) for e in exps]
+    total = max(1, sum(c.groups for c in counts))
+    return {"groups_all_correct": sum(c.all_correct for c in counts) / total,
+            "groups_all_wrong": sum(c.all_wrong for c in counts) / total}
 
 
 def _finite_mean(values: list[float]) -> float:
