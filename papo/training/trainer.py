@@ -36,6 +36,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from papo.algo import (
+    GroupOutcomes,
     dapo_group_filter,
     dependency_range,
     group_advantages,
@@ -236,9 +237,9 @@ class Trainer:
         if not a.online_filter:
             exp = self.rollout(self.stream.take(want))
             timing["rollout_s"] = time.time() - t0
-            return exp, _outcome_metrics([exp])
+            return exp, _outcome_metrics([_outcomes(exp)])
         kept: list[Experience] = []
-        generated: list[Experience] = []
+        outcomes: list[tuple[GroupOutcomes, list[float]]] = []  # every round's, not its images: 20 rounds add up
         quota = want // self.ctx.world_size  # each rank fills its own share; all ranks run the same rounds
         groups = rounds = 0
         while self.ctx.any(groups < quota):
@@ -255,7 +256,7 @@ class Trainer:
                                        "too few for every rank to train on one; the task is too easy or too hard for this model")
                 break
             exp = self.rollout(self.stream.take(self.round_size))
-            generated.append(exp)
+            outcomes.append(_outcomes(exp))
             rounds += 1
             result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
                                        a.filter_low, a.filter_high, a.keep_all_if_empty)
@@ -265,8 +266,8 @@ class Trainer:
         exp = concat(kept)
         exp = select(exp, list(range(quota * self.cfg.rollout.n)))  # truncate to exactly this rank's share
         timing["rollout_s"] = time.time() - t0
-        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, **_outcome_metrics(generated),
-                     "accuracy_before_filter": _finite_mean([float(s["accuracy"]) for e in generated for s in e.scores])}
+        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, **_outcome_metrics(outcomes),
+                     "accuracy_before_filter": _finite_mean([x for _, accuracy in outcomes for x in accuracy])}
 
     @torch.no_grad()
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
@@ -568,10 +569,15 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
-def _outcome_metrics(exps: list[Experience]) -> dict[str, float]:
+def _outcomes(exp: Experience) -> tuple[GroupOutcomes, list[float]]:
+    accuracy = [float(s["accuracy"]) for s in exp.scores]
+    return group_outcomes(torch.tensor(accuracy), exp.uids), accuracy
+
+
+def _outcome_metrics(rounds: list[tuple[GroupOutcomes, list[float]]]) -> dict[str, float]:
     """Shares of the prompt groups generated this step whose responses were all correct or all wrong: GRPO's
     advantages are zero on them and DAPO's filter drops them, so their rise shows the step's signal thinning."""
-    counts = [group_outcomes(torch.tensor([float(s["accuracy"]) for s in e.scores]), e.uids) for e in exps]
+    counts = [c for c, _ in rounds]
     total = max(1, sum(c.groups for c in counts))
     return {"groups_all_correct": sum(c.all_correct for c in counts) / total,
             "groups_all_wrong": sum(c.all_wrong for c in counts) / total}
