@@ -190,9 +190,9 @@ PACE_WINDOW = 10  # the last steps whose median is a run's pace: DAPO's steps gr
 
 def measured_pace(runs: list[Path], steps_before: list[int], wall_s: float, waves: int) -> dict:
     """Step time and start-up as this call's runs showed them: each run's median over its last PACE_WINDOW steps
-    here, not counting the first (which compiles and captures graphs), the slowest run's setting the pace (a run
-    of DAPO went from 9 to 15 s a step in 60 steps, its filter regenerating more); start-up (process start,
-    model load, first steps, saves) is the rest of a wave's wall time. Empty if no run trained two steps here."""
+    here, not counting the first (which compiles and captures graphs), the slowest run's setting the pace (DAPO's
+    steps grow as its filter needs more rounds, docs/RESULTS.md seventh run); start-up (process start, model
+    load, first steps, saves) is the rest of a wave's wall time. Empty if no run trained two steps here."""
     trained = [[r["step_s"] for r in read_metrics(run / "metrics.jsonl")[n:][1:] if r.get("step_s")]
                for run, n in zip(runs, steps_before)]
     times = [statistics.median(t[-PACE_WINDOW:]) for t in trained if t]
