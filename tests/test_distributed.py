@@ -163,6 +163,44 @@ def test_vppo_trains_in_two_processes_like_one(tmp_path):
     assert all(r["visual_dependency"] > 0 for r in rows) and any(r["grad_norm"] > 0 for r in rows)
 
 
+def _uneven_filter_worker(rank: int, init: str, out: str) -> None:
+    from papo.training.trainer import Trainer
+
+    real = Trainer.rollout
+
+    def rollout(self, draws):  # rank 0: both its groups mixed; rank 1: its first mixed, its second all wrong
+        exp = real(self, draws)
+        for i, s in enumerate(exp.scores):
+            s["accuracy"] = float(i % 2 == 0 and (rank == 0 or i < self.cfg.rollout.n))
+        return exp
+
+    Trainer.rollout = rollout
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        run_train(small_cfg("dapo", ["trainer.max_steps=2", "trainer.rollout_batch_size=4", "trainer.mini_batch_size=4",
+                                     "trainer.micro_batch_size=4", "algorithm.max_filter_rounds=1",
+                                     "algorithm.filter_fallback=kept"]), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dapo_filter_fallback_trains_every_rank_on_as_many_groups(tmp_path):
+    """Rank 0 keeps 2 groups and rank 1 one when the rounds run out: both train on one, so their sharded passes
+    match (two micro-batches against one would leave a collective waiting)."""
+    procs = mp.start_processes(_uneven_filter_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "run")),
+                               nprocs=2, join=False, start_method="spawn")
+    for _ in range(24):  # 15 s on 2 cores when it works
+        if procs.join(timeout=5):
+            break
+    else:
+        for p in procs.processes:
+            p.kill()
+        pytest.fail("the two ranks did not finish in 120 s: a collective was left waiting")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["filter_rounds"], r["filter_kept_groups"], r["skipped_updates"]) for r in rows] == [(1, 3, 0)] * 2
+    assert all(r["groups_all_wrong"] == 0.25 for r in rows)  # rank 1's second group, averaged over the ranks
+
+
 def test_lora_trains_sharded_like_one_process_and_exports_merged(tmp_path):
     """LoRA under FSDP2: the adapters train sharded with the frozen base, the reference is the policy with its
     adapters off; the same metrics as one process, and merged weights in final/ and in an export."""
