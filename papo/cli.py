@@ -62,7 +62,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                     blank_share=args.blank_share, mask_ratio=args.mask_ratio, compute_dtype=args.compute_dtype,
                     warmup_steps=args.warmup_steps, max_bad_steps=args.max_bad_steps,
                     save_steps=tuple(int(x) for x in args.save_steps.split(",") if x) if args.save_steps else (),
-                    stop_at=_task_values(args.stop_at, "--stop-at"))
+                    stop_at=_task_values(args.stop_at, "--stop-at"), eval_compile=not args.eager_eval)
     run_sft(cfg)
     return 0
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-task", type=int, default=50, help="held-out test samples per family (0: skip)")
     p.add_argument("--eval-k", type=int, default=4, help="sampled responses per held-out sample at T=1")
     p.add_argument("--max-new-tokens", type=int, default=64, help="held-out responses' cap (explain=1 traces need ~100)")
+    p.add_argument("--eager-eval", action="store_true", help="held-out checks without compiling the rollout engine (CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-steps", default="", help="comma-separated steps at which to also write DIR/step-N")
     p.add_argument("--masked-share", type=float, default=0.0, help="share of samples shown PAPO's masked image")

@@ -204,3 +204,21 @@ def test_sft_stops_at_the_first_check_that_reaches_its_accuracy(tmp_path, monkey
     assert main(["sft", "--task", "count", "--steps", "4", "--save-steps", "2", "--stop-at", "clock",
                  "--out", str(tmp_path / "v")]) == 2
     assert main(["sft", "--task", "count", "--steps", "4", "--stop-at", "count=0.5", "--out", str(tmp_path / "w")]) == 2
+
+
+def test_eager_eval_builds_the_check_engine_without_compiling(tmp_path, monkeypatch):
+    from papo.training import sft
+
+    built = []
+
+    class Recording(Sampler):
+        def __init__(self, policy, **kwargs):
+            built.append(kwargs.get("compile", True))
+            super().__init__(policy, **kwargs)
+
+    monkeypatch.setattr(sft, "Sampler", Recording)
+    args = ["sft", "--task", "count", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--eval-per-task", "1",
+            "--eval-k", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--eager-eval", "--out", str(tmp_path / "b")]) == 0
+    assert built == [True, False]

@@ -59,6 +59,9 @@ class SFTConfig:
     eval_per_task: int = 50  # held-out (test split) samples per family
     eval_k: int = 4  # sampled responses per held-out sample at temperature 1
     max_new_tokens: int = 64
+    # the held-out checks' rollout engine through torch.compile on CUDA; False: eager, no compile on first use
+    # (a few small checks may not repay it, docs/models.md)
+    eval_compile: bool = True
     device: str = "auto"
     log_every: int = 10
     workers: int = int(os.environ.get("PAPO_SFT_WORKERS", -1))  # data-loading processes; -1: one per spare core, up to 8
@@ -168,7 +171,7 @@ def _lr_lambda(cfg: SFTConfig):
 
 
 def heldout_report(policy: Policy, samples, cfg: SFTConfig) -> dict:
-    sampler = Sampler(policy)  # one engine (and its compiled graphs) for both passes
+    sampler = Sampler(policy, compile=cfg.eval_compile)  # one engine (and its compiled graphs) for both passes
     sampled = summarize(generate_and_score(sampler, samples, SamplingParams(cfg.max_new_tokens, temperature=1.0), k=cfg.eval_k), cfg.eval_k)
     greedy = summarize(generate_and_score(sampler, samples, SamplingParams(cfg.max_new_tokens, greedy=True), k=1), 1)
     return {"sampled_t1": sampled.to_dict(), "greedy": greedy.to_dict()}
