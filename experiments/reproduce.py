@@ -238,9 +238,19 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
     row["steps"] = len(metrics)
     if metrics:
         tail = metrics[-10:]
+        row["first_train_reward"] = statistics.mean(m["reward"] for m in metrics[:10])
         row["final_train_reward"] = statistics.mean(m["reward"] for m in tail)
         for key in ("kl_prcp", "entropy", "masked_entropy"):
             row[f"final_{key}"] = statistics.mean(m.get(key) or 0.0 for m in tail)
+        kls = [m["kl_prcp"] for m in metrics if m.get("kl_prcp") is not None]  # GRPO and DAPO log it when asked
+        row["first_kl_prcp"], row["max_kl_prcp"] = metrics[0].get("kl_prcp"), max(kls) if kls else None
+        # how much of a step carries signal (groups that all agree have no advantage) and what DAPO's filter
+        # cost; the first and last 10 steps, from runs that log them
+        for key in ("groups_all_correct", "groups_all_wrong", "filter_rounds", "accuracy_before_filter",
+                    "response_clip_ratio"):
+            if all(key in m for m in metrics):
+                row[f"first_{key}"] = statistics.mean(m[key] for m in metrics[:10])
+                row[f"final_{key}"] = statistics.mean(m[key] for m in tail)
         # replayed over the logged metrics, so runs logged by an older monitor are judged by the current one
         monitor = HackingMonitor()
         flagged = [m["step"] for m in metrics if monitor.observe(m)]

@@ -58,6 +58,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     assert "| PAPO-G | 100.0 ± 0.0 | 35.0 ± 7.1 |" in text  # per task family: clock, count
     saved = json.loads(js.read_text())["runs"][0]
     assert saved["heldout_avg_at_8"] == 0.30 and saved["perception_gap"] == 0.1 and saved["seed"] == 0
+    assert saved["first_kl_prcp"] == saved["max_kl_prcp"] == 0.2 and "final_filter_rounds" not in saved  # not logged
     reproduce.report(rows, md, js, tmp_path)  # re-running replaces the generated part only
     assert md.read_text().count("| method |") == 3
     assert (md.parent / "results" / "main.png").is_file()
@@ -67,6 +68,19 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     reproduce.report(longer, md, js, tmp_path, section="long")
     assert md.read_text().count("| method |") == 6 and "written by hand, kept" in md.read_text()
     assert [r["section"] for r in json.loads(js.read_text())["runs"]] == ["table"] * 3 + ["long"]
+
+
+def test_a_dapo_run_reports_its_filter_rounds_and_agreeing_groups(tmp_path):
+    reproduce = _load()
+    run = tmp_path / "dapo-f-s0"
+    run.mkdir()
+    rows = [{"step": i + 1, "reward": 0.6, "kl_prcp": 0.01 * (i + 1), "filter_rounds": 4 if i < 10 else 16,
+             "groups_all_correct": 0.5, "groups_all_wrong": 0.2 if i < 10 else 0.4, "hacking_warning": ""} for i in range(20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = reproduce.collect(run, "DAPO", "dapo", [], 0)
+    assert (row["first_filter_rounds"], row["final_filter_rounds"]) == (4, 16)
+    assert (row["first_groups_all_wrong"], row["final_groups_all_wrong"]) == (0.2, 0.4)
+    assert row["first_kl_prcp"] == 0.01 and row["max_kl_prcp"] == 0.2 and "final_accuracy_before_filter" not in row
 
 
 def test_the_hacking_monitor_is_replayed_over_the_logged_metrics(tmp_path):
