@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -106,15 +107,22 @@ def train(method: str, preset: str, overrides: list[str], seed: int, steps: int,
     for attempt in range(2):
         if attempt and (not (run / "checkpoints").exists() or _stopped):
             break
-        timed = [*settings, f"trainer.max_time_s={_time_left(args)}"]
+        if (left := _time_left(args)) and left < MIN_TRAIN_S:  # a late wave or retry: no step would fit
+            print(f"{run.name}: {left:.0f} s left before the evaluation reserve; not started", flush=True)
+            break
+        timed = [*settings, f"trainer.max_time_s={left}"]
         if (run / "config.yaml").exists():
             cmd = [sys.executable, "-m", "papo", "train", "--resume", str(run), *_sets(timed)]
         else:
             cmd = [*fresh, *_sets(fresh_settings + timed)]
         if _call(cmd, log, args) == 0:
-            finished.add(run)
+            if read_metrics(run / "metrics.jsonl"):  # a time limit may end a fresh run before its first step
+                finished.add(run)
             break
     return run
+
+
+MIN_TRAIN_S = 60.0  # a run given less than this before the evaluation reserve is not started: load and one step
 
 
 def _time_left(args: argparse.Namespace) -> float:
@@ -242,7 +250,7 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
         row["final_train_reward"] = statistics.mean(m["reward"] for m in tail)
         for key in ("kl_prcp", "entropy", "masked_entropy"):
             row[f"final_{key}"] = statistics.mean(m.get(key) or 0.0 for m in tail)
-        kls = [m["kl_prcp"] for m in metrics if m.get("kl_prcp") is not None]  # GRPO and DAPO log it when asked
+        kls = [k for m in metrics if isinstance(k := m.get("kl_prcp"), (int, float)) and math.isfinite(k)]  # GRPO, DAPO: when asked
         row["first_kl_prcp"], row["max_kl_prcp"] = metrics[0].get("kl_prcp"), max(kls) if kls else None
         # how much of a step carries signal (groups that all agree have no advantage) and what DAPO's filter
         # cost; the first and last 10 steps, from runs that log them
@@ -519,8 +527,9 @@ def train_all(jobs: list[tuple], args: argparse.Namespace, out: Path, t0: float)
         if _stopped:
             _exit_stopped(runs, steps)
         if short := sorted(n for run in runs if run in finished and (n := len(read_metrics(run / "metrics.jsonl"))) < steps):
-            print(f"the time limit (--budget-s less --eval-reserve-s) ended {len(short)} of {len(runs)} runs at steps "
-                  f"{short[0]}–{short[-1]} of {steps}; they are evaluated there (--extend continues them)", flush=True)
+            print(f"{len(short)} of {len(runs)} runs ended at steps {short[0]}–{short[-1]} of {steps} (the time limit "
+                  "before --eval-reserve-s, or a stop their logs name); they are evaluated there (--extend continues them)",
+                  flush=True)
         if args.no_eval:
             print(f"trained in {time.time() - t0:.0f} s; not evaluated (--no-eval)", flush=True)
             return False

@@ -197,7 +197,8 @@ def test_dapo_filter_fallback_trains_every_rank_on_as_many_groups(tmp_path):
             p.kill()
         pytest.fail("the two ranks did not finish in 120 s: a collective was left waiting")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["filter_rounds"], r["filter_kept_groups"], r["skipped_updates"]) for r in rows] == [(1, 3, 0)] * 2
+    assert [(r["filter_rounds"], r["filter_kept_groups"], r["filter_trained_groups"], r["skipped_updates"])
+            for r in rows] == [(1, 3, 2, 0)] * 2  # kept 2 + 1, trained 1 + 1
     assert all(r["groups_all_wrong"] == 0.25 for r in rows)  # rank 1's second group, averaged over the ranks
 
 

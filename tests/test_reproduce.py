@@ -151,6 +151,10 @@ def test_a_budget_ends_slow_runs_where_the_evaluation_reserve_begins(tmp_path, m
     args.train_deadline = None  # --steps without --budget-s: no time limit, also none a resumed run kept
     reproduce.train("DAPO", "dapo", [], 1, 50, args)
     assert [c[c.index("--set", len(c) - 2) + 1] for c in commands] == ["trainer.max_time_s=380.0", "trainer.max_time_s=0"]
+    assert not reproduce.finished  # both exited 0 without logging a step (a limit before step 1): not evaluated
+    args.train_deadline = 1030.0  # 30 s left: less than a load and a step, so the run is not started
+    reproduce.train("DAPO", "dapo", [], 2, 50, args)
+    assert len(commands) == 2 and "not started" in capsys.readouterr().out
 
     reproduce = _load()  # the whole call: a run the limit ended short is evaluated at its last step
     evaluated = []
@@ -168,7 +172,7 @@ def test_a_budget_ends_slow_runs_where_the_evaluation_reserve_begins(tmp_path, m
                                                 "--results", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
     reproduce.main()
     assert sorted(evaluated, key=str) == [3, 5, None]  # the start has no step count
-    assert "ended 1 of 2 runs at steps 3–3 of 5" in capsys.readouterr().out
+    assert "1 of 2 runs ended at steps 3–3 of 5" in capsys.readouterr().out
 
 
 def test_evaluation_reads_the_chosen_held_out_data_and_response_cap(tmp_path, monkeypatch):

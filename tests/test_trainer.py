@@ -399,8 +399,9 @@ def test_dapo_rounds_draw_gen_batch_size_prompts(tmp_path):
 
     trainer.rollout = rollout
     exp, extra = trainer.collect({})
-    assert drawn == [[0], [1]] and extra == {"filter_rounds": 2, "filter_kept_groups": 2, "groups_all_correct": 0.0,
-                                             "groups_all_wrong": 0.0, "accuracy_before_filter": 0.5}
+    assert drawn == [[0], [1]] and extra == {"filter_rounds": 2, "filter_kept_groups": 2, "filter_trained_groups": 2,
+                                             "groups_all_correct": 0.0, "groups_all_wrong": 0.0,
+                                             "accuracy_before_filter": 0.5}
     assert exp.size == 2 * 4
     trainer.cfg.trainer.gen_batch_size = 3  # one round gives more groups than the batch: cut to exactly 2 groups
     exp, extra = trainer.collect({})
@@ -459,7 +460,7 @@ def test_dapo_can_train_on_the_groups_kept_when_rounds_run_out(tmp_path):
 
     trainer.rollout = rollout
     row = trainer.step()
-    assert row["filter_rounds"] == 2 and row["filter_kept_groups"] == 1
+    assert row["filter_rounds"] == 2 and row["filter_kept_groups"] == row["filter_trained_groups"] == 1
     assert trainer.last_experience.size == 4 and row["skipped_updates"] == 0 and row["groups_all_wrong"] == 0.75
     rounds["n"] = 1  # every group all wrong: nothing to train on
     with pytest.raises(RuntimeError, match="too few for every rank"):

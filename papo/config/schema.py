@@ -140,8 +140,8 @@ class OptimSection:
 class TrainerSection:
     max_steps: int = 100
     # seconds from the start of `papo train` (model loading included) after which training ends, before a step
-    # that the last one's duration says would pass it; then checkpoint, held-out check, final/ and report as at
-    # max_steps. For a job slot or a call with a time limit (leave room for those last writes); 0: no limit
+    # as long as the longest of the last three would pass it; then checkpoint, held-out check, final/ and report
+    # as at max_steps. For a job slot or a call with a time limit (leave room for those last writes); 0: no limit
     max_time_s: float = 0.0
     rollout_batch_size: int = 8  # prompts per step (official 384)
     # DAPO filter: prompts drawn per generation round, rounds repeating until rollout_batch_size groups are kept;

@@ -87,10 +87,10 @@ def _log_samples(trainer: Trainer, out: Path, step: int) -> None:
                                 "reward": exp.scores[i]["overall"], "image": f"step-{step}-image.png"}) + "\n")
 
 
-def _out_of_time(started: float, last_step_s: float, limit_s: float, ctx: DistContext) -> bool:
-    """Whether a next step as long as the last would end past ``limit_s`` seconds after ``started`` (0: no
+def _out_of_time(started: float, next_step_s: float, limit_s: float, ctx: DistContext) -> bool:
+    """Whether a next step of ``next_step_s`` would end past ``limit_s`` seconds after ``started`` (0: no
     limit). Every rank decides together: their clocks differ, and a sharded checkpoint needs all at one step."""
-    return bool(limit_s) and ctx.any(time.monotonic() - started + last_step_s > limit_s)
+    return bool(limit_s) and ctx.any(time.monotonic() - started + next_step_s > limit_s)
 
 
 def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console | None = None, train_data: Any = None,
@@ -120,6 +120,9 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
         if main:  # drop steps logged after the checkpoint (and a line cut short by a crash): each step logged once
             write_records(out_dir / "metrics.jsonl", rows)
         before = _read_json(out_dir / "heldout_before.json")
+        if cfg.trainer.max_time_s:  # kept in config.yaml from the run's start unless set again
+            console.print(f"trainer.max_time_s={cfg.trainer.max_time_s:g} holds for this invocation too "
+                          "(--set trainer.max_time_s=0 lifts it)")
         if trainer.step_no >= cfg.trainer.max_steps and (out_dir / "final").is_dir():
             console.print(f"{out_dir} already trained {trainer.step_no} steps (trainer.max_steps={cfg.trainer.max_steps}); "
                           f"pass --max-steps N with N > {trainer.step_no} to extend it")
@@ -142,7 +145,9 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                TextColumn("reward {task.fields[reward]:.3f} acc {task.fields[acc]:.3f} kl_prcp {task.fields[kl]:.4f} {task.fields[sec]:.1f}s/step"),
                TimeElapsedColumn()]
     last_good = None
-    last_step_s = 0.0  # wall time of the last step, saves and logging included: what the next one is expected to take
+    # what the next step is expected to take: the longest of the last 3 (saves and logging included; DAPO's steps
+    # vary with their filter rounds), from the logged steps until this process has timed its own
+    recent_s = [r["step_s"] for r in rows[-3:] if isinstance(r.get("step_s"), (int, float))]
     saved_at = trainer.step_no  # the step of the newest checkpoint (0: none, and nothing trained to save)
     plain_every = max(1, t.max_steps // 20)
     metrics_path = out_dir / "metrics.jsonl" if main else Path(os.devnull)
@@ -156,7 +161,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
                 saved = f"saved checkpoints/step-{trainer.step_no}" if trainer.step_no else "nothing trained yet"
                 raise Interrupted(f"{signal.Signals(signum).name} received; stopped after step {trainer.step_no} of "
                                   f"{t.max_steps} ({saved}); continue with papo train --resume {out_dir}", signum)
-            if _out_of_time(started, last_step_s, t.max_time_s, trainer.ctx):
+            if _out_of_time(started, max(recent_s, default=0.0), t.max_time_s, trainer.ctx):
                 warnings.append(f"trainer.max_time_s={t.max_time_s:g} ended training after step {trainer.step_no} of "
                                 f"{t.max_steps}; continue with papo train --resume {out_dir}")
                 console.print(f"[yellow]{warnings[-1]}")
@@ -195,7 +200,7 @@ def run_train(cfg: TrainConfig, out: str, resume: bool = False, console: Console
             elif t.save_every and (step % t.save_every == 0 or step == t.max_steps):
                 last_good = trainer.save()
                 saved_at = step
-            last_step_s = time.monotonic() - step_started
+            recent_s = [*recent_s, time.monotonic() - step_started][-3:]
             if trainer.bad_steps >= t.max_bad_steps:
                 loggers.close()
                 raise TrainingStopped(

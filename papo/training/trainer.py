@@ -266,7 +266,8 @@ class Trainer:
         exp = concat(kept)
         exp = select(exp, list(range(quota * self.cfg.rollout.n)))  # truncate to exactly this rank's share
         timing["rollout_s"] = time.time() - t0
-        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, **_outcome_metrics(outcomes),
+        return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, "filter_trained_groups": quota,
+                     **_outcome_metrics(outcomes),
                      "accuracy_before_filter": _finite_mean([x for _, accuracy in outcomes for x in accuracy])}
 
     @torch.no_grad()
@@ -470,7 +471,7 @@ class Trainer:
         if self.ctx.world_size == 1:
             return row
         keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step")
-        summed = {"tokens", "filter_kept_groups"}
+        summed = {"tokens", "filter_kept_groups", "filter_trained_groups"}
         sums = dict(zip(keys, self.ctx.sum(*(row[k] for k in keys))))
         peaks = dict(zip(keys, self.ctx.max(*(row[k] for k in keys))))
         out = dict(row)
