@@ -88,6 +88,7 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   # every run's image processing and host work shares the cores: oversubscribed, a step's encode took 4 s, not 0.4
   threads=$(( $(nproc) / (jobs * arms) > 0 ? $(nproc) / (jobs * arms) : 1 ))
   extra=(); for set in ${RL_SETS:-}; do extra+=(--set "$set"); done
+  pids=()
   seconds=${RL_SECONDS:-480}
   if [ -n "${RL_STEPS:-}" ]; then
     sizing=(--steps "$RL_STEPS")  # a stop at the time limit saves every run's last step
@@ -107,13 +108,16 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
         --eval-data "synthetic:$families?split=test&$knobs&n={n}" --eval-n "${EVAL_N:-300}" --eval-k 4 \
         --eval-max-new-tokens 160 --out "$work/runs-sc$sc" --results "$out/sc$sc/reproduction.json" \
         --markdown "$out/sc$sc/RESULTS.md" --section "shortcut-$sc" > "$out/sc$sc/rl.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  status=0  # the stage's: the first arm's failure (124: its RL_SECONDS limit stopped it, as `timeout` reports), else 0
+  for pid in "${pids[@]}"; do wait "$pid" || { rc=$?; [ "$status" = 0 ] && status=$rc; }; done
   for sc in $shortcuts; do
     # metrics and evaluations only (the runs' checkpoints stay in WORK): one archive per arm
     (cd "$work/runs-sc$sc" && tar czf "$out/sc$sc/runs.tar.gz" --exclude='checkpoints' --exclude='final' --exclude='*.safetensors' .)
     echo "== shortcut $sc"; tail -c 1200 "$out/sc$sc/rl.log"; head -8 "$out/sc$sc/RESULTS.md" 2>/dev/null
   done
+  exit "$status"
 else
   echo "usage: regime_run.sh warmstart|rl|extend OUT" >&2; exit 2
 fi
