@@ -250,7 +250,8 @@ def collect(run: Path, method: str, preset: str, overrides: list[str], seed: int
         row["final_train_reward"] = statistics.mean(m["reward"] for m in tail)
         for key in ("kl_prcp", "entropy", "masked_entropy"):
             row[f"final_{key}"] = statistics.mean(m.get(key) or 0.0 for m in tail)
-        kls = [k for m in metrics if isinstance(k := m.get("kl_prcp"), (int, float)) and math.isfinite(k)]  # GRPO, DAPO: when asked
+        # GRPO and DAPO log KL_prcp only when asked; a non-finite value would make the maximum order-dependent
+        kls = [m["kl_prcp"] for m in metrics if isinstance(m.get("kl_prcp"), (int, float)) and math.isfinite(m["kl_prcp"])]
         row["first_kl_prcp"], row["max_kl_prcp"] = metrics[0].get("kl_prcp"), max(kls) if kls else None
         # how much of a step carries signal (groups that all agree have no advantage) and what DAPO's filter
         # cost; the first and last 10 steps, from runs that log them

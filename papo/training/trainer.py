@@ -237,9 +237,11 @@ class Trainer:
         if not a.online_filter:
             exp = self.rollout(self.stream.take(want))
             timing["rollout_s"] = time.time() - t0
-            return exp, _outcome_metrics([_outcomes(exp)])
+            return exp, _outcome_metrics([_group_outcomes(exp)])
         kept: list[Experience] = []
-        outcomes: list[tuple[GroupOutcomes, list[float]]] = []  # every round's, not its images: 20 rounds add up
+        # every round's outcomes and accuracies, not its experience: twenty rounds of images add up
+        outcomes: list[GroupOutcomes] = []
+        generated_accuracy: list[float] = []
         quota = want // self.ctx.world_size  # each rank fills its own share; all ranks run the same rounds
         groups = rounds = 0
         while self.ctx.any(groups < quota):
@@ -256,7 +258,8 @@ class Trainer:
                                        "too few for every rank to train on one; the task is too easy or too hard for this model")
                 break
             exp = self.rollout(self.stream.take(self.round_size))
-            outcomes.append(_outcomes(exp))
+            outcomes.append(_group_outcomes(exp))
+            generated_accuracy += [float(s["accuracy"]) for s in exp.scores]
             rounds += 1
             result = dapo_group_filter(torch.tensor([s[a.filter_key] for s in exp.scores]), exp.uids,
                                        a.filter_low, a.filter_high, a.keep_all_if_empty)
@@ -268,7 +271,7 @@ class Trainer:
         timing["rollout_s"] = time.time() - t0
         return exp, {"filter_rounds": rounds, "filter_kept_groups": groups, "filter_trained_groups": quota,
                      **_outcome_metrics(outcomes),
-                     "accuracy_before_filter": _finite_mean([x for _, accuracy in outcomes for x in accuracy])}
+                     "accuracy_before_filter": _finite_mean(generated_accuracy)}
 
     @torch.no_grad()
     def score_experience(self, exp: Experience, batches: MicroBatches, timing: dict[str, float]) -> LogProbs:
@@ -570,15 +573,13 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
-def _outcomes(exp: Experience) -> tuple[GroupOutcomes, list[float]]:
-    accuracy = [float(s["accuracy"]) for s in exp.scores]
-    return group_outcomes(torch.tensor(accuracy), exp.uids), accuracy
+def _group_outcomes(exp: Experience) -> GroupOutcomes:
+    return group_outcomes(torch.tensor([float(s["accuracy"]) for s in exp.scores]), exp.uids)
 
 
-def _outcome_metrics(rounds: list[tuple[GroupOutcomes, list[float]]]) -> dict[str, float]:
+def _outcome_metrics(counts: list[GroupOutcomes]) -> dict[str, float]:
     """Shares of the prompt groups generated this step whose responses were all correct or all wrong: GRPO's
     advantages are zero on them and DAPO's filter drops them, so their rise shows the step's signal thinning."""
-    counts = [c for c, _ in rounds]
     total = max(1, sum(c.groups for c in counts))
     return {"groups_all_correct": sum(c.all_correct for c in counts) / total,
             "groups_all_wrong": sum(c.all_wrong for c in counts) / total}
