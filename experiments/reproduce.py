@@ -434,8 +434,10 @@ def pair_table(by_method: dict[str, list[dict]]) -> list[str]:
     return lines[:-1] if lines else lines
 
 
-# figures of RESULTS.md: (file name, methods named exactly, methods whose names start with, metrics.jsonl keys)
-FIGURES = [("main", {"GRPO", "PAPO-G", "DAPO", "PAPO-D"}, None, ("reward", "kl_prcp")),
+# figures of RESULTS.md: (file name, methods named exactly, methods whose names start with, metrics.jsonl keys; a
+# key no chosen run logs gets no panel). Under DAPO's filter `reward` is the kept groups' (near 0.6 by construction),
+# so its runs also show `accuracy_before_filter`, over every rollout they generated.
+FIGURES = [("main", {"GRPO", "PAPO-G", "DAPO", "PAPO-D"}, None, ("reward", "accuracy_before_filter", "kl_prcp")),
            ("gamma", {"GRPO", "PAPO-G"}, "PAPO-G γ", ("reward", "kl_prcp", "entropy", "masked_entropy")),
            ("mask", {"PAPO-G", "PAPO-G noise masking"}, "PAPO-G mask", ("reward", "kl_prcp")),
            ("grad", {"PAPO-G"}, "PAPO-G with-grad", ("reward", "kl_prcp", "entropy", "masked_entropy"))]
@@ -466,18 +468,28 @@ def report(rows: list[dict], out_md: Path, out_json: Path, runs: Path, section: 
         out_md.write_text(existing + ("\n" if existing else "") + table + "\n")
 
 
+def logged_keys(keys: tuple[str, ...], runs_metrics) -> tuple[str, ...]:
+    """The keys that at least one run's metrics log: the figure's panels."""
+    runs_metrics = list(runs_metrics)
+    return tuple(k for k in keys if any(k in m for metrics in runs_metrics for m in metrics))
+
+
 def _plot(rows: list[dict], runs: Path, path: Path, keys: tuple[str, ...]) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = {r["run"]: read_metrics(runs / r["run"] / "metrics.jsonl") for r in rows}
+    keys = logged_keys(keys, metrics.values())
+    if not keys:
+        return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     drawn = False
     for ax, key in zip(axes[0], keys):
         for method in dict.fromkeys(r["method"] for r in rows):
-            curves = [[m.get(key) or 0.0 for m in read_metrics(runs / r["run"] / "metrics.jsonl")]
-                      for r in rows if r["method"] == method]
+            curves = [[m.get(key) or 0.0 for m in metrics[r["run"]]]
+                      for r in rows if r["method"] == method and any(key in m for m in metrics[r["run"]])]
             curves = [c for c in curves if c]
             if curves:
                 n = min(len(c) for c in curves)

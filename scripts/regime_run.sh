@@ -23,11 +23,11 @@
 # between them; the held-out test split ignores the shortcut, so only reading the image pays there.
 # The passes run eagerly (model.compile_layers=false): compiling them took about 130 s of a 110M run's first
 # step, more than it saves in a call. Knobs (environment): MODEL, WARM_FAMILIES, FAMILIES, SFT_STEPS (leg 1),
-# VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (warm-start checks), SFT_EAGER_EVAL (1: those checks
-# without compiling the engine: the first check of a leg took about 48 s, later ones 3-6 s), START (the RL start; default the
-# warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default GRPO,PAPO-G; empty for the
-# whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out
-# questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
+# VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (warm-start checks), SFT_EAGER_EVAL (1, the default: those
+# checks sample without compiling the engine, whose first compile costs more than a leg's checks save; 0 compiles),
+# START (the RL start; default the warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default
+# GRPO,PAPO-G; empty for the whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64),
+# EVAL_N (RL held-out questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
 # An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3. RL_SETS: more
 # config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
 # RL_STEPS=N trains every run to step N without a probe (the probe's runs restart, which cost about a minute of
@@ -48,7 +48,7 @@ mkdir -p "$out" "$work"
 sft() {  # name, from, steps, lr, masked share, black share, save steps, stop-at
   timeout 480 python3 -m papo sft --model "$2" --data "synthetic:$warm_families?$knobs" --steps "$3" --batch-size 64 --lr "$4" \
       --masked-share "$5" --blank-share "$6" ${7:+--save-steps "$7"} ${8:+--stop-at "$8"} \
-      --eval-per-task "${EVAL_PER_TASK:-100}" --eval-k 2 --max-new-tokens 160 $([ "${SFT_EAGER_EVAL:-0}" = 1 ] && echo --eager-eval) \
+      --eval-per-task "${EVAL_PER_TASK:-100}" --eval-k 2 --max-new-tokens 160 $([ "${SFT_EAGER_EVAL:-1}" = 1 ] && echo --eager-eval) \
       --out "$work/$1" --device "$device" > "$out/$1.log" 2>&1
   cp "$work/$1/sft_metrics.jsonl" "$out/$1_metrics.jsonl" 2>/dev/null
   tail -c 900 "$out/$1.log"

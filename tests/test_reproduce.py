@@ -83,6 +83,15 @@ def test_a_dapo_run_reports_its_filter_rounds_and_agreeing_groups(tmp_path):
     assert row["first_kl_prcp"] == 0.01 and row["max_kl_prcp"] == 0.2 and "final_accuracy_before_filter" not in row
 
 
+def test_figures_show_the_pre_filter_accuracy_only_for_runs_that_log_it():
+    reproduce = _load()
+    keys = next(k for name, *_, k in reproduce.FIGURES if name == "main")
+    grpo = [{"step": 1, "reward": 0.7, "kl_prcp": 0.01}]
+    dapo = [{"step": 1, "reward": 0.6, "kl_prcp": 0.01, "accuracy_before_filter": 0.8}]
+    assert reproduce.logged_keys(keys, [grpo]) == ("reward", "kl_prcp")
+    assert reproduce.logged_keys(keys, [grpo, dapo]) == ("reward", "accuracy_before_filter", "kl_prcp")
+
+
 def test_the_hacking_monitor_is_replayed_over_the_logged_metrics(tmp_path):
     reproduce = _load()
     run = tmp_path / "papo_g-z-s0"
