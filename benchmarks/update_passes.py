@@ -5,7 +5,8 @@ selective or no checkpointing (``model.gradient_checkpointing``); also the no-gr
 sequences. ``train_step.py``'s PAPER settings, fp32 master weights with bf16 compute, padding-free passes.
 ``--images shared,apart`` times the scoring pass and the update of 16 both ways: a prompt's 5 sequences sharing
 its encoded views, as a step's rollouts do (the vision tower runs once per distinct image), or each sequence
-encoded apart (the tower runs once per sequence).
+encoded apart (the tower runs once per sequence). ``--prompts shared,apart`` times them with a prompt's tokens
+held once per pass (``model.share_prompts``) and once per sequence, and reports how far the log-probs differ.
 
     python benchmarks/update_passes.py --out /tmp/update-passes.json            # Qwen2.5-VL-3B, CUDA
     python benchmarks/update_passes.py --smoke --out /tmp/update-passes.json    # the embedded model, CPU
@@ -59,6 +60,17 @@ def experience(trainer: Trainer, cap: int, seed: int = 0, shared: bool = True) -
                       ids, mask, [""] * SEQUENCES, scores, prompt_tokens)
 
 
+def packed_tokens(trainer: Trainer, mb) -> int:
+    """Tokens the language model runs in one packed pass over ``mb`` (its prompts shared or not, as the policy is)."""
+    from papo.models.inputs import append_completions
+    from papo.models.packing import pack
+
+    policy = trainer.policy
+    inputs = append_completions(mb.full, mb.ids, mb.mask)
+    packed = pack(policy.model, inputs, mb.full.prompt_len if policy.share_prompts else None, mb.full.image_ids)
+    return int(packed.inputs["input_ids"].shape[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -75,6 +87,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="pass:mode to profile one update of (e.g. 16:selective)")
     ap.add_argument("--images", default="", help="shared,apart: also time scoring and the update of 16 with a "
                     "prompt's sequences sharing their encoded images, and with each encoded apart")
+    ap.add_argument("--prompts", default="", help="shared,apart: also time scoring and the update of 16 with a "
+                    "prompt's tokens packed once per pass (model.share_prompts) and once per sequence")
     args = ap.parse_args()
     cap = 48 if args.smoke else 2048
     trainer, device, model_dir = paper_trainer(args.size, args.models_dir, args.smoke, "update-passes",
@@ -186,11 +200,30 @@ def main() -> None:
         update = measure_update({"images": mode, "pass_size": 16, "checkpointing": "full"}, update_fn(16, "full"),
                                 warm_up=True)
         by_images.append({**update, "scoring_16": score(16)})
+    by_prompts, modes, configured = [], [m for m in args.prompts.split(",") if m], trainer.policy.share_prompts
+    exp = experience(trainer, cap)
+    encoded.clear()
+    mb = next(batches(micro, 16).scoring()) if modes else None
+    agreement = {}
+    for mode in modes:  # log-probs of the same weights (the timed updates below change them)
+        trainer.policy.share_prompts = mode == "shared"
+        with torch.no_grad():
+            agreement[mode] = (trainer.policy.logprobs(mb.full, mb.ids, mb.mask)[0], packed_tokens(trainer, mb))
+    for mode in modes:  # the same sequences, a shared prompt packed once or each time
+        trainer.policy.share_prompts = mode == "shared"
+        update = measure_update({"prompts": mode, "pass_size": 16, "checkpointing": "full"}, update_fn(16, "full"),
+                                warm_up=True)
+        logp, tokens = agreement[mode]
+        differs = float((logp - agreement[modes[0]][0])[mb.mask.bool().to(logp.device)].abs().max())
+        by_prompts.append({**update, "scoring_16": score(16), "packed_tokens_of_a_pass_of_16": tokens,
+                           f"max_logprob_difference_to_{modes[0]}": round(differs, 5)})
+        print(json.dumps(by_prompts[-1]), flush=True)
+    trainer.policy.share_prompts = configured
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sequences": SEQUENCES,
               "response_tokens": exp.mask.sum(-1).tolist(), "tokens": exp.tokens, "update_tflop": round(flops / 1e12, 1),
               "rows": rows, "scoring": scoring, **({"compiled": compiled} if compiled else {}),
-              **({"images": by_images} if by_images else {})}
+              **({"images": by_images} if by_images else {}), **({"prompts": by_prompts} if by_prompts else {})}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

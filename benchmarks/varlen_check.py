@@ -1,5 +1,7 @@
 """Packed text attention on CUDA against one SDPA call per sequence, forward and backward, under bf16 autocast
-(a few seconds; run before longer benchmarks so a kernel problem stops them early).
+(a few seconds; run before longer benchmarks so a kernel problem stops them early). Two layouts: sequences
+each attending to itself, and a shared prompt that two responses attend to (key segments longer than their
+queries, aligned at their ends: papo.models.packing's shared prompts).
 
     python benchmarks/varlen_check.py
 """
@@ -7,30 +9,46 @@
 import torch
 import torch.nn.functional as F
 
-from papo.models.attention import packed_text_attention, varlen_attn
+from papo.models.attention import PackedSegments, packed_text_attention, varlen_attn
+
+
+def check(name: str, segments: tuple[torch.Tensor, list[int]] | PackedSegments, total: int) -> None:
+    q = torch.randn(1, 16, total, 128, device="cuda", requires_grad=True)
+    k, v = (torch.randn(1, 2, total, 128, device="cuda", requires_grad=True) for _ in range(2))
+    module = torch.nn.Module().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed, _ = packed_text_attention(module, q, k, v, None, scaling=128**-0.5, packed_seq_lens=segments)
+    grads = torch.autograd.grad(packed.float().square().sum(), (q, k, v))
+    if isinstance(segments, PackedSegments):
+        kk, vv = k[:, :, segments.key_index], v[:, :, segments.key_index]
+        q_lengths, k_lengths = segments.q_lengths, segments.k_lengths
+    else:
+        kk, vv, q_lengths, k_lengths = k, v, segments[1], segments[1]
+    outs, q_at, k_at = [], 0, 0
+    for n, m in zip(q_lengths, k_lengths):  # fp32 reference, the mask written out
+        mask = torch.ones(n, m, dtype=torch.bool, device="cuda").tril(m - n)
+        outs.append(F.scaled_dot_product_attention(q[:, :, q_at : q_at + n], kk[:, :, k_at : k_at + m],
+                                                   vv[:, :, k_at : k_at + m], attn_mask=mask, enable_gqa=True))
+        q_at, k_at = q_at + n, k_at + m
+    ref = torch.cat(outs, dim=2).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    print(f"{name}: varlen kernel {varlen_attn is not None}, output dtype {packed.dtype}, "
+          f"max |packed - fp32 reference| {float((packed.detach().float() - ref.detach()).abs().max()):.4f}")
+    for label, g, r in zip("qkv", grads, ref_grads):
+        print(f"  grad {label}: finite {bool(g.isfinite().all())}, max rel err {float((g - r).abs().max() / r.abs().max()):.4f}")
 
 
 def main() -> None:
     torch.manual_seed(0)
     lengths = [300, 17, 1024, 2048]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q = torch.randn(1, 16, sum(lengths), 128, device="cuda", requires_grad=True)
-    k, v = (torch.randn(1, 2, sum(lengths), 128, device="cuda", requires_grad=True) for _ in range(2))
-    module = torch.nn.Module().train()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        packed, _ = packed_text_attention(module, q, k, v, None, scaling=128**-0.5, packed_seq_lens=(cu, lengths))
-    grads = torch.autograd.grad(packed.float().square().sum(), (q, k, v))
-    outs, start = [], 0
-    for n in lengths:
-        s = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s], is_causal=True, enable_gqa=True))
-        start += n
-    ref = torch.cat(outs, dim=2).transpose(1, 2)
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    print("varlen kernel:", varlen_attn is not None, "output dtype:", packed.dtype)
-    print("max |packed - fp32 reference|:", float((packed.detach().float() - ref.detach()).abs().max()))
-    for name, g, r in zip("qkv", grads, ref_grads):
-        print(f"grad {name}: finite {bool(g.isfinite().all())}, max rel err {float((g - r).abs().max() / r.abs().max()):.4f}")
+    check("sequences", (cu, lengths), sum(lengths))
+    # a 300-token prompt, then responses of 17 and 1,024 tokens that each attend to it and to themselves
+    prompt, responses = 300, [17, 1024]
+    key_index = torch.cat([torch.arange(prompt), torch.arange(prompt), torch.arange(prompt, prompt + 17),
+                           torch.arange(prompt), torch.arange(prompt + 17, prompt + 17 + 1024)]).cuda()
+    shared = PackedSegments.build([prompt, *responses], [prompt, *(prompt + n for n in responses)], key_index)
+    check("shared prompt", shared, prompt + sum(responses))
 
 
 if __name__ == "__main__":

@@ -193,6 +193,63 @@ def test_padding_free_forward_equals_the_padded_one(monkeypatch):
         assert (grads[name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
 
 
+def test_rows_that_share_a_prompt_hold_one_copy_and_score_as_apart(monkeypatch):
+    """A prompt's rollouts (equal prompt tokens and image ids) are packed with one copy of the prompt; log-probs,
+    entropies and gradients equal those of every row packed whole."""
+    import papo.models.attention as attention
+
+    torch.manual_seed(3)
+    policy = tiny_policy()
+    sharpen_vision(policy, 5.0)
+    _, prompts, images = mixed_batch(policy)
+    singles = [policy.encode([p], [ims]) for p, ims in zip(prompts, images)]
+    batch = concat_prompt_batches([singles[0]] * 3 + [singles[1]] * 2, policy.pad_id)  # as the trainer repeats them
+    ids = torch.randint(5, 200, (5, 7))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7, [1] * 5 + [0] * 2, [1] * 7])  # one row has no response
+    seen = []
+    real = attention.packed_text_attention
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.PACKED_TEXT_ATTENTION, spy)
+    policy.model.train()
+    results = []
+    for share in (True, False):
+        policy.share_prompts = share
+        policy.model.zero_grad(set_to_none=True)
+        logp, ent = policy.logprobs(batch, ids, mask, with_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters()
+                                                      if p.grad is not None}))
+    prompt_tokens = [int(b.inputs["attention_mask"].sum()) for b in singles]
+    layers = len(seen) // 2
+    assert set(seen[:layers]) == {sum(prompt_tokens) + int(mask.sum())}  # each prompt once
+    assert set(seen[layers:]) == {3 * prompt_tokens[0] + 2 * prompt_tokens[1] + int(mask.sum())}
+    (logp, ent, grads), (ref_logp, ref_ent, ref_grads) = results
+    assert (logp - ref_logp).abs().max() < 1e-5 and (ent - ref_ent).abs().max() < 1e-5
+    assert (logp[~mask.bool()] == 0).all() and logp[mask.bool()].lt(0).all()
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
+
+
+def test_rows_share_a_prompt_only_with_equal_tokens_and_the_same_images():
+    from papo.models.packing import prompt_leads
+
+    policy = tiny_policy()
+    _, prompts, images = mixed_batch(policy)
+    one = policy.encode(prompts[:1], images[:1])
+    again = policy.encode(prompts[:1], images[:1])  # the same pixels, encoded again: another image id
+    batch = concat_prompt_batches([one, one, again, one], policy.pad_id)
+    inputs = append_completions(batch, torch.ones(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long))
+    assert prompt_leads(inputs, batch.prompt_len, batch.image_ids) == [0, 0, 2, 0]
+    assert prompt_leads(inputs, batch.prompt_len, None) == [0, 1, 2, 3]  # without ids, no image is known equal
+    with pytest.raises(ValueError, match="3 image ids for 4 images"):
+        prompt_leads(inputs, batch.prompt_len, batch.image_ids[:3])
+
+
 def test_packed_positions_are_get_rope_index_of_the_padded_batch():
     """Packing computes M-RoPE positions on the host (papo.models.mrope) instead of transformers'
     get_rope_index (a GPU sync per row); the packed positions are transformers' own, valid tokens in order."""

@@ -288,6 +288,31 @@ def test_update_passes_of_several_micro_batches_leave_the_gradient_unchanged(ext
         small_cfg("papo_g", ["trainer.micro_batch_size=4", "trainer.update_micro_batch_size=6"])
 
 
+def test_a_step_with_shared_prompts_equals_one_without(tmp_path, monkeypatch):
+    """model.share_prompts packs each prompt once for all its rollouts in every scoring and update pass: the
+    step's metrics and gradient are those of passes that pack the prompt with each rollout."""
+    from papo.models import packing
+
+    leads, real = [], packing.prompt_leads
+    monkeypatch.setattr(packing, "prompt_leads", lambda *args: leads.append(real(*args)) or leads[-1])
+    runs = []
+    for share in ("false", "true"):
+        torch.manual_seed(0)
+        cfg = small_cfg("papo_g", [GROUPS_WITH_DIFFERENT_REWARDS, "trainer.micro_batch_size=4",
+                                   "trainer.scoring_micro_batch_size=8", f"model.share_prompts={share}"])
+        trainer = Trainer(cfg, tmp_path / share, "cpu")
+        assert trainer.policy.share_prompts == (share == "true")
+        grads = record_gradients(trainer)
+        runs.append((trainer.step(), grads))
+    (base, g_base), (row, grads) = runs
+    assert leads and all(len(set(rows)) < len(rows) for rows in leads)  # every pass of the second step shared
+    assert base["grad_norm"] > 0 and base["kl_prcp"] > 0
+    for key in ("loss", "pg_loss", "grad_norm", "kl_prcp", "entropy", "masked_entropy", "ppo_kl"):
+        assert row[key] == pytest.approx(base[key], rel=1e-5, abs=1e-7), key
+    for g, b in zip(grads[0], g_base[0]):
+        assert torch.allclose(g, b, rtol=1e-4, atol=1e-8)
+
+
 def test_update_passes_over_partial_micro_batches_and_two_mini_batches(tmp_path):
     """Micro-batches of 3 over mini-batches of 4 sequences (a partial last micro-batch), update passes of 6
     (a partial last pass), scoring passes of 9: the same losses and gradients as one pass per micro-batch."""

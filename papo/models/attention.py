@@ -19,12 +19,17 @@ Language models
 ``PACKED_TEXT_ATTENTION`` is SDPA for every ordinary call (same masks, same kernels). When a forward passes
 ``packed_seq_lens`` (papo.models.packing: several sequences laid end to end in one row), each sequence attends
 causally within itself: torch's variable-length flash kernel on CUDA, one SDPA call per sequence elsewhere.
+With shared prompts (a ``PackedSegments``) each query segment attends to its own key segment, a prompt it shares
+with other rows followed by itself, aligned at the end: query i of n attends to the first k - n + i + 1 of k
+keys, the flash kernel's causal alignment.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,17 +111,45 @@ def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class PackedSegments:
+    """Attention segments of one packed row whose key segments differ from the query segments: query segment i
+    (``q_lengths[i]`` consecutive tokens) attends causally to key segment i, the ``k_lengths[i]`` tokens that
+    ``key_index`` lists for it next (papo.models.packing's shared prompts)."""
+
+    q_lengths: list[int]
+    cu_q: Tensor  # (S + 1,) int32 cumulative query lengths, on the device
+    k_lengths: list[int]
+    cu_k: Tensor
+    key_index: Tensor  # (sum of k_lengths,) positions in the packed row, on the device
+
+    @classmethod
+    def build(cls, q_lengths: list[int], k_lengths: list[int], key_index: Tensor) -> PackedSegments:
+        def cumulative(lengths: list[int]) -> Tensor:
+            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=key_index.device)
+
+        return cls(q_lengths, cumulative(q_lengths), k_lengths, cumulative(k_lengths), key_index)
+
+
 @torch.compiler.disable  # reads sequence lengths as Python ints: a compiled decoder layer breaks its graph here
 def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
-                          packed_seq_lens: tuple[Tensor, list[int]] | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+                          packed_seq_lens: tuple[Tensor, list[int]] | PackedSegments | None = None,
+                          **kwargs: Any) -> tuple[Tensor, None]:
     """SDPA, or, with ``packed_seq_lens`` = (cumulative lengths (S + 1,) int32 on the device, lengths as ints),
-    causal attention within each packed sequence of query/key/value (1, H, T, D) -> (1, T, H, D)."""
+    causal attention within each packed sequence of query/key/value (1, H, T, D) -> (1, T, H, D); with a
+    ``PackedSegments``, causal attention of each query segment to its key segment."""
     if packed_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("packed sequences take no attention mask: each attends within itself")
-    cu, lengths = packed_seq_lens
+    if isinstance(packed_seq_lens, PackedSegments):  # a prompt shared by several segments is read once per segment
+        seg = packed_seq_lens
+        key, value = key.index_select(2, seg.key_index), value.index_select(2, seg.key_index)
+        cu_q, q_lengths, cu_k, k_lengths = seg.cu_q, seg.q_lengths, seg.cu_k, seg.k_lengths
+    else:
+        cu_q, q_lengths = packed_seq_lens
+        cu_k, k_lengths = cu_q, q_lengths
     dropout = dropout if module.training else 0.0
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # rotary embeddings leave float32 q/k: SDPA would cast too
@@ -125,15 +158,15 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
         options = _varlen_options(q.shape[1], k.shape[1])
         if k.shape[1] != q.shape[1] and "enable_gqa" not in options:  # as many key/value heads as queries
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        longest = max(lengths)
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **options)
+        out = varlen_attn(q, k, v, cu_q, cu_k, max(q_lengths), max(k_lengths), scale=scaling, **options)
         return out[None], None
-    outs, start = [], 0
-    for length in lengths:  # CPU (and CUDA in fp32): one causal SDPA call per sequence
-        seg = slice(start, start + length)
-        outs.append(F.scaled_dot_product_attention(query[:, :, seg], key[:, :, seg], value[:, :, seg], dropout_p=dropout,
-                                                   is_causal=True, scale=scaling, enable_gqa=True))
-        start += length
+    outs, q_at, k_at = [], 0, 0
+    for n, m in zip(q_lengths, k_lengths):  # CPU (and CUDA in fp32): one causal SDPA call per segment
+        mask = None if n == m else torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
+        outs.append(F.scaled_dot_product_attention(query[:, :, q_at : q_at + n], key[:, :, k_at : k_at + m],
+                                                   value[:, :, k_at : k_at + m], attn_mask=mask, dropout_p=dropout,
+                                                   is_causal=mask is None, scale=scaling, enable_gqa=True))
+        q_at, k_at = q_at + n, k_at + m
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 

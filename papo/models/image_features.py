@@ -70,14 +70,19 @@ def image_features(base: Any, pixel_values: Tensor, grid: Tensor, image_ids: Seq
         raise ValueError(f"{len(image_ids)} image ids for {len(grid)} images")
     first, source = distinct_images(range(len(grid)) if image_ids is None else image_ids)
     if len(first) < len(source):
-        patches = grid.prod(-1)
-        starts = torch.cumsum(patches, 0) - patches
-        rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + patches[i])) for i in first])
-        pixel_values, grid = pixel_values.index_select(0, to_device(rows, pixel_values.device)), grid[first]
+        pixel_values, grid = select_images(pixel_values, grid, first)
     kwargs = vision_inputs(base.visual)(grid, pixel_values.device, host_seqlens=reads_host_seqlens(base.config))
     # the grid stays on the host: with every index precomputed it only sizes the per-image split
     features = base.get_image_features(pixel_values, grid, **kwargs).pooler_output
     return torch.cat(features if len(first) == len(source) else [features[s] for s in source])
+
+
+def select_images(pixel_values: Tensor, grid: Tensor, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The patches and grid rows of the images ``indices``, in that order (``grid``: (images, 3) ``image_grid_thw``)."""
+    patches = grid.prod(-1).cpu()
+    starts = torch.cumsum(patches, 0) - patches
+    rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + patches[i])) for i in indices])
+    return pixel_values.index_select(0, to_device(rows, pixel_values.device)), grid[list(indices)]
 
 
 def embed_with_images(base: Any, input_ids: Tensor, features: Tensor) -> Tensor:

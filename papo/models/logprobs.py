@@ -108,11 +108,13 @@ def response_logprobs(
     chunk_tokens: int = 2048,
     with_entropy: bool = False,
     image_ids: Sequence[Hashable] | None = None,  # one per image, equal for the same image (PromptBatch.image_ids)
+    share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions.
 
-    Padding-free when the model takes packed forwards (papo.models.packing), and the language-model head
-    only ever sees the valid response positions."""
+    Padding-free when the model takes packed forwards (papo.models.packing), with one copy of each prompt that
+    several rows share (``share_prompts``, with ``image_ids``), and the language-model head only ever sees the
+    valid response positions."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     if hasattr(model, "get_base_model"):  # peft: the adapters sit inside the base model's own modules
@@ -123,8 +125,8 @@ def response_logprobs(
     rows, cols = response_mask.bool().nonzero(as_tuple=True)  # valid response tokens, row by row
     before = p - 1 + cols  # the position that predicts each of them
     if can_pack(model, inputs):
-        packed = pack(model, inputs)
-        hidden = _backbone(model, packed.inputs, image_ids)[0][packed.index[rows, before]]  # (N, H)
+        packed = pack(model, inputs, p if share_prompts else None, image_ids)
+        hidden = _backbone(model, packed.inputs, packed.image_ids)[0][packed.index[rows, before]]  # (N, H)
     else:
         hidden = _backbone(model, inputs, image_ids)[rows, before]
     targets = ids[rows, p + cols]

@@ -74,12 +74,14 @@ class Policy:
     """``compute_dtype``: what forwards and rollouts run in (None: the parameters' dtype); with float32
     parameters and bfloat16 compute, scoring and updates run under autocast and the rollout engine keeps its
     own bfloat16 copy of the weights (``papo.models.precision``). ``padding_free``: scoring and update forwards
-    pack each batch's sequences without padding where the model allows it (``papo.models.packing``).
+    pack each batch's sequences without padding where the model allows it (``papo.models.packing``), with one
+    copy of each prompt that several rows share (``share_prompts``).
     ``compile_layers``: inside ``compiled_passes`` (the trainer's scoring and update) the transformer blocks
     and the log-prob head run compiled (``papo.models.compiled``); generation stays eager."""
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
-                 compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False):
+                 compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False,
+                 share_prompts: bool = False):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.root = RootCall(model)  # what a sharded model is wrapped in (papo.training.sharding)
         param_dtype = next(model.parameters()).dtype
@@ -97,7 +99,7 @@ class Policy:
         self.eos_ids = sorted({int(e) for e in eos} | {int(self.tokenizer.eos_token_id)})
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self.compile_layers = compile_layers
+        self.compile_layers, self.share_prompts = compile_layers, share_prompts
         self._compiled: dict[int, dict] = {}  # per scoring model (policy, reference): its layers' compiled calls
 
     @classmethod
@@ -109,7 +111,7 @@ class Policy:
         processor = load_processor(path, processor_min_pixels, processor_max_pixels)
         _warn_if_processor_shrinks(processor, min_pixels, path)
         return cls(load_model(path, opts, device), processor, min_pixels, max_pixels, compute_dtype, opts.padding_free,
-                   opts.compile_layers)
+                   opts.compile_layers, opts.share_prompts)
 
     @property
     def device(self) -> torch.device:
@@ -152,7 +154,7 @@ class Policy:
             inputs["image_grid_thw"] = batch.inputs["image_grid_thw"]  # read on the host: no copy back from the GPU
         with self.precision.autocast(self.device):
             return (model or self.root)(response_logprobs, inputs, mask, temperature, self.suppress,
-                                        chunk_tokens, with_entropy, batch.image_ids)
+                                        chunk_tokens, with_entropy, batch.image_ids, self.share_prompts)
 
     @contextlib.contextmanager
     def compiled_passes(self, *others: RootCall | None) -> Iterator[None]:

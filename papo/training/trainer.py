@@ -97,7 +97,8 @@ class Trainer:
         m = cfg.model
         self.precision = Precision.resolve(m.param_dtype, m.compute_dtype, device)
         opts = ModelOptions(m.param_dtype, m.attn_implementation, m.freeze_vision, m.gradient_checkpointing, m.lora_rank,
-                            padding_free=m.padding_free, uncheckpointed_layers=m.uncheckpointed_layers,
+                            padding_free=m.padding_free, share_prompts=m.share_prompts,
+                            uncheckpointed_layers=m.uncheckpointed_layers,
                             compile_layers=use_compiled_layers(m.compile_layers, device, m.lora_rank))
         self.policy = Policy.from_pretrained(m.name, opts, device, cfg.data.min_pixels, cfg.data.max_pixels,
                                              compute_dtype=self.precision.compute_dtype)
