@@ -6,7 +6,8 @@ sequences. ``train_step.py``'s PAPER settings, fp32 master weights with bf16 com
 ``--images shared,apart`` times the scoring pass and the update of 16 both ways: a prompt's 5 sequences sharing
 its encoded views, as a step's rollouts do (the vision tower runs once per distinct image), or each sequence
 encoded apart (the tower runs once per sequence). ``--prompts shared,apart`` times them with a prompt's tokens
-held once per pass (``model.share_prompts``) and once per sequence, and reports how far the log-probs differ.
+held once per pass (``model.share_prompts``) and once per sequence, and how far each way's log-probs lie from the
+padded forward's.
 
     python benchmarks/update_passes.py --out /tmp/update-passes.json            # Qwen2.5-VL-3B, CUDA
     python benchmarks/update_passes.py --smoke --out /tmp/update-passes.json    # the embedded model, CPU
@@ -32,6 +33,7 @@ from train_step import PEAK_BF16_FLOPS, paper_trainer, sampleable_ids, update_fl
 from update_cost import timed  # noqa: E402
 
 from papo.data.masking import image_pair  # noqa: E402
+from papo.models.attention import PACKED_TEXT_ATTENTION  # noqa: E402
 from papo.models.checkpointing import set_checkpointing  # noqa: E402
 from papo.training.experience import Experience, LogProbs, MicroBatches  # noqa: E402
 from papo.training.trainer import Trainer  # noqa: E402
@@ -205,18 +207,25 @@ def main() -> None:
     encoded.clear()
     mb = next(batches(micro, 16).scoring()) if modes else None
     agreement = {}
-    for mode in modes:  # log-probs of the same weights (the timed updates below change them)
+    if modes:  # log-probs of the same weights (the timed updates below change them), against the padded forward's
+        model = trainer.policy.model
+        model.set_attn_implementation({"text_config": "sdpa"})
+        with torch.no_grad():
+            padded = trainer.policy.logprobs(mb.full, mb.ids, mb.mask)[0]
+        model.set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+        valid = mb.mask.bool().to(padded.device)
+    for mode in modes:
         trainer.policy.share_prompts = mode == "shared"
         with torch.no_grad():
-            agreement[mode] = (trainer.policy.logprobs(mb.full, mb.ids, mb.mask)[0], packed_tokens(trainer, mb))
+            differs = (trainer.policy.logprobs(mb.full, mb.ids, mb.mask)[0] - padded)[valid].abs()
+        agreement[mode] = {"packed_tokens_of_a_pass_of_16": packed_tokens(trainer, mb),
+                           "logprob_difference_to_padded": {"max": round(float(differs.max()), 5),
+                                                            "mean": round(float(differs.mean()), 6)}}
     for mode in modes:  # the same sequences, a shared prompt packed once or each time
         trainer.policy.share_prompts = mode == "shared"
         update = measure_update({"prompts": mode, "pass_size": 16, "checkpointing": "full"}, update_fn(16, "full"),
                                 warm_up=True)
-        logp, tokens = agreement[mode]
-        differs = float((logp - agreement[modes[0]][0])[mb.mask.bool().to(logp.device)].abs().max())
-        by_prompts.append({**update, "scoring_16": score(16), "packed_tokens_of_a_pass_of_16": tokens,
-                           f"max_logprob_difference_to_{modes[0]}": round(differs, 5)})
+        by_prompts.append({**update, "scoring_16": score(16), **agreement[mode]})
         print(json.dumps(by_prompts[-1]), flush=True)
     trainer.policy.share_prompts = configured
     result = {"model": model_dir if args.smoke else f"qwen2.5-vl-{args.size}", "torch": torch.__version__,
