@@ -202,10 +202,13 @@ def test_rows_that_share_a_prompt_hold_one_copy_and_score_as_apart(monkeypatch):
     policy = tiny_policy()
     sharpen_vision(policy, 5.0)
     _, prompts, images = mixed_batch(policy)
+    prompts.append("Which picture has more cells? <image> or <image>")  # two images of different sizes
+    images.append([images[0][0], images[1][0]])
     singles = [policy.encode([p], [ims]) for p, ims in zip(prompts, images)]
-    batch = concat_prompt_batches([singles[0]] * 3 + [singles[1]] * 2, policy.pad_id)  # as the trainer repeats them
-    ids = torch.randint(5, 200, (5, 7))
-    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7, [1] * 5 + [0] * 2, [1] * 7])  # one row has no response
+    order = [0, 1, 0, 2, 1, 0, 2]  # rows of one prompt apart, as a pass that spans groups holds them
+    batch = concat_prompt_batches([singles[i] for i in order], policy.pad_id)  # repeated encodings: equal image ids
+    ids = torch.randint(5, 200, (len(order), 7))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7, [1] * 5 + [0] * 2, [1] * 7, [1] * 2 + [0] * 5, [1] * 7])
     seen = []
     real = attention.packed_text_attention
 
@@ -223,10 +226,10 @@ def test_rows_that_share_a_prompt_hold_one_copy_and_score_as_apart(monkeypatch):
         (logp.sum() + ent.sum()).backward()
         results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters()
                                                       if p.grad is not None}))
-    prompt_tokens = [int(b.inputs["attention_mask"].sum()) for b in singles]
+    prompt_tokens = [int(b.inputs["attention_mask"].sum()) for b in singles]  # row 2 has no response
     layers = len(seen) // 2
     assert set(seen[:layers]) == {sum(prompt_tokens) + int(mask.sum())}  # each prompt once
-    assert set(seen[layers:]) == {3 * prompt_tokens[0] + 2 * prompt_tokens[1] + int(mask.sum())}
+    assert set(seen[layers:]) == {sum(prompt_tokens[i] for i in order) + int(mask.sum())}
     (logp, ent, grads), (ref_logp, ref_ent, ref_grads) = results
     assert (logp - ref_logp).abs().max() < 1e-5 and (ent - ref_ent).abs().max() < 1e-5
     assert (logp[~mask.bool()] == 0).all() and logp[mask.bool()].lt(0).all()
@@ -248,6 +251,33 @@ def test_rows_share_a_prompt_only_with_equal_tokens_and_the_same_images():
     assert prompt_leads(inputs, batch.prompt_len, None) == [0, 1, 2, 3]  # without ids, no image is known equal
     with pytest.raises(ValueError, match="3 image ids for 4 images"):
         prompt_leads(inputs, batch.prompt_len, batch.image_ids[:3])
+    other = policy.encode(["How many cells? <image>"], images[:1])  # other tokens around an image with the same id
+    other = PromptBatch(other.inputs, other.image_keys, one.image_ids)
+    batch = concat_prompt_batches([one, other, one], policy.pad_id)
+    inputs = append_completions(batch, torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long))
+    assert prompt_leads(inputs, batch.prompt_len, batch.image_ids) == [0, 1, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel's alignment is a CUDA question")
+def test_the_flash_kernel_aligns_shared_prompt_segments_at_their_end():
+    """On CUDA shared prompts go through varlen_attn with key segments longer than their queries; its causal mask
+    must end where the queries end, as the CPU path's written-out mask does."""
+    from papo.models.attention import PackedSegments, packed_text_attention, varlen_aligns_causal_to_the_end
+
+    device = torch.device("cuda")
+    assert varlen_aligns_causal_to_the_end(device)
+    torch.manual_seed(0)
+    prompt, responses = 37, [5, 64]
+    key_index = torch.cat([torch.arange(prompt), torch.arange(prompt), torch.arange(prompt, prompt + 5),
+                           torch.arange(prompt), torch.arange(prompt + 5, prompt + 69)])
+    q, k, v = (torch.randn(1, h, prompt + 69, 64) for h in (4, 2, 2))
+    module = torch.nn.Module().eval()
+    seg = PackedSegments.build([prompt, *responses], [prompt, *(prompt + n for n in responses)], key_index)
+    expected, _ = packed_text_attention(module, q, k, v, None, packed_seq_lens=seg)  # the CPU path
+    cuda_seg = PackedSegments.build(seg.q_lengths, seg.k_lengths, key_index.to(device))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, _ = packed_text_attention(module, *(t.to(device) for t in (q, k, v)), None, packed_seq_lens=cuda_seg)
+    assert (got.float().cpu() - expected).abs().max() < 2e-2
 
 
 def test_packed_positions_are_get_rope_index_of_the_padded_batch():

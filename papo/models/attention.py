@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,10 +144,10 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("packed sequences take no attention mask: each attends within itself")
-    if isinstance(packed_seq_lens, PackedSegments):  # a prompt shared by several segments is read once per segment
-        seg = packed_seq_lens
-        key, value = key.index_select(2, seg.key_index), value.index_select(2, seg.key_index)
-        cu_q, q_lengths, cu_k, k_lengths = seg.cu_q, seg.q_lengths, seg.cu_k, seg.k_lengths
+    shared = isinstance(packed_seq_lens, PackedSegments)
+    if shared:
+        cu_q, q_lengths = packed_seq_lens.cu_q, packed_seq_lens.q_lengths
+        cu_k, k_lengths = packed_seq_lens.cu_k, packed_seq_lens.k_lengths
     else:
         cu_q, q_lengths = packed_seq_lens
         cu_k, k_lengths = cu_q, q_lengths
@@ -154,12 +155,18 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # rotary embeddings leave float32 q/k: SDPA would cast too
         q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None and dropout == 0.0:
+    if shared:  # a prompt shared by several segments is read into each of their key segments (after the cast)
+        k, v = (t.index_select(0, packed_seq_lens.key_index) for t in (k, v))
+    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None and dropout == 0.0
+            and (not shared or varlen_aligns_causal_to_the_end(q.device))):
         options = _varlen_options(q.shape[1], k.shape[1])
         if k.shape[1] != q.shape[1] and "enable_gqa" not in options:  # as many key/value heads as queries
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         out = varlen_attn(q, k, v, cu_q, cu_k, max(q_lengths), max(k_lengths), scale=scaling, **options)
         return out[None], None
+    if shared:
+        key, value = (t.transpose(0, 1)[None] for t in (k, v))  # (1, H_kv, sum of k_lengths, D)
+        query = q.transpose(0, 1)[None]
     outs, q_at, k_at = [], 0, 0
     for n, m in zip(q_lengths, k_lengths):  # CPU (and CUDA in fp32): one causal SDPA call per segment
         mask = None if n == m else torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
@@ -168,6 +175,27 @@ def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
                                                    is_causal=mask is None, scale=scaling, enable_gqa=True))
         q_at, k_at = q_at + n, k_at + m
     return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+@functools.cache
+def varlen_aligns_causal_to_the_end(device: torch.device) -> bool:
+    """Whether ``varlen_attn``'s causal mask, for a segment with more keys than queries, lets query i of n see the
+    first k - n + i + 1 keys (flash-attention 2's convention, which shared prompts need) rather than the first
+    i + 1. Probed once per device: queries of zeros weigh their visible keys equally, so each output is the mean
+    position of the keys it sees."""
+    n, m = 8, 40
+    q = torch.zeros(n, 1, 64, dtype=torch.bfloat16, device=device)
+    k = torch.zeros(m, 1, 64, dtype=torch.bfloat16, device=device)
+    v = torch.zeros(m, 1, 64, dtype=torch.bfloat16, device=device)
+    v[:, 0, 0] = torch.arange(m, device=device, dtype=torch.bfloat16)
+    cu_q, cu_k = (torch.tensor([0, x], dtype=torch.int32, device=device) for x in (n, m))
+    seen = varlen_attn(q, k, v, cu_q, cu_k, n, m, **_varlen_options(1, 1))[:, 0, 0].float()
+    ends = torch.arange(m - n, m, device=device, dtype=torch.float32)  # query i sees keys 0 .. m - n + i
+    aligned = bool(torch.allclose(seen, ends / 2, atol=0.1))
+    if not aligned:
+        warnings.warn("torch's varlen_attn aligns causal masks at the start here: shared prompts attend through one "
+                      "masked SDPA call per segment instead (slower, same result)", RuntimeWarning, stacklevel=2)
+    return aligned
 
 
 AttentionInterface.register(PACKED_TEXT_ATTENTION, packed_text_attention)
