@@ -3,6 +3,7 @@
     nvidia-cuda-mps-control -d    # optional, recommended: the runs' kernels overlap (3.4x faster for 16 runs)
     python experiments/reproduce.py --plan main --seeds 4 --jobs 16 --budget-s 500 --model START --out experiments/runs/main
     python experiments/reproduce.py --plan ablations --seeds 3 --jobs 15 --steps 138 --model START --out experiments/runs/main
+    python experiments/reproduce.py --plan perception --seeds 3 --jobs 18 --steps 138 --model START --out experiments/runs/later
     python experiments/reproduce.py --report-only --out experiments/runs/main     # tables and plots from finished runs
 
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
@@ -51,10 +52,15 @@ PLANS = {
             ["algorithm.masked_grad=true", "algorithm.entropy_coef=0.03", "algorithm.masked_entropy_coef=0.03"]),
            ("PAPO-G noise masking", "papo_g", ["algorithm.masking_strategy=noise"])]
     ),
+    # the perception-aware methods after PAPO (docs/algorithm.md), each beside the method it builds on: VPPO and
+    # PGPO reshape DAPO's token advantages, DVRP and NoisyRollout change GRPO. NoisyRollout samples half of each
+    # group from a noised image, so its groups need an even size: 6 rollouts (3 + 3) against the others' n
+    "perception": [("DAPO", "dapo", []), ("VPPO", "vppo", []), ("PGPO", "pgpo", []), ("GRPO", "grpo", []),
+                   ("DVRP", "dvrp", []), ("NoisyRollout", "noisy_rollout", ["rollout.n=6"])],
 }
-# what each method is compared with, seed by seed on the same held-out questions: the paper's pairs, and every
-# ablation of PAPO-G against PAPO-G at its defaults
-BASELINES = {"PAPO-G": "GRPO", "PAPO-D": "DAPO"}
+# what each method is compared with, seed by seed on the same held-out questions: the paper's pairs, every
+# ablation of PAPO-G against PAPO-G at its defaults, and the later methods against the method they build on
+BASELINES = {"PAPO-G": "GRPO", "PAPO-D": "DAPO", "VPPO": "DAPO", "PGPO": "DAPO", "DVRP": "GRPO", "NoisyRollout": "GRPO"}
 TEST = "synthetic:all?split=test&size=224&n={n}"
 START, START_METHOD = "start", "start (no RL)"  # evaluation of the starting model, which every method is compared with
 
@@ -440,7 +446,9 @@ def pair_table(by_method: dict[str, list[dict]]) -> list[str]:
 FIGURES = [("main", {"GRPO", "PAPO-G", "DAPO", "PAPO-D"}, None, ("reward", "accuracy_before_filter", "kl_prcp")),
            ("gamma", {"GRPO", "PAPO-G"}, "PAPO-G γ", ("reward", "kl_prcp", "entropy", "masked_entropy")),
            ("mask", {"PAPO-G", "PAPO-G noise masking"}, "PAPO-G mask", ("reward", "kl_prcp")),
-           ("grad", {"PAPO-G"}, "PAPO-G with-grad", ("reward", "kl_prcp", "entropy", "masked_entropy"))]
+           ("grad", {"PAPO-G"}, "PAPO-G with-grad", ("reward", "kl_prcp", "entropy", "masked_entropy")),
+           ("later", {"GRPO", "DAPO", "VPPO", "PGPO", "DVRP", "NoisyRollout"}, None,
+            ("reward", "accuracy_before_filter", "kl_prcp", "entropy"))]
 
 
 def report(rows: list[dict], out_md: Path, out_json: Path, runs: Path, section: str = "table") -> None:
@@ -587,7 +595,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--section", default="table", help="name of this report's part of the markdown and JSON files")
     args = ap.parse_args()
-    plan = [x for name in (PLANS if args.plan == "all" else [args.plan]) for x in PLANS[name]]
+    entries = [x for name in (PLANS if args.plan == "all" else [args.plan]) for x in PLANS[name]]
+    plan = list({(m, p, tuple(o)): (m, p, o) for m, p, o in entries}.values())  # plans share their baselines
     if args.methods:
         wanted = set(args.methods.split(","))
         plan = [x for x in plan if x[0] in wanted]

@@ -28,7 +28,8 @@
 # START (the RL start; default the warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default
 # GRPO,PAPO-G; empty for the whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64),
 # EVAL_N (RL held-out questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
-# An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3. RL_SETS: more
+# An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3; the methods after
+# PAPO beside theirs: PLAN=perception METHODS= JOBS=6 RL_SETS=algorithm.filter_fallback=kept. RL_SETS: more
 # config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
 # RL_STEPS=N trains every run to step N without a probe (the probe's runs restart, which cost about a minute of
 # each rl call); at RL_SECONDS the runs get a SIGTERM, save their last step and stop. The next call's `extend`

@@ -92,6 +92,24 @@ def test_figures_show_the_pre_filter_accuracy_only_for_runs_that_log_it():
     assert reproduce.logged_keys(keys, [grpo, dapo]) == ("reward", "accuracy_before_filter", "kl_prcp")
 
 
+def test_every_planned_run_has_a_valid_config_under_the_regimes_settings():
+    """Each entry of each plan loads with the settings scripts/regime_run.sh gives every run (its own overrides
+    last), and every method with a baseline has that baseline in its plan."""
+    from papo.config.schema import load_config
+
+    reproduce = _load()
+    regime = ["rollout.n=5", "rollout.max_new_tokens=160", "rollout.top_p=0.99", "trainer.rollout_batch_size=64",
+              "trainer.mini_batch_size=32", "trainer.log_kl_prcp=true", "optim.lr=2e-5", "model.compile_layers=false",
+              "algorithm.filter_fallback=kept"]
+    for name, plan in reproduce.PLANS.items():
+        methods = {m for m, _, _ in plan}
+        for method, preset, overrides in plan:
+            load_config(preset, overrides=[*regime, *overrides, "trainer.seed=0"])
+            base = reproduce.baseline(method)
+            assert base is None or base in methods or name == "ablations", (name, method)  # ablations: main's PAPO-G
+    assert load_config("noisy_rollout", overrides=[*regime, "rollout.n=6"]).rollout.n == 6
+
+
 def test_the_hacking_monitor_is_replayed_over_the_logged_metrics(tmp_path):
     reproduce = _load()
     run = tmp_path / "papo_g-z-s0"
