@@ -26,8 +26,9 @@
 # VIEW_STEPS (leg 2), SFT_LR, PICK_TARGET, EVAL_PER_TASK (warm-start checks), SFT_EAGER_EVAL (1, the default: those
 # checks sample without compiling the engine, whose first compile costs more than a leg's checks save; 0 compiles),
 # START (the RL start; default the warm start), SHORTCUTS (default "0 60"), RL_SECONDS, RL_LR, METHODS (default
-# GRPO,PAPO-G; empty for the whole PLAN), SEEDS (1), JOBS (runs at once per shortcut, 2), PROMPTS (per step, 64),
-# EVAL_N (RL held-out questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
+# GRPO,PAPO-G; empty for the whole PLAN), SEEDS (1; SEED_LIST=2 runs seed 2 alone: one block of arms per call, the
+# seeds of a comparison spread over sessions, each paired within its own warm start), JOBS (runs at once per
+# shortcut, 2), PROMPTS (per step, 64), EVAL_N (RL held-out questions, 300), MPS (1: share the GPU through CUDA MPS where its daemon exists), PLAN, DEVICE (cuda).
 # An ablation beside its baseline: PLAN=all METHODS="GRPO,PAPO-G,PAPO-G + double entropy" JOBS=3; the methods after
 # PAPO beside theirs: PLAN=perception METHODS= JOBS=6 RL_SETS=algorithm.filter_fallback=kept. RL_SETS: more
 # config overrides for the RL runs, space-separated (RL_SETS="rollout.compile=false").
@@ -100,7 +101,7 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
   for sc in $shortcuts; do
     mkdir -p "$out/sc$sc"
     timeout -k 60 "$seconds" python3 experiments/reproduce.py --plan "${PLAN:-main}" ${methods:+--methods "$methods"} \
-        --seeds "${SEEDS:-1}" --jobs "$jobs" --threads "$threads" "${sizing[@]}" \
+        --seeds "${SEEDS:-1}" ${SEED_LIST:+--seed-list "$SEED_LIST"} --jobs "$jobs" --threads "$threads" "${sizing[@]}" \
         $([ "$stage" = extend ] && echo --extend) --model "$start" --device "$device" \
         --set "data.train=synthetic:$families?$knobs&shortcut=$sc" \
         --set rollout.n=5 --set rollout.max_new_tokens=160 --set rollout.top_p=0.99 \
