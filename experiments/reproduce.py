@@ -5,6 +5,7 @@
     python experiments/reproduce.py --plan ablations --seeds 3 --jobs 15 --steps 138 --model START --out experiments/runs/main
     python experiments/reproduce.py --plan perception --seeds 3 --jobs 18 --steps 138 --model START --out experiments/runs/later
     python experiments/reproduce.py --report-only --out experiments/runs/main     # tables and plots from finished runs
+    python experiments/reproduce.py --combine a/reproduction.json b/reproduction.json --section S  # blocks of calls
 
 Each run is one `papo train` process from the same starting model (`--model`, default the embedded one)
 with equal steps and rollouts per step; tiny models leave a GPU mostly idle, so `--jobs` of them share it.
@@ -593,6 +594,9 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results/reproduction.json")
     ap.add_argument("--markdown", default="docs/RESULTS.md")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--combine", nargs="+", default=[], metavar="JSON",
+                    help="report the --section rows of these reproduction.json files together: blocks of one seed "
+                    "each (regime_run.sh SEED_LIST), every run paired within its own call's start and baseline")
     ap.add_argument("--section", default="table", help="name of this report's part of the markdown and JSON files")
     args = ap.parse_args()
     entries = [x for name in (PLANS if args.plan == "all" else [args.plan]) for x in PLANS[name]]
@@ -605,6 +609,11 @@ def main() -> None:
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     jobs = [(m, p, o, s) for m, p, o in plan for s in seeds]
     t0 = time.time()
+    if args.combine:
+        report(combine_blocks([Path(f) for f in args.combine], args.section), Path(args.markdown), Path(args.results),
+               out, args.section)
+        print(f"{len(args.combine)} blocks; wrote {args.results} and {args.markdown}")
+        return
     args.train_deadline = t0 + args.budget_s - args.eval_reserve_s if args.budget_s else None
     if not args.report_only:
         previous = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
@@ -620,6 +629,28 @@ def main() -> None:
     add_pairs(rows, out)
     report(rows, Path(args.markdown), Path(args.results), out, args.section)
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s; wrote {args.results} and {args.markdown}")
+
+
+def combine_blocks(files: list[Path], section: str) -> list[dict]:
+    """The ``section`` rows of several calls' reproduction.json files, each call a block with its own start and
+    seeds no other block has: its paired changes stay those against its own start and baseline runs. A block's
+    start row takes the block's seed, so each block's start is reported beside its runs."""
+    rows, seen = [], {}
+    for f in files:
+        block = [r for r in json.loads(f.read_text())["runs"] if r.get("section", "table") == section]
+        if not block:
+            raise SystemExit(f"{f}: no runs of section {section!r}")
+        seeds = {r["seed"] for r in block if r["method"] != START_METHOD}
+        for r in block:
+            if r["method"] == START_METHOD:
+                r = {**r, "seed": min(seeds)} if len(seeds) == 1 else r
+            elif (r["method"], r["seed"]) in seen:
+                raise SystemExit(f"{f}: {r['method']} seed {r['seed']} is also in {seen[r['method'], r['seed']]}; "
+                                 "blocks must run distinct seeds (regime_run.sh SEED_LIST)")
+            else:
+                seen[r["method"], r["seed"]] = f
+            rows.append(r)
+    return rows
 
 
 def _describe(run: Path) -> tuple[str, str, list[str], int]:

@@ -110,6 +110,37 @@ def test_every_planned_run_has_a_valid_config_under_the_regimes_settings():
     assert load_config("noisy_rollout", overrides=[*regime, "rollout.n=6"]).rollout.n == 6
 
 
+def test_blocks_of_one_seed_from_separate_calls_are_reported_together(tmp_path):
+    """Each call (a block) pairs its runs with its own start and baseline; combined, the pair table lists each
+    block's seed and the mean over blocks, and a seed run in two blocks is refused."""
+    reproduce = _load()
+
+    def change(x):
+        return {"before": 0.5, "after": 0.5 + x, "change": x, "se": 0.01, "n": 300}
+
+    def block(seed, grpo, papo, name=""):
+        runs = [{"method": "start (no RL)", "run": "start", "seed": 0, "steps": 0, "heldout_avg_at_4": 0.7, "eval_k": 4,
+                 "section": "sc"},
+                {"method": "GRPO", "run": f"grpo-x-s{seed}", "seed": seed, "steps": 150, "heldout_avg_at_4": 0.7 + grpo, "eval_k": 4,
+                 "change_vs_start": change(grpo), "section": "sc"},
+                {"method": "PAPO-G", "run": f"papo_g-y-s{seed}", "seed": seed, "steps": 150, "heldout_avg_at_4": 0.7 + papo, "eval_k": 4,
+                 "change_vs_start": change(papo), "change_vs_baseline": {**change(papo - grpo), "baseline": "GRPO"},
+                 "section": "sc"}]
+        path = tmp_path / f"block{seed}{name}.json"
+        path.write_text(json.dumps({"runs": runs}))
+        return path
+
+    files = [block(0, 0.05, 0.07), block(1, 0.06, 0.05)]
+    rows = reproduce.combine_blocks(files, "sc")
+    assert [r["seed"] for r in rows if r["method"] == "start (no RL)"] == [0, 1]
+    md, js = tmp_path / "RESULTS.md", tmp_path / "reproduction.json"
+    reproduce.report(rows, md, js, tmp_path / "runs", "sc")
+    text = md.read_text()
+    assert "| PAPO-G | GRPO | +2.0 ± 1.0 | -1.0 ± 1.0 | +0.5 ± 1.5 |" in text  # mean over blocks ± its standard error
+    with pytest.raises(SystemExit, match="GRPO seed 0 is also in"):
+        reproduce.combine_blocks([files[0], block(0, 0.0, 0.0, "again")], "sc")
+
+
 def test_the_hacking_monitor_is_replayed_over_the_logged_metrics(tmp_path):
     reproduce = _load()
     run = tmp_path / "papo_g-z-s0"
