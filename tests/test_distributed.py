@@ -340,7 +340,9 @@ def test_mini_batch_token_mean_does_not_depend_on_micro_batch_size(tmp_path):
         norms.append(_rows(tmp_path / f"micro{micro}")[0]["grad_norm"])
         weights.append(load_file(tmp_path / f"micro{micro}" / "final" / "model.safetensors"))
     assert norms[0] > 0 and abs(norms[0] - norms[1]) <= 1e-5 * norms[0]
-    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-6
+    # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is near eps, rounding-level gradient
+    # differences (other passes, other kernels' summation order) become a few percent of lr
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 0.05 * cfg.optim.lr
 
 
 def test_papo_train_launches_torchrun_and_one_rank_out_of_memory_stops_the_job(tmp_path):
