@@ -52,14 +52,15 @@ class Packed:
     image_ids: Sequence[Hashable] | None  # one per image the packed row holds
 
 
-def prompt_leads(inputs: dict[str, Tensor], prompt_len: int, image_ids: Sequence[Hashable] | None) -> list[int]:
+def prompt_leads(inputs: dict[str, Tensor], prompt_len: int, image_ids: Sequence[Hashable] | None,
+                 counts: list[int] | None = None) -> list[int]:
     """For each row, the first row with the same prompt: equal prompt tokens, padding included, and the same
-    images (``image_ids``: one per image, in row order). Every row leads itself without ``image_ids`` or with
-    videos (their ids are not tracked)."""
+    images (``image_ids``: one per image, in row order; ``counts``: images per row, ``images_per_row``'s if not
+    given). Every row leads itself without ``image_ids`` or with videos (their ids are not tracked)."""
     b = inputs["input_ids"].shape[0]
     if image_ids is None or inputs.get("video_grid_thw") is not None:
         return list(range(b))
-    counts = images_per_row(inputs, prompt_len)
+    counts = images_per_row(inputs, prompt_len) if counts is None else counts
     if sum(counts) != len(image_ids):
         raise ValueError(f"{len(image_ids)} image ids for {sum(counts)} images in the prompts")
     ids = inputs["input_ids"][:, :prompt_len].cpu()
@@ -86,7 +87,8 @@ def pack(model: Any, inputs: dict[str, Tensor], prompt_len: int | None = None,
     ids, keep = inputs["input_ids"], inputs["attention_mask"].bool()
     b, length = ids.shape
     positions = rope_index(model, inputs)[0].to(ids.device)  # (3, B, L), as the padded forward computes them
-    leads = prompt_leads(inputs, prompt_len, image_ids) if prompt_len is not None else list(range(b))
+    counts = images_per_row(inputs, prompt_len) if prompt_len is not None and image_ids is not None else None
+    leads = prompt_leads(inputs, prompt_len, image_ids, counts) if counts is not None else list(range(b))
     if leads == list(range(b)):
         flat = keep.reshape(-1).nonzero().squeeze(-1)  # row-major: sequences stay in order, and so do their images
         lengths = keep.sum(-1)
@@ -95,7 +97,7 @@ def pack(model: Any, inputs: dict[str, Tensor], prompt_len: int | None = None,
         segments, kept_images = (cu, lengths.tolist()), None
     else:
         flat, segments = _shared_layout(keep, prompt_len, leads)
-        first_image = [0, *itertools.accumulate(images_per_row(inputs, prompt_len))]
+        first_image = [0, *itertools.accumulate(counts)]
         kept_images = [i for lead in sorted(set(leads)) for i in range(first_image[lead], first_image[lead + 1])]
     # the three M-RoPE rows only: with a leading text row transformers would detect packed sequences and build
     # a dense T x T block-diagonal mask that packed attention does not read
@@ -125,12 +127,11 @@ def _shared_layout(keep: Tensor, prompt_len: int, leads: list[int]) -> tuple[Ten
     prompts: each leading row's prompt, then the responses of every row it leads."""
     b, length = keep.shape
     host = keep.cpu()
-    prompt_cols = [host[row, :prompt_len].nonzero().squeeze(-1) for row in range(b)]
     response_cols = [prompt_len + host[row, prompt_len:].nonzero().squeeze(-1) for row in range(b)]
     flat, q_lengths, k_lengths, key_index = [], [], [], []
     at = 0
     for lead in sorted(set(leads)):
-        prompt = prompt_cols[lead] + lead * length
+        prompt = host[lead, :prompt_len].nonzero().squeeze(-1) + lead * length
         p = prompt.numel()
         prompt_at = torch.arange(at, at + p)
         flat.append(prompt)
