@@ -14,18 +14,16 @@ from papo.models.attention import PackedSegments, packed_text_attention, varlen_
 OUTPUT_TOLERANCE, GRAD_TOLERANCE = 2e-2, 2e-2  # bf16 against fp32: about 1e-2 when the masks agree
 
 
-def check(name: str, segments: tuple[torch.Tensor, list[int]] | PackedSegments, total: int) -> bool:
+def check(name: str, segments: PackedSegments, total: int) -> bool:
     q = torch.randn(1, 16, total, 128, device="cuda", requires_grad=True)
     k, v = (torch.randn(1, 2, total, 128, device="cuda", requires_grad=True) for _ in range(2))
     module = torch.nn.Module().train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         packed, _ = packed_text_attention(module, q, k, v, None, scaling=128**-0.5, packed_seq_lens=segments)
     grads = torch.autograd.grad(packed.float().square().sum(), (q, k, v))
-    if isinstance(segments, PackedSegments):
-        kk, vv = k[:, :, segments.key_index], v[:, :, segments.key_index]
-        q_lengths, k_lengths = segments.q_lengths, segments.k_lengths
-    else:
-        kk, vv, q_lengths, k_lengths = k, v, segments[1], segments[1]
+    shared = segments.key_index is not None
+    kk, vv = (k[:, :, segments.key_index], v[:, :, segments.key_index]) if shared else (k, v)
+    q_lengths, k_lengths = segments.q_lengths, segments.k_lengths
     outs, q_at, k_at = [], 0, 0
     for n, m in zip(q_lengths, k_lengths):  # fp32 reference, the mask written out
         mask = torch.ones(n, m, dtype=torch.bool, device="cuda").tril(m - n)
@@ -50,8 +48,7 @@ def main() -> None:
     aligned = varlen_aligns_causal_to_the_end(torch.device("cuda"))
     print("varlen_attn aligns causal masks at the end (shared prompts use it):", aligned)
     lengths = [300, 17, 1024, 2048]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    ok = check("sequences", (cu, lengths), sum(lengths))
+    ok = check("sequences", PackedSegments.sequences(lengths, "cuda"), sum(lengths))
     # a 300-token prompt, then responses of 17 and 1,024 tokens that each attend to it and to themselves
     prompt, responses = 300, [17, 1024]
     key_index = torch.cat([torch.arange(prompt), torch.arange(prompt), torch.arange(prompt, prompt + 17),

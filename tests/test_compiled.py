@@ -9,6 +9,7 @@ import papo.models.compiled as compiled
 import papo.models.logprobs as logprobs
 from papo.config.schema import load_config
 from papo.errors import ConfigError
+from papo.models.inputs import concat_prompt_batches, split_prompt_batch
 from papo.rollout import Sampler
 from papo.rollout.sampling import SamplingParams
 from papo.training.trainer import Trainer
@@ -80,6 +81,30 @@ def test_the_compiled_head_scores_and_differentiates_like_the_eager_one(monkeypa
     assert logprobs._compiled_chunk.get() is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     for a, b in zip(got, eager):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_passes_with_new_numbers_of_sequences_reuse_the_compiled_layers(monkeypatch, share_prompts):
+    """DAPO's filter, shared prompts and a step's last micro-batch change how many sequences a pass packs; the
+    segments reach the attention's graph break in a frozen object, so no new count recompiles the layers
+    (with a tuple of lists, dynamo guarded on the lists' lengths: each new count compiled the decoder layer again)."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    policy = tiny_policy()
+    policy.share_prompts = share_prompts
+    _, prompts, images = mixed_batch(policy)
+    views = split_prompt_batch(policy.encode(prompts, images), [1, 1])
+    policy.compile_layers = True
+    torch._dynamo.reset()
+    graphs = []
+    for rows in ([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1]):  # rollouts of two prompts, as a step lays them out
+        batch = concat_prompt_batches([views[i] for i in rows], policy.pad_id)
+        comp = Sampler(policy, engine="hf").generate(batch, SamplingParams(6))
+        torch._dynamo.utils.counters.clear()
+        with torch.no_grad(), policy.compiled_passes():
+            policy.logprobs(batch, comp.ids, comp.mask)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == [0, 0]
 
 
 def test_a_block_that_fails_to_compile_runs_eagerly(monkeypatch):

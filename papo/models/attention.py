@@ -17,9 +17,9 @@ the language model keeps its own implementation (SDPA by default).
 Language models
 ---------------
 ``PACKED_TEXT_ATTENTION`` is SDPA for every ordinary call (same masks, same kernels). When a forward passes
-``packed_seq_lens`` (papo.models.packing: several sequences laid end to end in one row), each sequence attends
-causally within itself: torch's variable-length flash kernel on CUDA, one SDPA call per sequence elsewhere.
-With shared prompts (a ``PackedSegments``) each query segment attends to its own key segment, a prompt it shares
+``packed_seq_lens`` (a ``PackedSegments``, papo.models.packing: several sequences laid end to end in one row),
+each sequence attends causally within itself: torch's variable-length flash kernel on CUDA, one SDPA call per
+sequence elsewhere. With shared prompts each query segment attends to its own key segment, a prompt it shares
 with other rows followed by itself, aligned at the end: query i of n attends to the first k - n + i + 1 of k
 keys, the flash kernel's causal alignment.
 """
@@ -114,55 +114,60 @@ def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
 
 @dataclass(frozen=True, eq=False)
 class PackedSegments:
-    """Attention segments of one packed row whose key segments differ from the query segments: query segment i
-    (``q_lengths[i]`` consecutive tokens) attends causally to key segment i, the ``k_lengths[i]`` tokens that
-    ``key_index`` lists for it next (papo.models.packing's shared prompts)."""
+    """Attention segments of one packed row: query segment i (``q_lengths[i]`` consecutive tokens) attends
+    causally to key segment i. Without ``key_index`` each sequence is its own key segment; with it (papo.models.
+    packing's shared prompts) key segment i is the ``k_lengths[i]`` tokens that ``key_index`` lists for it next.
+    A frozen object rather than a tuple of lists: compiled blocks pass it through to the attention's graph break
+    without guarding on its lists' lengths, so a pass with a new number of sequences does not recompile."""
 
     q_lengths: list[int]
     cu_q: Tensor  # (S + 1,) int32 cumulative query lengths, on the device
     k_lengths: list[int]
     cu_k: Tensor
-    key_index: Tensor  # (sum of k_lengths,) positions in the packed row, on the device
+    key_index: Tensor | None = None  # (sum of k_lengths,) positions in the packed row, on the device
+
+    @classmethod
+    def sequences(cls, lengths: list[int], device: torch.device | str) -> PackedSegments:
+        """Sequences laid end to end, each attending causally within itself."""
+        cu = _cumulative(lengths, device)
+        return cls(lengths, cu, lengths, cu)
 
     @classmethod
     def build(cls, q_lengths: list[int], k_lengths: list[int], key_index: Tensor) -> PackedSegments:
-        def cumulative(lengths: list[int]) -> Tensor:
-            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=key_index.device)
+        device = key_index.device
+        return cls(q_lengths, _cumulative(q_lengths, device), k_lengths, _cumulative(k_lengths, device), key_index)
 
-        return cls(q_lengths, cumulative(q_lengths), k_lengths, cumulative(k_lengths), key_index)
+
+def _cumulative(lengths: list[int], device: torch.device | str) -> Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 @torch.compiler.disable  # reads sequence lengths as Python ints: a compiled decoder layer breaks its graph here
 def packed_text_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
-                          packed_seq_lens: tuple[Tensor, list[int]] | PackedSegments | None = None,
-                          **kwargs: Any) -> tuple[Tensor, None]:
-    """SDPA, or, with ``packed_seq_lens`` = (cumulative lengths (S + 1,) int32 on the device, lengths as ints),
-    causal attention within each packed sequence of query/key/value (1, H, T, D) -> (1, T, H, D); with a
-    ``PackedSegments``, causal attention of each query segment to its key segment."""
+                          packed_seq_lens: PackedSegments | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """SDPA, or, with ``packed_seq_lens``, causal attention of each query segment of query/key/value (1, H, T, D)
+    to its key segment -> (1, T, H, D)."""
     if packed_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("packed sequences take no attention mask: each attends within itself")
-    shared = isinstance(packed_seq_lens, PackedSegments)
-    if shared:
-        cu_q, q_lengths = packed_seq_lens.cu_q, packed_seq_lens.q_lengths
-        cu_k, k_lengths = packed_seq_lens.cu_k, packed_seq_lens.k_lengths
-    else:
-        cu_q, q_lengths = packed_seq_lens
-        cu_k, k_lengths = cu_q, q_lengths
+    segments = packed_seq_lens
+    shared = segments.key_index is not None
+    q_lengths, k_lengths = segments.q_lengths, segments.k_lengths
     dropout = dropout if module.training else 0.0
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # rotary embeddings leave float32 q/k: SDPA would cast too
         q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     if shared:  # a prompt shared by several segments is read into each of their key segments (after the cast)
-        k, v = (t.index_select(0, packed_seq_lens.key_index) for t in (k, v))
+        k, v = (t.index_select(0, segments.key_index) for t in (k, v))
     if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None and dropout == 0.0
             and (not shared or varlen_aligns_causal_to_the_end(q.device))):
         options = _varlen_options(q.shape[1], k.shape[1])
         if k.shape[1] != q.shape[1] and "enable_gqa" not in options:  # as many key/value heads as queries
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        out = varlen_attn(q, k, v, cu_q, cu_k, max(q_lengths), max(k_lengths), scale=scaling, **options)
+        out = varlen_attn(q, k, v, segments.cu_q, segments.cu_k, max(q_lengths), max(k_lengths), scale=scaling,
+                          **options)
         return out[None], None
     if shared:
         key, value = (t.transpose(0, 1)[None] for t in (k, v))  # (1, H_kv, sum of k_lengths, D)

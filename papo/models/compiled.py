@@ -8,8 +8,9 @@ layers and vision blocks only for scoring and update passes (``model.compile_lay
 transformers ``generate``.
 
 Attention that reads sequence lengths as Python ints is a graph break (``torch.compiler.disable`` in
-``papo.models.attention``), so new packings of as many sequences do not recompile. A pass with a new number of
-sequences does, once: Dynamo guards on the length of the lengths list it passes (seen with torch 2.13 on the CPU).
+``papo.models.attention``), and the lengths reach it in a frozen ``PackedSegments``, which Dynamo passes through
+without guarding on its lists: new packings, and passes with a new number of sequences, do not recompile (a
+tuple of lists did, once per new count: tests/test_compiled.py).
 """
 
 from __future__ import annotations

@@ -91,10 +91,7 @@ def pack(model: Any, inputs: dict[str, Tensor], prompt_len: int | None = None,
     leads = prompt_leads(inputs, prompt_len, image_ids, counts) if counts is not None else list(range(b))
     if leads == list(range(b)):
         flat = keep.reshape(-1).nonzero().squeeze(-1)  # row-major: sequences stay in order, and so do their images
-        lengths = keep.sum(-1)
-        cu = torch.zeros(b + 1, dtype=torch.int32, device=ids.device)
-        cu[1:] = lengths.cumsum(0)
-        segments, kept_images = (cu, lengths.tolist()), None
+        segments, kept_images = PackedSegments.sequences(keep.sum(-1).tolist(), ids.device), None
     else:
         flat, segments = _shared_layout(keep, prompt_len, leads)
         first_image = [0, *itertools.accumulate(counts)]
