@@ -4,7 +4,11 @@
 #   bash scripts/regime_run.sh warmstart OUT   # a 100m model learns to read the images, then sees masked and black ones
 #   bash scripts/regime_run.sh rl OUT          # reproduce.py's plan from it, with and without a language-prior shortcut
 #   bash scripts/regime_run.sh extend OUT      # the same runs, continued for another RL_SECONDS (evaluated again)
-# OUT collects logs and results (tar it where a machine returns few files).
+#   bash scripts/regime_run.sh warmstart+rl OUT  # both in one call: RL trains (not evaluated) for what the warm
+#                                              # start leaves of CALL_SECONDS (500), to RL_STEPS (default 1000)
+# OUT collects logs and results (tar it where a machine returns few files). Three calls make a comparison:
+#   warmstart+rl, then RL_STEPS=1000 RL_EVAL=0 RL_SECONDS=490 extend, then RL_SECONDS=460 extend (sized to the
+#   pace the runs showed, evaluated); a warm start that leaves under 120 s starts RL in the second call instead.
 #
 # RL trains and is evaluated on clock reading (FAMILIES), with cue=1: the question names the colour the clock
 # is drawn in, which the shortcut keys on, and explain=1: most of a response is reasoning. The warm start
@@ -56,7 +60,7 @@ sft() {  # name, from, steps, lr, masked share, black share, save steps, stop-at
   tail -c 900 "$out/$1.log"
 }
 
-if [ "$stage" = warmstart ]; then
+warmstart() {
   steps=${SFT_STEPS:-900} lr=${SFT_LR:-5e-4}
   # leg 1 ends at the first check where every RL family reaches PICK_TARGET: later checks lie further from it
   stop_at=$([ "${EARLY_STOP:-1}" = 1 ] && tr '+' '\n' <<< "$families" | sed "s/\$/=${PICK_TARGET:-0.35}/" | paste -sd,)
@@ -68,7 +72,10 @@ if [ "$stage" = warmstart ]; then
   echo "leg 2 from $from" | tee -a "$out/pick.txt"
   sft start "$from" "${VIEW_STEPS:-250}" "$(python3 -c "print($lr / 2)")" 0.3 0.1 ""
   cp "$work/start/sft_result.json" "$out/start_result.json" 2>/dev/null
-elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
+}
+
+rl() {  # stage: rl | extend
+  local stage=$1
   start=${START:-$work/start}
   echo "RL from $start"
   prompts=${PROMPTS:-64} shortcuts=${SHORTCUTS:-0 60} jobs=${JOBS:-2} methods=${METHODS-GRPO,PAPO-G}
@@ -119,7 +126,17 @@ elif [ "$stage" = rl ] || [ "$stage" = extend ]; then
     (cd "$work/runs-sc$sc" && tar czf "$out/sc$sc/runs.tar.gz" --exclude='checkpoints' --exclude='final' --exclude='*.safetensors' .)
     echo "== shortcut $sc"; tail -c 1200 "$out/sc$sc/rl.log"; head -8 "$out/sc$sc/RESULTS.md" 2>/dev/null
   done
-  exit "$status"
-else
-  echo "usage: regime_run.sh warmstart|rl|extend OUT" >&2; exit 2
-fi
+  return "$status"
+}
+
+case $stage in
+  warmstart) warmstart ;;
+  rl | extend) rl "$stage" ;;
+  warmstart+rl)  # the warm start, then RL trains (unevaluated) for what is left of CALL_SECONDS
+    began=$SECONDS
+    warmstart || exit
+    left=$(( ${CALL_SECONDS:-500} - (SECONDS - began) ))
+    [ "$left" -ge 120 ] || { echo "the warm start left ${left} s of CALL_SECONDS: RL starts in the next call (rl)"; exit 0; }
+    RL_SECONDS=$left RL_STEPS=${RL_STEPS:-1000} RL_EVAL=0 rl rl ;;
+  *) echo "usage: regime_run.sh warmstart|rl|extend|warmstart+rl OUT" >&2; exit 2 ;;
+esac
