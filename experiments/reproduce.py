@@ -46,6 +46,9 @@ PLANS = {
         [(f"PAPO-G mask {r}", "papo_g", [f"algorithm.mask_ratio={r}"]) for r in (0.4, 0.8, 1.0)]
         + [(f"PAPO-G γ={g}", "papo_g", [f"algorithm.kl_prcp_coef={g}"]) for g in (0.01, 0.04, 0.08)]
         + [("PAPO-G + double entropy", "papo_g", ["algorithm.entropy_coef=0.03", "algorithm.masked_entropy_coef=0.03"])]
+        # the paper's PAPO-G 7B setting (PAPO_H): γ = 0.02 with η = 0.05
+        + [("PAPO-G + double entropy η=0.05", "papo_g", ["algorithm.entropy_coef=0.05",
+                                                         "algorithm.masked_entropy_coef=0.05"])]
         + [("PAPO-G γ=0.08 + double entropy", "papo_g", ["algorithm.kl_prcp_coef=0.08", "algorithm.entropy_coef=0.03",
                                                          "algorithm.masked_entropy_coef=0.03"])]
         + [("PAPO-G with-grad masked branch", "papo_g", ["algorithm.masked_grad=true"]),
@@ -445,7 +448,8 @@ def pair_table(by_method: dict[str, list[dict]]) -> list[str]:
 # key no chosen run logs gets no panel). Under DAPO's filter `reward` is the kept groups' (near 0.6 by construction),
 # so its runs also show `accuracy_before_filter`, over every rollout they generated.
 FIGURES = [("main", {"GRPO", "PAPO-G", "DAPO", "PAPO-D"}, None, ("reward", "accuracy_before_filter", "kl_prcp")),
-           ("gamma", {"GRPO", "PAPO-G"}, "PAPO-G γ", ("reward", "kl_prcp", "entropy", "masked_entropy")),
+           ("gamma", {"GRPO", "PAPO-G", "PAPO-G + double entropy", "PAPO-G + double entropy η=0.05"}, "PAPO-G γ",
+            ("reward", "kl_prcp", "entropy", "masked_entropy")),
            ("mask", {"PAPO-G", "PAPO-G noise masking"}, "PAPO-G mask", ("reward", "kl_prcp")),
            ("grad", {"PAPO-G"}, "PAPO-G with-grad", ("reward", "kl_prcp", "entropy", "masked_entropy")),
            ("later", {"GRPO", "DAPO", "VPPO", "PGPO", "DVRP", "NoisyRollout"}, None,
