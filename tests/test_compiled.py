@@ -86,8 +86,9 @@ def test_the_compiled_head_scores_and_differentiates_like_the_eager_one(monkeypa
 @pytest.mark.parametrize("share_prompts", [False, True])
 def test_passes_with_new_numbers_of_sequences_reuse_the_compiled_layers(monkeypatch, share_prompts):
     """DAPO's filter, shared prompts and a step's last micro-batch change how many sequences a pass packs; the
-    segments reach the attention's graph break in a frozen object, so no new count recompiles the layers
-    (with a tuple of lists, dynamo guarded on the lists' lengths: each new count compiled the decoder layer again)."""
+    segments reach the attention's graph break in a plain object, so no new count recompiles the layers
+    (with a tuple of lists, and with a frozen dataclass on torch 2.11, dynamo guarded on the lists' lengths: each new
+    count compiled the decoder layer again)."""
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     torch.manual_seed(0)
     policy = tiny_policy()

@@ -30,7 +30,6 @@ import functools
 import inspect
 import itertools
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,19 +111,23 @@ def _varlen_options(heads_q: int, heads_kv: int) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, eq=False)
 class PackedSegments:
     """Attention segments of one packed row: query segment i (``q_lengths[i]`` consecutive tokens) attends
     causally to key segment i. Without ``key_index`` each sequence is its own key segment; with it (papo.models.
     packing's shared prompts) key segment i is the ``k_lengths[i]`` tokens that ``key_index`` lists for it next.
-    A frozen object rather than a tuple of lists: compiled blocks pass it through to the attention's graph break
-    without guarding on its lists' lengths, so a pass with a new number of sequences does not recompile."""
+    A plain object rather than a tuple of lists or a frozen dataclass: compiled blocks pass it through to the
+    attention's graph break without reading its fields, so a pass with a new number of sequences does not
+    recompile (dynamo guards a tuple's lists by length, and torch 2.11 traces every field of a frozen dataclass)."""
 
-    q_lengths: list[int]
-    cu_q: Tensor  # (S + 1,) int32 cumulative query lengths, on the device
-    k_lengths: list[int]
-    cu_k: Tensor
-    key_index: Tensor | None = None  # (sum of k_lengths,) positions in the packed row, on the device
+    __slots__ = ("q_lengths", "cu_q", "k_lengths", "cu_k", "key_index")
+
+    def __init__(self, q_lengths: list[int], cu_q: Tensor, k_lengths: list[int], cu_k: Tensor,
+                 key_index: Tensor | None = None):
+        self.q_lengths = q_lengths
+        self.cu_q = cu_q  # (S + 1,) int32 cumulative query lengths, on the device
+        self.k_lengths = k_lengths
+        self.cu_k = cu_k
+        self.key_index = key_index  # (sum of k_lengths,) positions in the packed row, on the device
 
     @classmethod
     def sequences(cls, lengths: list[int], device: torch.device | str) -> PackedSegments:
