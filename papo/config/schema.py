@@ -37,8 +37,8 @@ class ModelSection:
     uncheckpointed_layers: int = 0  # with checkpointing: the last decoder layers keep their activations (memory for speed)
     lora_rank: int = 0
     padding_free: bool = True  # scoring and update forwards pack each micro-batch's sequences without padding
-    # packed forwards hold one copy of a prompt that several rollouts share (exact; off until timed on a GPU)
-    share_prompts: bool = False
+    # packed forwards hold one copy of a prompt that several rollouts share (exact; fewer tokens per pass)
+    share_prompts: bool = True
     # scoring and update forwards through torch.compile'd transformer blocks and head (papo.models.compiled); auto:
     # on CUDA when every weight trains, in one process or sharded
     compile_layers: bool | str = "auto"

@@ -116,7 +116,7 @@ class ModelOptions:
     lora_alpha: int = 16
     lora_target: str = "all-linear"
     padding_free: bool = True  # Policy: scoring and update forwards without padding (papo.models.packing)
-    share_prompts: bool = False  # Policy: packed forwards hold one copy of a prompt its rows share
+    share_prompts: bool = True  # Policy: packed forwards hold one copy of a prompt its rows share
     compile_layers: bool = False  # Policy: scoring and update forwards through compiled blocks and head
     uncheckpointed_layers: int = 0  # under checkpointing, the last decoder layers that keep their activations
 

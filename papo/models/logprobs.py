@@ -108,7 +108,7 @@ def response_logprobs(
     chunk_tokens: int = 2048,
     with_entropy: bool = False,
     image_ids: Sequence[Hashable] | None = None,  # one per image, equal for the same image (PromptBatch.image_ids)
-    share_prompts: bool = False,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """(log-probs (B, R) float32, exact entropies (B, R) or None); zero at padded positions.
 

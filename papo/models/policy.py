@@ -81,7 +81,7 @@ class Policy:
 
     def __init__(self, model: Any, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None,
                  compute_dtype: torch.dtype | None = None, padding_free: bool = True, compile_layers: bool = False,
-                 share_prompts: bool = False):
+                 share_prompts: bool = True):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.root = RootCall(model)  # what a sharded model is wrapped in (papo.training.sharding)
         param_dtype = next(model.parameters()).dtype
