@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The demo trains PAPO-G on clock reading, the family the embedded model answers from the image about half the
-# time: there RL has grounded answers to reinforce (docs/models.md). 300 steps took 6 min 45 s on 2 CPU cores.
+# time: there RL has grounded answers to reinforce (docs/models.md). 300 steps took 4 min 37 s on 2 CPU cores.
 DEMO_ARGS := --data 'synthetic:clock?size=224' --max-steps 300 \
 	--set 'data.val=synthetic:clock?split=val&size=224&n=70' --set 'data.test=synthetic:clock?split=test&size=224&n=600'
 
