@@ -392,6 +392,7 @@ def tables(rows: list[dict]) -> str:
         cells = [_mean_std([r.get("error_rates", {}).get(c) for r in rs]) for c in classes]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_mean_std([r.get('perception_share_of_errors') for r in rs])} |")
     lines += pair_table(by_method)
+    lines += run_table(by_method, [r for r in rows if r["method"] == START_METHOD])
     cued = {m: rs for m, rs in by_method.items() if any("cued_answer_share" in r for r in rs)}
     if cued:
         truth = next(r["cued_truth_share"] for rs in cued.values() for r in rs if "cued_truth_share" in r)
@@ -442,6 +443,40 @@ def pair_table(by_method: dict[str, list[dict]]) -> list[str]:
             lines.append(f"| {m} | {against(m)} | " + " | ".join(cells) + f" | {_mean_se([c['change'] for c in by_seed.values()])} |")
         lines.append("")
     return lines[:-1] if lines else lines
+
+
+def run_table(by_method: dict[str, list[dict]], starts: list[dict]) -> list[str]:
+    """One line per run, seed by seed: its held-out and masked-image changes over its own start (its block's, where
+    calls were combined), the train reward and KL_prcp over its first and last 10 steps, and the signs of KL_prcp
+    hacking (masked entropy, format errors, the monitor's first flag)."""
+    def start_of(r: dict) -> dict | None:
+        same = [s for s in starts if s["seed"] == r["seed"]]
+        return same[0] if same else starts[0] if len(starts) == 1 else None
+
+    def num(value: float | None, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    runs = [r for m, rs in by_method.items() if m != START_METHOD for r in sorted(rs, key=lambda r: r["seed"])]
+    if not runs:
+        return []
+    cued = any("cued_answer_share" in r for r in runs)
+    lines = ["", "Each run (KL_prcp and reward over the first and last 10 steps; format errors, % of held-out responses):", "",
+             "| run | held-out change | masked-image change | train reward, first → last | " + ("cued share | " if cued else "")
+             + "KL_prcp, first → max → last | masked entropy, last | format errors | monitor flag from |",
+             "|---|---|---|---|" + ("---|" if cued else "") + "---|---|---|---|"]
+    for r in runs:
+        start = start_of(r)
+        masked = (r.get("masked_avg_at_k"), (start or {}).get("masked_avg_at_k"))
+        kl = " → ".join(num(r.get(k), ".3f") for k in ("first_kl_prcp", "max_kl_prcp", "final_kl_prcp"))
+        cells = [f"{r['method']}, seed {r['seed']}", _points(r["change_vs_start"]) if "change_vs_start" in r else "–",
+                 num(100 * (masked[0] - masked[1]), "+.1f") if None not in masked else "–",
+                 f"{num(r.get('first_train_reward'), '.2f')} → {num(r.get('final_train_reward'), '.2f')}",
+                 *([num(100 * r["cued_answer_share"], ".1f") + "%" if "cued_answer_share" in r else "–"] if cued else []),
+                 kl if r.get("first_kl_prcp") is not None else "–", num(r.get("final_masked_entropy"), ".3f"),
+                 num(100 * r["error_rates"]["format"], ".1f") + "%" if "format" in r.get("error_rates", {}) else "–",
+                 f"step {r['first_hacking_warning_step']}" if r.get("first_hacking_warning_step") else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # figures of RESULTS.md: (file name, methods named exactly, methods whose names start with, metrics.jsonl keys; a

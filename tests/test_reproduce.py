@@ -434,3 +434,21 @@ def test_answers_that_follow_the_question_text_get_their_own_table(tmp_path):
     text = reproduce.tables(rows)
     assert "8.0% of the questions really have it" in text and "| GRPO | 25.0 ± 7.1 |" in text
     assert "per task family" not in text
+
+
+def test_each_run_gets_a_line_against_its_own_blocks_start(tmp_path):
+    reproduce = _load()
+    # two blocks (combined calls), each with its own start: masked-image accuracy = accuracy - gap
+    starts = [{**reproduce.collect(_run(tmp_path, f"start{s}", acc, 0.2, 0.0), reproduce.START_METHOD, "", [], 0), "seed": s}
+              for s, acc in ((0, 0.5), (1, 0.6))]
+    grpo = reproduce.collect(_run(tmp_path, "grpo-s0", 0.6, 0.2, 0.0), "GRPO", "grpo", [], 0)    # masked 0.4 vs 0.3
+    papo = reproduce.collect(_run(tmp_path, "papo-s1", 0.6, 0.3, 0.25), "PAPO-G", "papo_g", [], 1)  # 0.3 vs 0.4
+    grpo["change_vs_start"] = {"change": 0.05, "se": 0.02}
+    lines = reproduce.run_table({"GRPO": [grpo], "PAPO-G": [papo]}, starts)
+    assert "| GRPO, seed 0 | +5.0 ± 2.0 | +10.0 | 0.50 → 0.50 | 0.000 → 0.000 → 0.000 | 1.000 | 0.0% | – |" in lines
+    assert "| PAPO-G, seed 1 | – | -10.0 | 0.50 → 0.50 | 0.250 → 0.250 → 0.250 | 1.000 | 0.0% | – |" in lines
+    # one call: its single start is every seed's; without one the masked change is unknown
+    assert "| PAPO-G, seed 1 | – | +0.0 |" in "\n".join(reproduce.run_table({"PAPO-G": [papo]}, starts[:1]))
+    assert "| PAPO-G, seed 1 | – | – |" in "\n".join(reproduce.run_table({"PAPO-G": [papo]}, []))
+    text = reproduce.tables([*starts, grpo, papo])
+    assert "Each run" in text and "| start (no RL), seed" not in text
