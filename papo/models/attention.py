@@ -117,7 +117,7 @@ class PackedSegments:
     packing's shared prompts) key segment i is the ``k_lengths[i]`` tokens that ``key_index`` lists for it next.
     A plain object rather than a tuple of lists or a frozen dataclass: compiled blocks pass it through to the
     attention's graph break without reading its fields, so a pass with a new number of sequences does not
-    recompile (dynamo guards a tuple's lists by length, and torch 2.11 traces every field of a frozen dataclass)."""
+    recompile (dynamo guards the lists of a tuple, and on torch 2.11 those of a frozen dataclass, by length)."""
 
     __slots__ = ("q_lengths", "cu_q", "k_lengths", "cu_k", "key_index")
 
